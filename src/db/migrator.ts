@@ -1,0 +1,92 @@
+import { readdir } from 'node:fs/promises';
+import { type Kysely, type Migration, type MigrationProvider, Migrator } from 'kysely';
+import { MigrationError, oneLine } from '../errors.js';
+import type { Database } from './connect.js';
+import {
+  type EmbeddingColumnType,
+  readEmbeddingColumnType,
+  resolveEmbeddingColumnType,
+} from './embedding-column.js';
+
+/** What a migration file may use besides `db`. */
+export interface MigrationContext {
+  /** Decides vector / halfvec / real[] for the embedding column; warns once on fallback. */
+  embeddingColumnType(db: Kysely<unknown>): Promise<EmbeddingColumnType>;
+}
+
+interface MigrationModule {
+  up(db: Kysely<unknown>, ctx: MigrationContext): Promise<void>;
+  down?(db: Kysely<unknown>, ctx: MigrationContext): Promise<void>;
+}
+
+// src/db/ → migrations/, both in the source tree (tsx) and in dist/ (compiled).
+const MIGRATIONS_DIR = new URL('../../migrations/', import.meta.url);
+
+/** Plain files in migrations/, in name order; `.ts` under tsx and `.js` once compiled. */
+class DirectoryMigrationProvider implements MigrationProvider {
+  constructor(private readonly ctx: MigrationContext) {}
+
+  async getMigrations(): Promise<Record<string, Migration>> {
+    const files = (await readdir(MIGRATIONS_DIR))
+      .filter((f) => /\.(ts|js)$/.test(f) && !f.endsWith('.d.ts') && f !== 'index.ts')
+      .sort();
+    const migrations: Record<string, Migration> = {};
+    for (const file of files) {
+      const mod = (await import(new URL(file, MIGRATIONS_DIR).href)) as MigrationModule;
+      const { down } = mod;
+      migrations[file.replace(/\.(ts|js)$/, '')] = {
+        up: (db) => mod.up(db, this.ctx),
+        ...(down ? { down: (db: Kysely<unknown>) => down(db, this.ctx) } : {}),
+      };
+    }
+    return migrations;
+  }
+}
+
+export interface MigrateOptions {
+  /** EMBEDDING_COLUMN_TYPE; undefined means pick the best the server has. */
+  forcedColumnType?: EmbeddingColumnType | undefined;
+  warn: (message: string) => void;
+}
+
+export interface MigrateResult {
+  applied: string[];
+  embeddingColumnType: EmbeddingColumnType;
+}
+
+/**
+ * Applies pending migrations. Safe when several processes start at once: Kysely's
+ * Postgres adapter serialises migrators with an advisory lock, and a second run
+ * finds nothing pending.
+ */
+export async function migrateToLatest(
+  database: Database,
+  options: MigrateOptions,
+): Promise<MigrateResult> {
+  const ctx: MigrationContext = {
+    embeddingColumnType: (db) => resolveEmbeddingColumnType(db, options),
+  };
+  const migrator = new Migrator({
+    db: database.db,
+    provider: new DirectoryMigrationProvider(ctx),
+  });
+  const { error, results } = await migrator.migrateToLatest();
+  if (error) {
+    if (error instanceof MigrationError) throw error;
+    const failed = results?.find((r) => r.status === 'Error')?.migrationName;
+    throw new MigrationError(
+      `migration ${failed ?? '(setup)'} failed on ${database.describe}: ${oneLine(error)}`,
+      { cause: error },
+    );
+  }
+  const actual = await readEmbeddingColumnType(database.db);
+  if (options.forcedColumnType && actual !== options.forcedColumnType) {
+    throw new MigrationError(
+      `EMBEDDING_COLUMN_TYPE=${options.forcedColumnType} but message_embeddings.embedding is already ${actual}; unset it, or convert the column yourself (ALTER TABLE message_embeddings ALTER COLUMN embedding TYPE …)`,
+    );
+  }
+  return {
+    applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),
+    embeddingColumnType: actual,
+  };
+}

@@ -1,0 +1,95 @@
+import type { ColumnType, Generated } from 'kysely';
+
+/**
+ * Table interfaces. Names are a contract with psql users and outside tools.
+ * Ids are bigint in SQL and strings in JS: exact past 2^53 on both backends
+ * (pg returns int8 as text; the PGlite dialect is told to do the same).
+ */
+type BigintId = ColumnType<string, string | number | bigint, string | number | bigint>;
+type Timestamp = ColumnType<Date, Date | string | undefined, Date | string>;
+type Counter = ColumnType<number, number | undefined, number>;
+
+export interface MessagesTable {
+  id: BigintId;
+  content: string;
+  role: string | null;
+  conversation_id: string | null;
+  created_at: Generated<Timestamp>;
+  updated_at: Generated<Timestamp>;
+}
+
+export interface MessageEmbeddingsTable {
+  provider: string;
+  model: string;
+  message_id: BigintId;
+  /** vector, halfvec or real[] (see migrations): written and read as text. */
+  embedding: ColumnType<string | number[], string, string>;
+  dimensions: number;
+  content_sha256: ColumnType<Buffer | Uint8Array, Buffer | Uint8Array, Buffer | Uint8Array>;
+  input_tokens: number;
+  truncated: Generated<boolean>;
+  run_id: ColumnType<string | null, string | number | null | undefined, string | number | null>;
+  embedded_at: Generated<Timestamp>;
+}
+
+export type RunStatus = 'running' | 'succeeded' | 'partial' | 'failed' | 'interrupted';
+
+export interface EmbeddingRunsTable {
+  id: Generated<string>;
+  provider: string;
+  model: string;
+  status: RunStatus;
+  options: ColumnType<unknown, string, string>;
+  host: string;
+  pid: number;
+  started_at: Generated<Timestamp>;
+  finished_at: Timestamp | null;
+  heartbeat_at: Generated<Timestamp>;
+  /** Keyset cursor: every eligible message with id <= cursor_id has been handled by this run. */
+  cursor_id: ColumnType<string | null, string | number | null | undefined, string | number | null>;
+  /** Eligible messages this run set out to handle (capped by --limit), counted at start. */
+  planned: Counter;
+  embedded: Counter;
+  skipped: Counter;
+  truncated: Counter;
+  ineligible_blank: Counter;
+  tokens: Counter;
+  requests: Counter;
+  retries: Counter;
+  batches: Counter;
+  error: string | null;
+  summary: ColumnType<unknown, string | undefined, string>;
+}
+
+export interface EmbeddingBatchesTable {
+  run_id: BigintId;
+  batch_no: number;
+  first_message_id: BigintId;
+  last_message_id: BigintId;
+  size: number;
+  embedded: number;
+  skipped: number;
+  tokens: number;
+  attempts: number;
+  latency_ms: number;
+  committed_at: Generated<Timestamp>;
+}
+
+export interface EmbeddingSkipsTable {
+  run_id: BigintId;
+  provider: string;
+  model: string;
+  message_id: BigintId;
+  reason: string;
+  detail: string;
+  input_tokens: number | null;
+  created_at: Generated<Timestamp>;
+}
+
+export interface DB {
+  messages: MessagesTable;
+  message_embeddings: MessageEmbeddingsTable;
+  embedding_runs: EmbeddingRunsTable;
+  embedding_batches: EmbeddingBatchesTable;
+  embedding_skips: EmbeddingSkipsTable;
+}

