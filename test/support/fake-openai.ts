@@ -1,0 +1,540 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { countTokens, isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
+
+export type ErrorDialect = 'openai' | 'openai-legacy' | 'vllm' | 'tei' | 'ollama' | 'litellm';
+
+export type Fault =
+  | { kind: 'status'; status: number; body?: unknown; headers?: Record<string, string> }
+  | {
+      kind: 'rate-limit';
+      retryAfterMs?: number;
+      retryAfterSeconds?: number;
+      resetTokens?: string;
+    }
+  | { kind: 'insufficient-quota' }
+  | { kind: 'server-error'; status?: number }
+  | { kind: 'drop' }
+  | { kind: 'hang'; ms: number }
+  | { kind: 'nan' }
+  | { kind: 'wrong-count' }
+  | { kind: 'wrong-dimension' };
+
+export interface FakeOpenAIOptions {
+  dimensions?: number;
+  latencyMs?: number;
+  maxInputTokens?: number;
+  dialect?: ErrorDialect;
+  shuffle?: boolean;
+  models?: string[];
+  apiKey?: string;
+}
+
+export interface FakeOpenAI {
+  readonly url: string;
+  readonly options: FakeOpenAIOptions;
+  readonly stats: {
+    requests: number;
+    inputsEmbedded: number;
+    tokensEmbedded: number;
+    rateLimited: number;
+    seen: Map<string, number>;
+    requestSizes: number[];
+  };
+  enqueueFault(...faults: Fault[]): void;
+  failWhenInputContains(substring: string, fault: Fault): void;
+  reset(): void;
+  close(): Promise<void>;
+}
+
+const DEFAULT_MODELS = [
+  'text-embedding-3-small',
+  'text-embedding-3-large',
+  'text-embedding-ada-002',
+];
+
+// The real API tokenises special-token lookalikes (e.g. "<|endoftext|>") as plain text;
+// gpt-tokenizer would throw on them by default.
+const PLAIN_TEXT = { disallowedSpecial: new Set<string>() };
+
+/** sfc32 PRNG: four 32-bit words of state, so the whole sha256 prefix feeds the seed. */
+function sfc32(a: number, b: number, c: number, d: number): () => number {
+  return () => {
+    a |= 0;
+    b |= 0;
+    c |= 0;
+    d |= 0;
+    const t = (((a + b) | 0) + d) | 0;
+    d = (d + 1) | 0;
+    a = b ^ (b >>> 9);
+    b = (c + (c << 3)) | 0;
+    c = (c << 21) | (c >>> 11);
+    c = (c + t) | 0;
+    return (t >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * The deterministic vector the server returns for `text`. The PRNG stream does not depend on
+ * `dimensions`, so a shorter vector is the renormalised prefix of a longer one (like OpenAI's
+ * `dimensions` parameter).
+ */
+export function fakeEmbedding(text: string, dimensions: number): Float32Array {
+  const h = createHash('sha256').update(text, 'utf8').digest();
+  const next = sfc32(h.readUInt32LE(0), h.readUInt32LE(4), h.readUInt32LE(8), h.readUInt32LE(12));
+  // Warm up so that similar seeds diverge before we sample.
+  for (let i = 0; i < 12; i++) next();
+  const raw = new Float64Array(dimensions);
+  let sumSq = 0;
+  for (let i = 0; i < dimensions; i++) {
+    const v = next() * 2 - 1;
+    raw[i] = v;
+    sumSq += v * v;
+  }
+  const norm = Math.sqrt(sumSq) || 1;
+  const out = new Float32Array(dimensions);
+  for (let i = 0; i < dimensions; i++) out[i] = raw[i]! / norm;
+  return out;
+}
+
+function toBase64(vec: Float32Array): string {
+  // Explicit little-endian so the wire format does not depend on host byte order.
+  const buf = Buffer.alloc(vec.length * 4);
+  for (let i = 0; i < vec.length; i++) buf.writeFloatLE(vec[i]!, i * 4);
+  return buf.toString('base64');
+}
+
+interface Reply {
+  status: number;
+  body: unknown;
+  headers?: Record<string, string>;
+}
+
+function openaiError(
+  status: number,
+  message: string,
+  type: string | null,
+  code: string | null,
+  param: string | null = null,
+): Reply {
+  return { status, body: { error: { message, type, param, code } } };
+}
+
+function contextLengthError(
+  dialect: ErrorDialect,
+  index: number,
+  tokens: number,
+  limit: number,
+): Reply {
+  switch (dialect) {
+    case 'openai':
+      return openaiError(
+        400,
+        `Invalid 'input[${index}]': maximum input length is ${limit} tokens.`,
+        'invalid_request_error',
+        null,
+        'input',
+      );
+    case 'openai-legacy':
+      return openaiError(
+        400,
+        `This model's maximum context length is ${limit} tokens, however you requested ${tokens} tokens (${tokens} in your prompt; 0 for the completion). Please reduce your prompt; or completion length.`,
+        'invalid_request_error',
+        null,
+      );
+    case 'vllm':
+      return {
+        status: 400,
+        body: {
+          object: 'error',
+          message: `This model's maximum context length is ${limit} tokens. However, you requested ${tokens} tokens in the messages, Please reduce the length of the messages.`,
+          type: 'BadRequestError',
+          param: null,
+          code: 400,
+        },
+      };
+    case 'tei':
+      return {
+        status: 413,
+        body: {
+          error: `Input validation error: \`inputs\` must have less than ${limit} tokens. Given: ${tokens}`,
+          error_type: 'Validation',
+        },
+      };
+    case 'ollama':
+      return { status: 400, body: { error: 'the input length exceeds the context length' } };
+    case 'litellm':
+      return openaiError(
+        400,
+        `litellm.ContextWindowExceededError: litellm.BadRequestError: ContextWindowExceededError: OpenAIException - This model's maximum context length is ${limit} tokens. However, your messages resulted in ${tokens} tokens.`,
+        null,
+        '400',
+      );
+  }
+}
+
+/** Replies for faults that never produce embeddings; null for faults that alter a success. */
+function faultReply(fault: Fault, model: string): Reply | null {
+  switch (fault.kind) {
+    case 'status':
+      return {
+        status: fault.status,
+        body: fault.body ?? {
+          error: {
+            message: `Injected fault with status ${fault.status}`,
+            type: 'fake_fault',
+            param: null,
+            code: null,
+          },
+        },
+        ...(fault.headers ? { headers: fault.headers } : {}),
+      };
+    case 'rate-limit': {
+      const headers: Record<string, string> = {};
+      if (fault.retryAfterMs !== undefined) headers['retry-after-ms'] = String(fault.retryAfterMs);
+      if (fault.retryAfterSeconds !== undefined) {
+        headers['retry-after'] = String(fault.retryAfterSeconds);
+      }
+      if (fault.resetTokens !== undefined) headers['x-ratelimit-reset-tokens'] = fault.resetTokens;
+      return {
+        ...openaiError(
+          429,
+          `Rate limit reached for ${model} in organization org-fake on requests per min (RPM): Limit 3000, Used 3000, Requested 1. Please try again in ${fault.retryAfterMs ?? (fault.retryAfterSeconds ?? 1) * 1000}ms. Visit https://platform.openai.com/account/rate-limits to learn more.`,
+          'requests',
+          'rate_limit_exceeded',
+        ),
+        headers,
+      };
+    }
+    case 'insufficient-quota':
+      return openaiError(
+        429,
+        'You exceeded your current quota, please check your plan and billing details. For more information on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.',
+        'insufficient_quota',
+        'insufficient_quota',
+      );
+    case 'server-error':
+      return openaiError(
+        fault.status ?? 500,
+        'The server had an error while processing your request. Sorry about that!',
+        'server_error',
+        null,
+      );
+    default:
+      return null;
+  }
+}
+
+function readBody(req: IncomingMessage): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+/** Returns the inputs as strings, or an error message for anything we do not accept. */
+function parseInput(input: unknown): string[] | string {
+  if (typeof input === 'string') return [input];
+  if (!Array.isArray(input)) return "'input' must be a string or an array of strings";
+  if (input.length === 0) return "'input' must not be empty";
+  if (!input.every((x): x is string => typeof x === 'string')) {
+    return 'This fake server only supports string inputs, not token arrays';
+  }
+  return input;
+}
+
+export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<FakeOpenAI> {
+  const opts: FakeOpenAIOptions = {
+    dimensions: 1536,
+    latencyMs: 0,
+    maxInputTokens: 8192,
+    dialect: 'openai',
+    shuffle: false,
+    models: [...DEFAULT_MODELS],
+    ...options,
+  };
+  const stats: FakeOpenAI['stats'] = {
+    requests: 0,
+    inputsEmbedded: 0,
+    tokensEmbedded: 0,
+    rateLimited: 0,
+    seen: new Map(),
+    requestSizes: [],
+  };
+  const queued: Fault[] = [];
+  const persistent: { substring: string; fault: Fault }[] = [];
+  const sockets = new Set<Socket>();
+  // Aborted by close() so pending latency/hang timers do not keep the process alive.
+  const closing = new AbortController();
+
+  const send = (res: ServerResponse, reply: Reply): void => {
+    if (res.destroyed || res.writableEnded) return;
+    if (reply.status === 429) stats.rateLimited++;
+    const payload = JSON.stringify(reply.body);
+    res.writeHead(reply.status, {
+      'content-type': 'application/json',
+      'content-length': Buffer.byteLength(payload),
+      'x-request-id': `req_${randomUUID().replaceAll('-', '')}`,
+      ...reply.headers,
+    });
+    res.end(payload);
+  };
+
+  const pickFault = (inputs: string[] | null): Fault | undefined => {
+    const next = queued.shift();
+    if (next) return next;
+    if (!inputs) return undefined;
+    return persistent.find((p) => inputs.some((s) => s.includes(p.substring)))?.fault;
+  };
+
+  const handleEmbeddings = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    const raw = await readBody(req);
+    let body: Record<string, unknown> | null = null;
+    try {
+      const parsed: unknown = JSON.parse(raw);
+      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
+        body = parsed as Record<string, unknown>;
+      }
+    } catch {
+      body = null;
+    }
+    const parsedInput = body ? parseInput(body.input) : null;
+    const inputs = Array.isArray(parsedInput) ? parsedInput : null;
+
+    // Everything that depends on arrival order happens before the first await.
+    stats.requests++;
+    stats.requestSizes.push(inputs?.length ?? 0);
+
+    if (opts.apiKey !== undefined && req.headers.authorization !== `Bearer ${opts.apiKey}`) {
+      return send(
+        res,
+        openaiError(
+          401,
+          'Incorrect API key provided: sk-****. You can find your API key at https://platform.openai.com/account/api-keys.',
+          'invalid_request_error',
+          'invalid_api_key',
+        ),
+      );
+    }
+    const fault = pickFault(inputs);
+
+    // Lets a client that gave up (timeout) cancel our timers instead of leaving them running.
+    const gone = new AbortController();
+    res.on('close', () => gone.abort());
+    const wait = async (ms: number): Promise<boolean> => {
+      if (ms <= 0) return true;
+      try {
+        await sleep(ms, undefined, { signal: AbortSignal.any([closing.signal, gone.signal]) });
+        return true;
+      } catch {
+        return false;
+      }
+    };
+
+    if (!(await wait(opts.latencyMs ?? 0))) return;
+    if (fault?.kind === 'drop') {
+      req.socket.destroy();
+      return;
+    }
+    if (fault?.kind === 'hang' && !(await wait(fault.ms))) return;
+
+    const model = typeof body?.model === 'string' ? body.model : '';
+    if (fault) {
+      const reply = faultReply(fault, model || 'text-embedding-3-small');
+      if (reply) return send(res, reply);
+    }
+
+    if (!body) {
+      return send(
+        res,
+        openaiError(
+          400,
+          'We could not parse the JSON body of your request.',
+          'invalid_request_error',
+          null,
+        ),
+      );
+    }
+    if (!inputs) {
+      return send(
+        res,
+        openaiError(400, String(parsedInput), 'invalid_request_error', null, 'input'),
+      );
+    }
+    if (!model) {
+      return send(
+        res,
+        openaiError(
+          400,
+          'You must provide a model parameter.',
+          'invalid_request_error',
+          null,
+          'model',
+        ),
+      );
+    }
+    if (!(opts.models ?? DEFAULT_MODELS).includes(model)) {
+      return send(
+        res,
+        openaiError(
+          404,
+          `The model \`${model}\` does not exist or you do not have access to it.`,
+          'invalid_request_error',
+          'model_not_found',
+        ),
+      );
+    }
+    const dims = body.dimensions ?? opts.dimensions ?? 1536;
+    if (typeof dims !== 'number' || !Number.isInteger(dims) || dims < 1) {
+      return send(
+        res,
+        openaiError(
+          400,
+          "'dimensions' must be a positive integer",
+          'invalid_request_error',
+          null,
+          'dimensions',
+        ),
+      );
+    }
+    const encoding = body.encoding_format ?? 'float';
+    if (encoding !== 'float' && encoding !== 'base64') {
+      return send(
+        res,
+        openaiError(
+          400,
+          `'${String(encoding)}' is not one of ['float', 'base64'] - 'encoding_format'`,
+          'invalid_request_error',
+          null,
+          'encoding_format',
+        ),
+      );
+    }
+
+    const limit = opts.maxInputTokens ?? 8192;
+    const tokenCounts: number[] = [];
+    for (const [i, text] of inputs.entries()) {
+      // isWithinTokenLimit stops early, so a 1 MB input does not cost a full tokenisation.
+      const n = isWithinTokenLimit(text, limit, PLAIN_TEXT);
+      if (n === false) {
+        const over = countTokens(text, PLAIN_TEXT);
+        return send(res, contextLengthError(opts.dialect ?? 'openai', i, over, limit));
+      }
+      tokenCounts.push(n);
+    }
+    const promptTokens = tokenCounts.reduce((a, b) => a + b, 0);
+
+    const vectors = inputs.map((text) => fakeEmbedding(text, dims));
+    let data: { object: 'embedding'; index: number; embedding: number[] | string }[] = vectors.map(
+      (vec, index) => {
+        let v = vec;
+        if (index === 0 && fault?.kind === 'nan') v[0] = Number.NaN;
+        if (index === 0 && fault?.kind === 'wrong-dimension') {
+          v = new Float32Array(vec.length + 1);
+          v.set(vec);
+          v[vec.length] = 0.5;
+        }
+        // Array.from on a Float32Array yields the exact float32 values as JS numbers;
+        // NaN becomes null in JSON, the only thing a JSON parser will accept there.
+        const embedding = encoding === 'base64' ? toBase64(v) : Array.from(v);
+        return { object: 'embedding', index, embedding };
+      },
+    );
+    if (fault?.kind === 'wrong-count') data = data.slice(0, -1);
+    if (opts.shuffle && data.length > 1) data = data.reverse();
+
+    // Faulted 200s are not "successful": a correct client rejects them, so they must not count.
+    if (!fault) {
+      stats.inputsEmbedded += inputs.length;
+      stats.tokensEmbedded += promptTokens;
+      for (const text of inputs) stats.seen.set(text, (stats.seen.get(text) ?? 0) + 1);
+    }
+    return send(res, {
+      status: 200,
+      body: {
+        object: 'list',
+        data,
+        model,
+        usage: { prompt_tokens: promptTokens, total_tokens: promptTokens },
+      },
+    });
+  };
+
+  const server = createServer((req, res) => {
+    const path = (req.url ?? '/').split('?')[0];
+    if (req.method === 'POST' && (path === '/v1/embeddings' || path === '/embeddings')) {
+      handleEmbeddings(req, res).catch((err: unknown) => {
+        send(
+          res,
+          openaiError(
+            500,
+            `Fake server bug: ${err instanceof Error ? err.message : String(err)}`,
+            'server_error',
+            null,
+          ),
+        );
+      });
+      return;
+    }
+    // Drain the body so the keep-alive connection stays usable.
+    req.resume();
+    send(
+      res,
+      openaiError(
+        404,
+        `Invalid URL (${req.method ?? 'GET'} ${req.url ?? '/'})`,
+        'invalid_request_error',
+        null,
+      ),
+    );
+  });
+  server.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const { port } = server.address() as AddressInfo;
+
+  let closed: Promise<void> | undefined;
+  return {
+    url: `http://127.0.0.1:${port}/v1`,
+    options: opts,
+    stats,
+    enqueueFault(...faults) {
+      queued.push(...faults);
+    },
+    failWhenInputContains(substring, fault) {
+      persistent.push({ substring, fault });
+    },
+    reset() {
+      stats.requests = 0;
+      stats.inputsEmbedded = 0;
+      stats.tokensEmbedded = 0;
+      stats.rateLimited = 0;
+      stats.seen.clear();
+      stats.requestSizes.length = 0;
+      queued.length = 0;
+      persistent.length = 0;
+    },
+    close() {
+      closed ??= new Promise<void>((resolve, reject) => {
+        closing.abort();
+        server.close((err) => (err ? reject(err) : resolve()));
+        // server.close() alone waits for idle keep-alive sockets to time out.
+        for (const socket of sockets) socket.destroy();
+      });
+      return closed;
+    },
+  };
+}
