@@ -74,6 +74,18 @@ export class InputRejectedError extends PgembedError {
   }
 }
 
+/** A transient failure outlived --max-retries; `attempts` counts every try. */
+export class RetriesExhaustedError extends PgembedError {
+  readonly code = 'RETRIES_EXHAUSTED';
+  constructor(
+    message: string,
+    readonly attempts: number,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
 /** The response broke the contract: wrong count, wrong dimension, non-finite values. */
 export class InvalidResponseError extends PgembedError {
   readonly code = 'INVALID_RESPONSE';

@@ -23,6 +23,8 @@ export type Fault =
   | { kind: 'wrong-dimension' };
 
 export interface FakeOpenAIOptions {
+  /** Port to listen on; default 0 (any free port). */
+  port?: number;
   dimensions?: number;
   latencyMs?: number;
   maxInputTokens?: number;
@@ -499,7 +501,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
 
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
+    server.listen(options.port ?? 0, '127.0.0.1', () => {
       server.off('error', reject);
       resolve();
     });

@@ -1,0 +1,94 @@
+import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
+import { openDatabase } from '../db/connect.js';
+import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { migrateToLatest } from '../db/migrator.js';
+import { MigrationError } from '../errors.js';
+import { createLogger } from '../log.js';
+import { createOpenAIProvider } from '../provider/client.js';
+import { knownModel } from '../provider/models.js';
+import { EmbedRun } from '../worker/run.js';
+import { helpText, parseFlags } from './args.js';
+import { runCli } from './main.js';
+
+const EXIT_CODES = [
+  'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
+  '  retries exhausted, bad settings); 2 finished with skips (--allow-partial); 130/143 SIGINT/SIGTERM.',
+  '',
+];
+
+await runCli(async (argv) => {
+  const args = parseFlags(argv, EMBED_SETTINGS);
+  if (args.help) {
+    process.stdout.write(`${helpText('npm run embed -- [flags]', EMBED_SETTINGS, EXIT_CODES)}\n`);
+    return 0;
+  }
+  const config = buildEmbedConfig(args.flags, process.env);
+  const logger = createLogger(config.logLevel);
+  const database = await openDatabase(config.databaseUrl, {
+    poolMax: 2,
+    onIdleError: (error) => logger.warn({ err: error }, 'idle database connection failed'),
+  });
+  try {
+    const columnType = config.migrate
+      ? (
+          await migrateToLatest(database, {
+            forcedColumnType: config.embeddingColumnType,
+            warn: (message) => {
+              logger.warn(message);
+              process.stderr.write(`pgembed: ${message}\n`);
+            },
+          })
+        ).embeddingColumnType
+      : await readEmbeddingColumnType(database.db).catch((error) => {
+          throw new MigrationError(
+            'the database has no pgembed tables yet: run `npm run migrate`, or drop --no-migrate',
+            { cause: error },
+          );
+        });
+    const provider = createOpenAIProvider({
+      apiKey: config.openaiApiKey,
+      baseURL: config.openaiBaseUrl,
+      model: config.model,
+      dimensions: config.dimensions,
+      defaultDimensions: knownModel(config.model)?.dimensions,
+      timeoutMs: config.timeoutMs,
+    });
+    logger.info(
+      {
+        provider: config.provider,
+        model: config.model,
+        base_url: config.openaiBaseUrl ?? 'https://api.openai.com/v1',
+        database: database.describe,
+        embedding_column: columnType,
+        mode: config.allowPartial ? 'partial' : 'strict',
+      },
+      'pgembed starting',
+    );
+
+    const run = new EmbedRun({
+      db: database.db,
+      columnType,
+      provider,
+      config,
+      logger,
+      report: (text) => process.stderr.write(`${text}\n`),
+    });
+    let signals = 0;
+    const onSignal = (signal: NodeJS.Signals) => {
+      signals++;
+      if (signals > 1) {
+        process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
+        process.exit(signal === 'SIGINT' ? 130 : 143);
+      }
+      logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
+      run.stop(signal);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    const outcome = await run.run();
+    if (outcome.error) process.stderr.write(`pgembed: ${outcome.summary.error}\n`);
+    return outcome.exitCode;
+  } finally {
+    await database.close();
+  }
+});

@@ -1,0 +1,30 @@
+import { config as loadDotenv } from 'dotenv';
+import { oneLine, PgembedError } from '../errors.js';
+
+/**
+ * Runs a CLI command: loads .env (without overriding the real environment),
+ * and maps errors to one line on stderr and an exit code. A stack trace only
+ * with LOG_LEVEL=debug.
+ */
+export async function runCli(main: (argv: string[]) => Promise<number>): Promise<never> {
+  loadDotenv({ quiet: true });
+  let code: number;
+  try {
+    code = await main(process.argv.slice(2));
+  } catch (error) {
+    if (error instanceof PgembedError) {
+      process.stderr.write(`pgembed: ${oneLine(error)}\n`);
+      code = error.exitCode;
+    } else {
+      process.stderr.write(
+        `pgembed: unexpected error: ${oneLine(error)} (LOG_LEVEL=debug shows the stack)\n`,
+      );
+      code = 1;
+    }
+    if (/^(debug|trace)$/.test(process.env.LOG_LEVEL ?? '') && error instanceof Error) {
+      process.stderr.write(`${error.stack}\n`);
+    }
+  }
+  // Exit now: an idle keep-alive socket must not hold a finished job open.
+  process.exit(code);
+}

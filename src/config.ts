@@ -1,0 +1,269 @@
+import { parseDatabaseUrl } from './db/connect.js';
+import { EMBEDDING_COLUMN_TYPES } from './db/embedding-column.js';
+import { ConfigError } from './errors.js';
+import { knownModel } from './provider/models.js';
+
+/**
+ * Every setting, once: its flag, its environment variable, its default and its
+ * help text. Flags win over the environment, which wins over the default.
+ * `--help` and `.env.example` are checked against this table in tests.
+ */
+export const SETTINGS = {
+  databaseUrl: {
+    env: 'DATABASE_URL',
+    kind: 'string',
+    help: 'postgres://user:pass@host:5432/db, or pglite:<dir> / pglite:memory (default: pglite:./.data/pglite)',
+  },
+  embeddingColumnType: {
+    env: 'EMBEDDING_COLUMN_TYPE',
+    kind: 'enum',
+    values: EMBEDDING_COLUMN_TYPES,
+    help: 'vector | halfvec | real[]; default: vector where pgvector exists, else real[] (set at migration)',
+  },
+  openaiApiKey: { env: 'OPENAI_API_KEY', kind: 'string', secret: true, help: 'API key' },
+  openaiBaseUrl: {
+    env: 'OPENAI_BASE_URL',
+    flag: 'base-url',
+    kind: 'string',
+    help: 'any OpenAI-compatible server (Ollama, vLLM, TEI, LiteLLM, a proxy); default OpenAI',
+  },
+  limit: {
+    env: 'PGEMBED_LIMIT',
+    flag: 'limit',
+    kind: 'int',
+    min: 1,
+    help: 'most eligible messages this run takes on, embedded or skipped (default: all)',
+  },
+  batchSize: {
+    env: 'PGEMBED_BATCH_SIZE',
+    flag: 'batch-size',
+    kind: 'int',
+    min: 1,
+    max: 2048,
+    default: 64,
+    help: 'inputs per API request (OpenAI allows up to 2048)',
+  },
+  allowPartial: {
+    env: 'PGEMBED_ALLOW_PARTIAL',
+    flag: 'allow-partial',
+    kind: 'bool',
+    default: false,
+    help: 'skip inputs that cannot be embedded, record why, exit 2 (default: stop at the first, exit 1)',
+  },
+  provider: {
+    env: 'PGEMBED_PROVIDER',
+    flag: 'provider',
+    kind: 'string',
+    default: 'openai',
+    help: 'provider label stored in every row',
+  },
+  model: {
+    env: 'PGEMBED_MODEL',
+    flag: 'model',
+    kind: 'string',
+    default: 'text-embedding-3-small',
+    help: 'embedding model',
+  },
+  dimensions: {
+    env: 'PGEMBED_DIMENSIONS',
+    flag: 'dimensions',
+    kind: 'int',
+    min: 1,
+    help: "vector size to request (default: the model's own)",
+  },
+  force: {
+    env: 'PGEMBED_FORCE',
+    flag: 'force',
+    kind: 'bool',
+    default: false,
+    help: 're-embed messages even when their content has not changed',
+  },
+  maxRetries: {
+    env: 'PGEMBED_MAX_RETRIES',
+    flag: 'max-retries',
+    kind: 'int',
+    min: 0,
+    max: 100,
+    default: 5,
+    help: 'retries per request for 429, 408/409, 5xx, resets and timeouts',
+  },
+  maxRetryWaitMs: {
+    env: 'PGEMBED_MAX_RETRY_WAIT_MS',
+    flag: 'max-retry-wait-ms',
+    kind: 'int',
+    min: 0,
+    default: 60_000,
+    help: 'cap on any single wait between retries, including server-requested ones',
+  },
+  timeoutMs: {
+    env: 'PGEMBED_TIMEOUT_MS',
+    flag: 'timeout-ms',
+    kind: 'int',
+    min: 1,
+    default: 60_000,
+    help: 'timeout of one API request',
+  },
+  maxInputTokens: {
+    env: 'PGEMBED_MAX_INPUT_TOKENS',
+    flag: 'max-input-tokens',
+    kind: 'int',
+    min: 1,
+    help: "context limit checked before sending (default: the model's known limit, 8192 for OpenAI's; none for unknown models)",
+  },
+  truncate: {
+    env: 'PGEMBED_TRUNCATE',
+    flag: 'truncate',
+    kind: 'bool',
+    default: false,
+    help: 'embed the first N tokens of over-long inputs instead, marked truncated',
+  },
+  manifest: {
+    env: 'PGEMBED_MANIFEST',
+    flag: 'manifest',
+    kind: 'string',
+    help: 'write a JSON manifest of the run (counts, skipped ids by reason) to this file',
+  },
+  migrate: {
+    env: 'PGEMBED_MIGRATE',
+    flag: 'migrate',
+    negatedFlag: 'no-migrate',
+    kind: 'bool',
+    default: true,
+    help: 'apply pending migrations before embedding (--no-migrate to skip)',
+  },
+  logLevel: {
+    env: 'LOG_LEVEL',
+    flag: 'log-level',
+    kind: 'enum',
+    values: ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'],
+    default: 'info',
+    help: 'log level',
+  },
+} as const satisfies Record<string, SettingDefinition>;
+
+interface SettingDefinition {
+  env: string;
+  flag?: string;
+  negatedFlag?: string;
+  kind: 'string' | 'int' | 'bool' | 'enum';
+  values?: readonly string[];
+  min?: number;
+  max?: number;
+  default?: string | number | boolean;
+  secret?: boolean;
+  help: string;
+}
+
+export type SettingName = keyof typeof SETTINGS;
+type ValueOf<D> = D extends { kind: 'int' }
+  ? number
+  : D extends { kind: 'bool' }
+    ? boolean
+    : D extends { values: readonly (infer V)[] }
+      ? V
+      : string;
+type Resolved<D> = D extends { default: unknown } ? ValueOf<D> : ValueOf<D> | undefined;
+export type Settings = { readonly [K in SettingName]: Resolved<(typeof SETTINGS)[K]> };
+
+/** Flag values as parsed by the CLI: strings, or true for a bare boolean flag. */
+export type FlagValues = Partial<Record<string, string | boolean>>;
+
+/** Resolves the named settings from flags, then env, then defaults. */
+export function resolveSettings<K extends SettingName>(
+  names: readonly K[],
+  flags: FlagValues,
+  env: NodeJS.ProcessEnv,
+): Pick<Settings, K> {
+  const out: Record<string, unknown> = {};
+  for (const name of names) {
+    const def: SettingDefinition = SETTINGS[name];
+    const fromFlag = def.flag ? flags[def.flag] : undefined;
+    const negated = def.negatedFlag ? flags[def.negatedFlag] : undefined;
+    if (negated === true) {
+      out[name] = false;
+    } else if (fromFlag !== undefined) {
+      out[name] = parseValue(def, fromFlag, `--${def.flag}`);
+    } else if (env[def.env] !== undefined && env[def.env] !== '') {
+      out[name] = parseValue(def, env[def.env] as string, def.env);
+    } else {
+      out[name] = def.default;
+    }
+  }
+  return out as Pick<Settings, K>;
+}
+
+function parseValue(def: SettingDefinition, raw: string | boolean, source: string): unknown {
+  if (def.kind === 'bool') {
+    if (typeof raw === 'boolean') return raw;
+    const v = raw.trim().toLowerCase();
+    if (['1', 'true', 'yes', 'on'].includes(v)) return true;
+    if (['0', 'false', 'no', 'off'].includes(v)) return false;
+    throw new ConfigError(`${source} must be true or false, got '${raw}'`);
+  }
+  if (typeof raw === 'boolean') throw new ConfigError(`${source} needs a value`);
+  if (def.kind === 'int') {
+    const range = `${def.min ?? 0}${def.max !== undefined ? ` to ${def.max}` : ' or more'}`;
+    if (!/^\d+$/.test(raw.trim())) {
+      throw new ConfigError(`${source} must be a whole number (${range}), got '${raw}'`);
+    }
+    const n = Number(raw);
+    if ((def.min !== undefined && n < def.min) || (def.max !== undefined && n > def.max)) {
+      throw new ConfigError(`${source} must be ${range}, got ${n}`);
+    }
+    return n;
+  }
+  if (def.kind === 'enum' && !def.values?.includes(raw)) {
+    throw new ConfigError(`${source} must be one of ${def.values?.join(', ')}, got '${raw}'`);
+  }
+  if (raw.trim() === '') throw new ConfigError(`${source} must not be empty`);
+  return raw;
+}
+
+export const EMBED_SETTINGS = [
+  'databaseUrl',
+  'embeddingColumnType',
+  'openaiApiKey',
+  'openaiBaseUrl',
+  'limit',
+  'batchSize',
+  'allowPartial',
+  'provider',
+  'model',
+  'dimensions',
+  'force',
+  'maxRetries',
+  'maxRetryWaitMs',
+  'timeoutMs',
+  'maxInputTokens',
+  'truncate',
+  'manifest',
+  'migrate',
+  'logLevel',
+] as const satisfies readonly SettingName[];
+
+export type EmbedConfig = Pick<Settings, (typeof EMBED_SETTINGS)[number]> & {
+  /** maxInputTokens after the model's known limit is applied; undefined: rely on the provider. */
+  readonly effectiveMaxInputTokens: number | undefined;
+};
+
+/** The embed job's frozen config. Cross-setting checks live here, not in the CLI. */
+export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): EmbedConfig {
+  const settings = resolveSettings(EMBED_SETTINGS, flags, env);
+  parseDatabaseUrl(settings.databaseUrl); // fail on a bad scheme before any work
+  if (settings.openaiBaseUrl) {
+    try {
+      new URL(settings.openaiBaseUrl);
+    } catch {
+      throw new ConfigError(`OPENAI_BASE_URL is not a URL: '${settings.openaiBaseUrl}'`);
+    }
+  } else if (!settings.openaiApiKey) {
+    throw new ConfigError(
+      'OPENAI_API_KEY is not set: export it (or put it in .env), or point OPENAI_BASE_URL at an OpenAI-compatible server',
+    );
+  }
+  const model = knownModel(settings.model);
+  return Object.freeze({
+    ...settings,
+    effectiveMaxInputTokens: settings.maxInputTokens ?? model?.maxInputTokens,
+  });
+}

@@ -1,0 +1,146 @@
+import { type Kysely, sql, type Transaction } from 'kysely';
+import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { DB } from '../db/schema.js';
+import { vectorLiteral } from '../db/vector.js';
+
+export interface EmbeddedRow {
+  messageId: string;
+  vector: Float32Array;
+  sha256Hex: string;
+  inputTokens: number;
+  truncated: boolean;
+}
+
+export interface SkippedRow {
+  messageId: string;
+  reason: string;
+  detail: string;
+  inputTokens: number | null;
+}
+
+export interface BatchRecord {
+  runId: string;
+  provider: string;
+  model: string;
+  batchNo: number;
+  firstMessageId: string;
+  lastMessageId: string;
+  size: number;
+  tokens: number;
+  attempts: number;
+  retries: number;
+  requests: number;
+  latencyMs: number;
+  /** Every eligible message up to here is handled; the run's resume point. */
+  cursorId: string;
+}
+
+/**
+ * Upserts a batch's vectors in one statement. On (provider, model,
+ * message_id), so a rerun or an edited message replaces its row, never adds one.
+ */
+export async function upsertEmbeddings(
+  trx: Kysely<DB> | Transaction<DB>,
+  target: { provider: string; model: string; runId: string; columnType: EmbeddingColumnType },
+  rows: EmbeddedRow[],
+): Promise<void> {
+  if (rows.length === 0) return;
+  const type = sql.raw(target.columnType);
+  await trx
+    .insertInto('message_embeddings')
+    .values(
+      rows.map((r) => ({
+        provider: target.provider,
+        model: target.model,
+        message_id: r.messageId,
+        embedding: sql<string>`${vectorLiteral(r.vector, target.columnType)}::${type}`,
+        dimensions: r.vector.length,
+        content_sha256: sql<Buffer>`decode(${r.sha256Hex}, 'hex')`,
+        input_tokens: r.inputTokens,
+        truncated: r.truncated,
+        run_id: target.runId,
+      })),
+    )
+    .onConflict((oc) =>
+      oc.columns(['provider', 'model', 'message_id']).doUpdateSet((eb) => ({
+        embedding: eb.ref('excluded.embedding'),
+        dimensions: eb.ref('excluded.dimensions'),
+        content_sha256: eb.ref('excluded.content_sha256'),
+        input_tokens: eb.ref('excluded.input_tokens'),
+        truncated: eb.ref('excluded.truncated'),
+        run_id: eb.ref('excluded.run_id'),
+        embedded_at: sql`now()`,
+      })),
+    )
+    .execute();
+}
+
+/** Records why each skipped message was not embedded (partial mode). */
+export async function insertSkips(
+  trx: Transaction<DB>,
+  target: { provider: string; model: string; runId: string },
+  rows: SkippedRow[],
+): Promise<void> {
+  if (rows.length === 0) return;
+  await trx
+    .insertInto('embedding_skips')
+    .values(
+      rows.map((r) => ({
+        run_id: target.runId,
+        provider: target.provider,
+        model: target.model,
+        message_id: r.messageId,
+        reason: r.reason,
+        detail: r.detail,
+        input_tokens: r.inputTokens,
+      })),
+    )
+    .onConflict((oc) => oc.columns(['run_id', 'message_id']).doNothing())
+    .execute();
+}
+
+/** The durable progress row of one committed batch. */
+export async function insertBatch(
+  trx: Transaction<DB>,
+  batch: BatchRecord,
+  counts: { embedded: number; skipped: number },
+): Promise<void> {
+  await trx
+    .insertInto('embedding_batches')
+    .values({
+      run_id: batch.runId,
+      batch_no: batch.batchNo,
+      first_message_id: batch.firstMessageId,
+      last_message_id: batch.lastMessageId,
+      size: batch.size,
+      embedded: counts.embedded,
+      skipped: counts.skipped,
+      tokens: batch.tokens,
+      attempts: batch.attempts,
+      latency_ms: batch.latencyMs,
+    })
+    .execute();
+}
+
+/** Advances the run's cursor and counts in the batch's transaction, so they never disagree. */
+export async function advanceRun(
+  trx: Transaction<DB>,
+  batch: BatchRecord,
+  counts: { embedded: number; skipped: number; truncated: number },
+): Promise<void> {
+  await trx
+    .updateTable('embedding_runs')
+    .set((eb) => ({
+      cursor_id: batch.cursorId,
+      embedded: eb('embedded', '+', counts.embedded),
+      skipped: eb('skipped', '+', counts.skipped),
+      truncated: eb('truncated', '+', counts.truncated),
+      tokens: eb('tokens', '+', batch.tokens),
+      requests: eb('requests', '+', batch.requests),
+      retries: eb('retries', '+', batch.retries),
+      batches: eb('batches', '+', 1),
+      heartbeat_at: sql`now()`,
+    }))
+    .where('id', '=', batch.runId)
+    .execute();
+}

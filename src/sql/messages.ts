@@ -1,0 +1,76 @@
+import { type Kysely, sql } from 'kysely';
+import type { DB } from '../db/schema.js';
+
+export interface EligibleMessage {
+  id: string;
+  content: string;
+  /** sha256 of the content as read, so the stored hash matches what was embedded. */
+  sha256Hex: string;
+}
+
+export interface EmbeddingTarget {
+  provider: string;
+  model: string;
+  /** Re-embed even when an embedding of the same content exists. */
+  force: boolean;
+}
+
+// A message needs embedding when it has a non-blank character and no embedding
+// for this (provider, model) was made from its current content.
+function eligibleFilter(target: EmbeddingTarget) {
+  const upToDate = sql<boolean>`exists (
+    select 1 from message_embeddings e
+    where e.provider = ${target.provider} and e.model = ${target.model}
+      and e.message_id = m.id
+      and e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))`;
+  // Parenthesised: callers splice it into larger expressions, `not` included.
+  return target.force
+    ? sql<boolean>`(m.content ~ '\\S')`
+    : sql<boolean>`(m.content ~ '\\S' and not ${upToDate})`;
+}
+
+/**
+ * The next page of eligible messages after `afterId`. Keyset, never OFFSET:
+ * the eligible set shrinks as pages are embedded, so an offset into it skips
+ * rows (the run that stalled at ~3,000 of 6,000). `id > $last order by id`
+ * walks the primary key and cannot skip.
+ */
+export async function fetchEligiblePage(
+  db: Kysely<DB>,
+  target: EmbeddingTarget,
+  afterId: string | null,
+  limit: number,
+): Promise<EligibleMessage[]> {
+  const after = afterId === null ? sql`true` : sql`m.id > ${afterId}`;
+  const { rows } = await sql<EligibleMessage>`
+    select m.id::text as id, m.content,
+           encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex"
+    from messages m
+    where ${after} and ${eligibleFilter(target)}
+    order by m.id
+    limit ${limit}`.execute(db);
+  return rows;
+}
+
+export interface MessageCensus {
+  eligible: number;
+  blank: number;
+  upToDate: number;
+}
+
+/**
+ * One pass over messages at the start of a run: how many need embedding, how
+ * many are blank (never eligible, but reported), how many are already done.
+ */
+export async function countMessages(
+  db: Kysely<DB>,
+  target: EmbeddingTarget,
+): Promise<MessageCensus> {
+  const { rows } = await sql<MessageCensus>`
+    select
+      count(*) filter (where ${eligibleFilter(target)})::int as eligible,
+      count(*) filter (where m.content !~ '\\S')::int as blank,
+      count(*) filter (where m.content ~ '\\S' and not ${eligibleFilter(target)})::int as "upToDate"
+    from messages m`.execute(db);
+  return rows[0] ?? { eligible: 0, blank: 0, upToDate: 0 };
+}

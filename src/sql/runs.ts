@@ -1,0 +1,78 @@
+import { hostname } from 'node:os';
+import { type Kysely, sql } from 'kysely';
+import type { DB, RunStatus } from '../db/schema.js';
+
+export async function insertRun(
+  db: Kysely<DB>,
+  run: {
+    provider: string;
+    model: string;
+    options: Record<string, unknown>;
+    planned: number;
+    blank: number;
+  },
+): Promise<string> {
+  const row = await db
+    .insertInto('embedding_runs')
+    .values({
+      provider: run.provider,
+      model: run.model,
+      status: 'running',
+      options: JSON.stringify(run.options),
+      host: hostname(),
+      pid: process.pid,
+      planned: run.planned,
+      ineligible_blank: run.blank,
+    })
+    .returning('id')
+    .executeTakeFirstOrThrow();
+  return String(row.id);
+}
+
+/** Heartbeat between batches, so psql can tell a slow run from a dead one. */
+export async function touchRun(db: Kysely<DB>, runId: string): Promise<void> {
+  await db
+    .updateTable('embedding_runs')
+    .set({ heartbeat_at: sql`now()` })
+    .where('id', '=', runId)
+    .execute();
+}
+
+export async function finishRun(
+  db: Kysely<DB>,
+  runId: string,
+  status: Exclude<RunStatus, 'running'>,
+  summary: Record<string, unknown>,
+  error: string | null,
+): Promise<void> {
+  await db
+    .updateTable('embedding_runs')
+    .set({
+      status,
+      finished_at: sql`now()`,
+      heartbeat_at: sql`now()`,
+      summary: JSON.stringify(summary),
+      error,
+    })
+    .where('id', '=', runId)
+    .execute();
+}
+
+/** Skipped ids by reason, for the summary and the manifest; read once at the end. */
+export async function skipsByReason(
+  db: Kysely<DB>,
+  runId: string,
+): Promise<Record<string, string[]>> {
+  const rows = await db
+    .selectFrom('embedding_skips')
+    .select(['reason', sql<string>`message_id::text`.as('id')])
+    .where('run_id', '=', runId)
+    .orderBy('message_id')
+    .execute();
+  const out: Record<string, string[]> = {};
+  for (const row of rows) {
+    out[row.reason] ??= [];
+    out[row.reason]?.push(row.id);
+  }
+  return out;
+}

@@ -1,0 +1,208 @@
+import {
+  InputRejectedError,
+  InvalidResponseError,
+  ProviderFatalError,
+  RetriesExhaustedError,
+  type SkipReason,
+} from '../errors.js';
+import type { EmbeddingProvider } from '../provider/client.js';
+import { type RetryPolicy, withRetries } from '../provider/retry.js';
+import { tokenCount, truncateToTokens } from '../provider/tokens.js';
+import type { EligibleMessage } from '../sql/messages.js';
+
+export interface BatchSettings {
+  provider: EmbeddingProvider;
+  retry: RetryPolicy;
+  /** Checked before sending; undefined: the provider's answer decides. */
+  maxInputTokens: number | undefined;
+  truncate: boolean;
+}
+
+interface Input {
+  /** Position in the page, so results keep id order whatever isolation did. */
+  position: number;
+  message: EligibleMessage;
+  text: string;
+  tokens: number;
+  truncated: boolean;
+}
+
+export interface Embedded {
+  position: number;
+  message: EligibleMessage;
+  vector: Float32Array;
+  tokens: number;
+  truncated: boolean;
+}
+
+export interface Failure {
+  position: number;
+  message: EligibleMessage;
+  reason: SkipReason;
+  /** One line for embedding_skips.detail and the strict-mode error. */
+  detail: string;
+  tokens: number;
+  /** The limit in force, when one is known. */
+  limitTokens: number | undefined;
+  /** HTTP status when the provider refused it. */
+  status: number | undefined;
+}
+
+export interface BatchOutcome {
+  embedded: Embedded[];
+  failed: Failure[];
+  /** HTTP requests made, retries included. */
+  attempts: number;
+  /** Requests that were not retries: 1, or more when a batch was split. */
+  sends: number;
+  /** Tokens of everything embedded. */
+  tokens: number;
+}
+
+/**
+ * Embeds one page of messages. Inputs known to be too long never reach the
+ * API. A request that fails because of one input is narrowed down to that
+ * input (by the index the server names, else by halving), so its batch-mates
+ * are embedded and only the culprit is reported.
+ */
+export async function embedBatch(
+  messages: EligibleMessage[],
+  settings: BatchSettings,
+): Promise<BatchOutcome> {
+  const outcome: BatchOutcome = { embedded: [], failed: [], attempts: 0, sends: 0, tokens: 0 };
+  const toSend: Input[] = [];
+  messages.forEach((message, position) => {
+    const tokens = tokenCount(message.content);
+    const limit = settings.maxInputTokens;
+    if (limit === undefined || tokens <= limit) {
+      toSend.push({ position, message, text: message.content, tokens, truncated: false });
+    } else if (settings.truncate) {
+      toSend.push(
+        truncated({ position, message, text: message.content, tokens, truncated: false }, limit),
+      );
+    } else {
+      outcome.failed.push({
+        position,
+        message,
+        reason: 'context_length',
+        detail: `${tokens} tokens, over the ${limit}-token limit (counted before sending; no API call made)`,
+        tokens,
+        limitTokens: limit,
+        status: undefined,
+      });
+    }
+  });
+
+  await sendIsolating(toSend, settings, outcome, false);
+
+  const rejected = outcome.failed.filter((f) => f.reason === 'rejected_input');
+  if (toSend.length > 1 && rejected.length === toSend.length) {
+    // Every input refused on its own: the request is wrong, not the inputs.
+    throw new ProviderFatalError(
+      `every input of a batch was refused on its own (${rejected[0]?.detail}); the request itself is wrong: check --model and --dimensions`,
+      rejected[0]?.status,
+    );
+  }
+  outcome.embedded.sort((a, b) => a.position - b.position);
+  outcome.failed.sort((a, b) => a.position - b.position);
+  return outcome;
+}
+
+async function sendIsolating(
+  inputs: Input[],
+  settings: BatchSettings,
+  outcome: BatchOutcome,
+  retriedTruncated: boolean,
+): Promise<void> {
+  if (inputs.length === 0) return;
+  outcome.sends++;
+  try {
+    const { value } = await withRetries(() => {
+      outcome.attempts++;
+      return settings.provider.embed(inputs.map((i) => i.text));
+    }, settings.retry);
+    inputs.forEach((input, i) => {
+      outcome.embedded.push({
+        position: input.position,
+        message: input.message,
+        vector: value.vectors[i] as Float32Array,
+        tokens: input.tokens,
+        truncated: input.truncated,
+      });
+      outcome.tokens += input.tokens;
+    });
+  } catch (error) {
+    if (error instanceof RetriesExhaustedError) {
+      for (const input of inputs) outcome.failed.push(failure(input, 'retries_exhausted', error));
+      return;
+    }
+    if (!(error instanceof InputRejectedError || error instanceof InvalidResponseError))
+      throw error;
+
+    const [only] = inputs;
+    if (only && inputs.length === 1) {
+      const limit = error instanceof InputRejectedError ? error.limitTokens : undefined;
+      const reason = error instanceof InputRejectedError ? error.reason : 'invalid_response';
+      // The server knew a limit we did not: with --truncate, try once more within it.
+      if (reason === 'context_length' && settings.truncate && limit && !retriedTruncated) {
+        return sendIsolating([truncated(only, limit)], settings, outcome, true);
+      }
+      outcome.failed.push(failure(only, reason, error));
+      return;
+    }
+    const culprit = error.index !== undefined ? inputs[error.index] : undefined;
+    if (culprit) {
+      outcome.failed.push(
+        failure(
+          culprit,
+          error instanceof InputRejectedError ? error.reason : 'invalid_response',
+          error,
+        ),
+      );
+      await sendIsolating(
+        inputs.filter((i) => i !== culprit),
+        settings,
+        outcome,
+        retriedTruncated,
+      );
+      return;
+    }
+    const half = Math.ceil(inputs.length / 2);
+    await sendIsolating(inputs.slice(0, half), settings, outcome, retriedTruncated);
+    await sendIsolating(inputs.slice(half), settings, outcome, retriedTruncated);
+  }
+}
+
+function failure(
+  input: Input,
+  reason: SkipReason,
+  error: InputRejectedError | InvalidResponseError | RetriesExhaustedError,
+): Failure {
+  const limitTokens = error instanceof InputRejectedError ? error.limitTokens : undefined;
+  const status = error instanceof InputRejectedError ? error.status : undefined;
+  const size = limitTokens
+    ? `${input.tokens} tokens, over the ${limitTokens}-token limit; `
+    : `${input.tokens} tokens; `;
+  return {
+    position: input.position,
+    message: input.message,
+    reason,
+    detail: `${size}provider: ${error.message}`,
+    tokens: input.tokens,
+    limitTokens,
+    status,
+  };
+}
+
+/** The input cut to its first `limit` tokens (re-counted: decode/encode can shift a boundary). */
+function truncated(input: Input, limit: number): Input {
+  let keep = limit;
+  let text = truncateToTokens(input.message.content, keep);
+  let tokens = tokenCount(text);
+  while (tokens > limit && keep > 1) {
+    keep -= tokens - limit;
+    text = truncateToTokens(input.message.content, keep);
+    tokens = tokenCount(text);
+  }
+  return { ...input, text, tokens, truncated: true };
+}

@@ -1,0 +1,38 @@
+import type { Kysely } from 'kysely';
+import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { DB } from '../db/schema.js';
+import {
+  advanceRun,
+  type BatchRecord,
+  type EmbeddedRow,
+  insertBatch,
+  insertSkips,
+  type SkippedRow,
+  upsertEmbeddings,
+} from '../sql/batches.js';
+
+/**
+ * One transaction per batch: its vectors, its skips, its progress row and the
+ * run's cursor and counts. A crash loses at most the batch in flight and never
+ * leaves half of one.
+ */
+export async function commitBatch(
+  db: Kysely<DB>,
+  columnType: EmbeddingColumnType,
+  batch: BatchRecord,
+  embedded: EmbeddedRow[],
+  skipped: SkippedRow[],
+): Promise<void> {
+  const target = { provider: batch.provider, model: batch.model, runId: batch.runId, columnType };
+  const counts = {
+    embedded: embedded.length,
+    skipped: skipped.length,
+    truncated: embedded.filter((e) => e.truncated).length,
+  };
+  await db.transaction().execute(async (trx) => {
+    await upsertEmbeddings(trx, target, embedded);
+    await insertSkips(trx, target, skipped);
+    await insertBatch(trx, batch, counts);
+    await advanceRun(trx, batch, counts);
+  });
+}
