@@ -4,6 +4,11 @@
  */
 export abstract class PgembedError extends Error {
   abstract readonly code: string;
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    // Logs and stack traces show ProviderFatalError, not Error.
+    this.name = new.target.name;
+  }
   /** Process exit code the CLI uses when this error ends a run. */
   readonly exitCode: number = 1;
 }

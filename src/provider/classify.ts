@@ -48,6 +48,18 @@ export function errorText(error: InstanceType<typeof OpenAI.APIError>): string {
   return parts.join(' | ');
 }
 
+function contextLengthMatch(text: string): { index?: number; limit?: number } | undefined {
+  for (const { pattern } of CONTEXT_LENGTH_PATTERNS) {
+    const groups = pattern.exec(text)?.groups;
+    if (groups === undefined && !pattern.test(text)) continue;
+    return {
+      ...(groups?.index !== undefined ? { index: Number(groups.index) } : {}),
+      ...(groups?.limit !== undefined ? { limit: Number(groups.limit) } : {}),
+    };
+  }
+  return undefined;
+}
+
 export function classifyProviderError(error: unknown, request: RequestContext): unknown {
   if (error instanceof OpenAI.APIUserAbortError) return error;
   if (error instanceof OpenAI.APIConnectionTimeoutError) {
@@ -72,20 +84,19 @@ function classifyStatus(
   const snippet = text.replace(/\s+/g, ' ').slice(0, 300);
   const options = { cause: error };
 
-  for (const { pattern } of CONTEXT_LENGTH_PATTERNS) {
-    const match = pattern.exec(text);
-    if (match) {
-      const index = match.groups?.index === undefined ? undefined : Number(match.groups.index);
-      const limit = match.groups?.limit === undefined ? undefined : Number(match.groups.limit);
-      return new InputRejectedError(
-        `input over the model's context length (HTTP ${status}: ${snippet})`,
-        'context_length',
-        index,
-        limit,
-        status,
-        options,
-      );
-    }
+  // Only a client error can be about an input; a 5xx or 429 quoting the same
+  // words is still the server's problem.
+  const contextLength =
+    status >= 400 && status < 500 && status !== 429 ? contextLengthMatch(text) : undefined;
+  if (contextLength) {
+    return new InputRejectedError(
+      `input over the model's context length (HTTP ${status}: ${snippet})`,
+      'context_length',
+      contextLength.index,
+      contextLength.limit,
+      status,
+      options,
+    );
   }
 
   const code = `${error.code ?? ''} ${error.type ?? ''}`;
@@ -125,6 +136,15 @@ function classifyStatus(
       options,
     );
   }
+  // A 400 about a request parameter (dimensions on a model without them, an
+  // unknown model behind a proxy) would fail every input alike: stop now.
+  if (error.param && /^(model|dimensions|encoding_format|user)$/.test(error.param)) {
+    return new ProviderFatalError(
+      `the provider refused the request's '${error.param}' (HTTP ${status}: ${snippet}): check --model / --dimensions`,
+      status,
+      options,
+    );
+  }
   // Any other 4xx: maybe one input, maybe the request. The worker isolates it;
   // if every input fails alone, it is the request and the run stops.
   const index = /input\[(\d+)\]/.exec(text)?.[1];
@@ -153,10 +173,16 @@ export function retryAfterMs(headers: Headers | undefined): number | undefined {
     const date = Date.parse(after);
     if (!Number.isNaN(date)) return Math.max(0, date - Date.now());
   }
-  const resets = ['x-ratelimit-reset-requests', 'x-ratelimit-reset-tokens']
-    .map((h) => parseDuration(headers.get(h)))
-    .filter((v): v is number => v !== undefined);
-  return resets.length ? Math.max(...resets) : undefined;
+  // OpenAI sends both resets on every 429; wait for the budget that ran out
+  // (remaining 0), not the longer one, else the shorter of the two.
+  const limits = (['requests', 'tokens'] as const).map((kind) => ({
+    resetMs: parseDuration(headers.get(`x-ratelimit-reset-${kind}`)),
+    exhausted: headers.get(`x-ratelimit-remaining-${kind}`) === '0',
+  }));
+  const known = limits.filter((l) => l.resetMs !== undefined);
+  const exhausted = known.filter((l) => l.exhausted);
+  const pick = exhausted.length ? exhausted : known;
+  return pick.length ? Math.min(...pick.map((l) => l.resetMs as number)) : undefined;
 }
 
 function parseDuration(value: string | null): number | undefined {

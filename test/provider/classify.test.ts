@@ -1,0 +1,342 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import {
+  InputRejectedError,
+  InvalidResponseError,
+  ProviderFatalError,
+  ProviderTransientError,
+} from '../../src/errors.js';
+import { retryAfterMs } from '../../src/provider/classify.js';
+import { createOpenAIProvider } from '../../src/provider/client.js';
+import { tokenCount } from '../../src/provider/tokens.js';
+import {
+  type ErrorDialect,
+  type FakeOpenAI,
+  fakeEmbedding,
+  startFakeOpenAI,
+} from '../support/fake-openai.js';
+import { optionsRestorer, providerFor, rejectionOf } from './helpers.js';
+
+let fake: FakeOpenAI;
+let restoreOptions: () => void;
+
+beforeAll(async () => {
+  fake = await startFakeOpenAI();
+  restoreOptions = optionsRestorer(fake);
+});
+
+afterAll(async () => {
+  await fake.close();
+});
+
+beforeEach(() => {
+  fake.reset();
+  restoreOptions();
+});
+
+const LONG = 'this input is far longer than the five token limit of the fake server';
+
+describe('context-length errors', () => {
+  const dialects: Array<{
+    dialect: ErrorDialect;
+    status: number;
+    index: number | undefined;
+    limitTokens: number | undefined;
+  }> = [
+    { dialect: 'openai', status: 400, index: 2, limitTokens: 5 },
+    { dialect: 'openai-legacy', status: 400, index: undefined, limitTokens: 5 },
+    { dialect: 'vllm', status: 400, index: undefined, limitTokens: 5 },
+    { dialect: 'tei', status: 413, index: undefined, limitTokens: 5 },
+    { dialect: 'ollama', status: 400, index: undefined, limitTokens: undefined },
+    { dialect: 'litellm', status: 400, index: undefined, limitTokens: 5 },
+  ];
+
+  it.for(dialects)(
+    'the $dialect dialect yields InputRejectedError(context_length) with index $index and limit $limitTokens',
+    async ({ dialect, status, index, limitTokens }) => {
+      Object.assign(fake.options, { dialect, maxInputTokens: 5 });
+      const error = await rejectionOf(providerFor(fake).embed(['a', 'b', LONG, 'd']));
+      expect(error).toBeInstanceOf(InputRejectedError);
+      expect(error).toMatchObject({ reason: 'context_length', index, limitTokens, status });
+    },
+  );
+});
+
+describe('errors no retry can fix', () => {
+  it('a 429 insufficient_quota is fatal and says to add credit rather than retry', async () => {
+    fake.enqueueFault({ kind: 'insufficient-quota' });
+    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderFatalError);
+    expect(error).toMatchObject({ status: 429 });
+    expect((error as Error).message).toMatch(/quota/);
+    expect((error as Error).message).toMatch(/add credit/);
+  });
+
+  it('a 401 for a wrong API key is fatal and names OPENAI_API_KEY', async () => {
+    fake.options.apiKey = 'the-right-key';
+    const error = await rejectionOf(providerFor(fake, { apiKey: 'a-wrong-key' }).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderFatalError);
+    expect(error).toMatchObject({ status: 401 });
+    expect((error as Error).message).toContain('OPENAI_API_KEY');
+  });
+
+  it('a 404 for an unknown model is fatal and names the model', async () => {
+    const error = await rejectionOf(providerFor(fake, { model: 'no-such-model' }).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderFatalError);
+    expect(error).toMatchObject({ status: 404 });
+    expect((error as Error).message).toContain("'no-such-model'");
+  });
+});
+
+describe('errors worth another attempt', () => {
+  it.for([
+    { header: 'retry-after-ms', fault: { retryAfterMs: 1234 }, expected: 1234 },
+    { header: 'retry-after', fault: { retryAfterSeconds: 7 }, expected: 7000 },
+    { header: 'x-ratelimit-reset-tokens 1.5s', fault: { resetTokens: '1.5s' }, expected: 1500 },
+    { header: 'x-ratelimit-reset-tokens 6m0s', fault: { resetTokens: '6m0s' }, expected: 360_000 },
+  ])(
+    'a 429 rate limit is transient and takes retryAfterMs from $header',
+    async ({ fault, expected }) => {
+      fake.enqueueFault({ kind: 'rate-limit', ...fault });
+      const error = await rejectionOf(providerFor(fake).embed(['x']));
+      expect(error).toBeInstanceOf(ProviderTransientError);
+      expect(error).toMatchObject({ status: 429, retryAfterMs: expected });
+    },
+  );
+
+  it.for([500, 503])('a %i server error is transient', async (status) => {
+    fake.enqueueFault({ kind: 'server-error', status });
+    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderTransientError);
+    expect(error).toMatchObject({ status, retryAfterMs: undefined });
+  });
+
+  it('a dropped connection is transient', async () => {
+    fake.enqueueFault({ kind: 'drop' });
+    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderTransientError);
+    expect((error as Error).message).toMatch(/connection error/);
+  });
+
+  it('a response slower than timeoutMs is a transient "timed out"', async () => {
+    fake.enqueueFault({ kind: 'hang', ms: 5_000 });
+    const started = performance.now();
+    const error = await rejectionOf(providerFor(fake, { timeoutMs: 200 }).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderTransientError);
+    expect((error as Error).message).toMatch(/timed out/);
+    expect(performance.now() - started).toBeLessThan(2_000);
+  });
+});
+
+describe('other client errors', () => {
+  it('a generic 400 with no context-length text rejects the input as rejected_input', async () => {
+    fake.enqueueFault({
+      kind: 'status',
+      status: 400,
+      body: { error: { message: 'bad things', type: 'invalid_request_error' } },
+    });
+    const error = await rejectionOf(providerFor(fake).embed(['x', 'y']));
+    expect(error).toBeInstanceOf(InputRejectedError);
+    expect(error).toMatchObject({
+      reason: 'rejected_input',
+      index: undefined,
+      limitTokens: undefined,
+      status: 400,
+    });
+    expect((error as Error).message).toContain('bad things');
+  });
+});
+
+describe('responses that break the contract', () => {
+  const inputs = ['one', 'two', 'three'];
+
+  it('a NaN in the first vector is an InvalidResponseError blaming index 0, never vectors', async () => {
+    fake.enqueueFault({ kind: 'nan' });
+    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    expect(error).toBeInstanceOf(InvalidResponseError);
+    expect(error).toMatchObject({ index: 0 });
+  });
+
+  it('one embedding too few is an InvalidResponseError blaming no single index', async () => {
+    fake.enqueueFault({ kind: 'wrong-count' });
+    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    expect(error).toBeInstanceOf(InvalidResponseError);
+    expect(error).toMatchObject({ index: undefined });
+  });
+
+  it('a vector of the wrong dimension is an InvalidResponseError blaming index 0', async () => {
+    fake.enqueueFault({ kind: 'wrong-dimension' });
+    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    expect(error).toBeInstanceOf(InvalidResponseError);
+    expect(error).toMatchObject({ index: 0 });
+  });
+
+  it('with no dimension known beforehand, the odd vector out is still the one blamed', async () => {
+    fake.enqueueFault({ kind: 'wrong-dimension' });
+    const provider = providerFor(fake, { defaultDimensions: undefined });
+    const error = await rejectionOf(provider.embed(inputs));
+    expect(error).toBeInstanceOf(InvalidResponseError);
+    expect(error).toMatchObject({ index: 0 });
+    // A refused response must not teach the provider a dimension.
+    expect(provider.expectedDimensions).toBeUndefined();
+  });
+});
+
+describe('successful responses', () => {
+  it('vectors are mapped by their index, not by position, when the server shuffles them', async () => {
+    fake.options.shuffle = true;
+    const texts = ['first', 'second', 'third', 'fourth'];
+    const { vectors, promptTokens } = await providerFor(fake).embed(texts);
+    expect(vectors).toHaveLength(texts.length);
+    for (const [i, text] of texts.entries()) {
+      expect(Array.from(vectors[i]!)).toEqual(Array.from(fakeEmbedding(text, 1536)));
+    }
+    expect(promptTokens).toBe(texts.reduce((n, t) => n + tokenCount(t), 0));
+  });
+
+  it('dimensions: 256 is sent to the server and the vectors have 256 values', async () => {
+    const provider = providerFor(fake, { dimensions: 256 });
+    expect(provider.expectedDimensions).toBe(256);
+    const texts = ['short', 'vectors'];
+    const { vectors } = await provider.embed(texts);
+    for (const [i, text] of texts.entries()) {
+      expect(vectors[i]).toHaveLength(256);
+      expect(Array.from(vectors[i]!)).toEqual(Array.from(fakeEmbedding(text, 256)));
+    }
+  });
+
+  it('the dimension is learnt from the first response when none is configured', async () => {
+    const provider = providerFor(fake, { defaultDimensions: undefined });
+    expect(provider.expectedDimensions).toBeUndefined();
+    await provider.embed(['learn']);
+    expect(provider.expectedDimensions).toBe(1536);
+  });
+});
+
+describe('retryAfterMs', () => {
+  it('reads retry-after-ms as milliseconds', () => {
+    expect(retryAfterMs(new Headers({ 'retry-after-ms': '250' }))).toBe(250);
+    expect(retryAfterMs(new Headers({ 'retry-after-ms': '0' }))).toBe(0);
+  });
+
+  it('prefers retry-after-ms over retry-after', () => {
+    expect(retryAfterMs(new Headers({ 'retry-after-ms': '250', 'retry-after': '9' }))).toBe(250);
+  });
+
+  it('reads retry-after as seconds, fractional ones too', () => {
+    expect(retryAfterMs(new Headers({ 'retry-after': '2' }))).toBe(2000);
+    expect(retryAfterMs(new Headers({ 'retry-after': '0.5' }))).toBe(500);
+  });
+
+  it('reads retry-after as an HTTP date, counting from now', () => {
+    const inTenSeconds = new Date(Date.now() + 10_000).toUTCString();
+    const wait = retryAfterMs(new Headers({ 'retry-after': inTenSeconds }));
+    // The HTTP-date form has whole-second resolution.
+    expect(wait).toBeGreaterThan(8_000);
+    expect(wait).toBeLessThanOrEqual(10_000);
+  });
+
+  it('treats an HTTP date in the past as no wait', () => {
+    const past = new Date(Date.now() - 60_000).toUTCString();
+    expect(retryAfterMs(new Headers({ 'retry-after': past }))).toBe(0);
+  });
+
+  it('reads the x-ratelimit-reset durations OpenAI sends', () => {
+    const reset = (value: string) =>
+      retryAfterMs(new Headers({ 'x-ratelimit-reset-tokens': value }));
+    expect(reset('20ms')).toBe(20);
+    expect(reset('1s')).toBe(1000);
+    expect(reset('1.5s')).toBe(1500);
+    expect(reset('6m0s')).toBe(360_000);
+    expect(reset('1h2m3s')).toBe(3_723_000);
+  });
+
+  it('waits for the reset of the budget that ran out, not the longer one', () => {
+    // OpenAI sends both resets on every 429; a request-limit 429 must not wait
+    // out a six-minute token window.
+    const requestsOut = new Headers({
+      'x-ratelimit-reset-requests': '120ms',
+      'x-ratelimit-remaining-requests': '0',
+      'x-ratelimit-reset-tokens': '6m0s',
+      'x-ratelimit-remaining-tokens': '52000',
+    });
+    expect(retryAfterMs(requestsOut)).toBe(120);
+    const tokensOut = new Headers({
+      'x-ratelimit-reset-requests': '120ms',
+      'x-ratelimit-remaining-requests': '40',
+      'x-ratelimit-reset-tokens': '2s',
+      'x-ratelimit-remaining-tokens': '0',
+    });
+    expect(retryAfterMs(tokensOut)).toBe(2000);
+  });
+
+  it('takes the shorter reset when the headers do not say which budget ran out', () => {
+    const headers = new Headers({
+      'x-ratelimit-reset-requests': '120ms',
+      'x-ratelimit-reset-tokens': '2s',
+    });
+    expect(retryAfterMs(headers)).toBe(120);
+  });
+
+  it('returns undefined when no header says how long to wait', () => {
+    expect(retryAfterMs(undefined)).toBeUndefined();
+    expect(retryAfterMs(new Headers())).toBeUndefined();
+    expect(retryAfterMs(new Headers({ 'retry-after': 'soon', 'retry-after-ms': 'x' }))).toBe(
+      undefined,
+    );
+  });
+});
+
+describe('errors about the request rather than an input', () => {
+  let fake: FakeOpenAI;
+  beforeAll(async () => {
+    fake = await startFakeOpenAI();
+  });
+  afterAll(async () => {
+    await fake.close();
+  });
+
+  it('treats a 400 naming the dimensions parameter as fatal, since every input would fail alike', async () => {
+    fake.enqueueFault({
+      kind: 'status',
+      status: 400,
+      body: {
+        error: {
+          message: 'This model does not support specifying dimensions.',
+          type: 'invalid_request_error',
+          param: 'dimensions',
+          code: null,
+        },
+      },
+    });
+    const provider = createOpenAIProvider({
+      apiKey: 'test',
+      baseURL: fake.url,
+      model: 'text-embedding-ada-002',
+      dimensions: 256,
+      defaultDimensions: undefined,
+      timeoutMs: 5000,
+    });
+    const error = await provider.embed(['a', 'b']).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ProviderFatalError);
+    expect((error as Error).message).toMatch(/'dimensions'.*--dimensions/);
+    expect((error as Error).name).toBe('ProviderFatalError');
+  });
+
+  it('does not mistake a 503 that quotes the context-length wording for an input problem', async () => {
+    fake.enqueueFault({
+      kind: 'status',
+      status: 503,
+      body: { error: { message: "upstream: This model's maximum context length is 8192 tokens" } },
+    });
+    const provider = createOpenAIProvider({
+      apiKey: 'test',
+      baseURL: fake.url,
+      model: 'text-embedding-3-small',
+      dimensions: undefined,
+      defaultDimensions: 1536,
+      timeoutMs: 5000,
+    });
+    const error = await provider.embed(['a']).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ProviderTransientError);
+  });
+});

@@ -1,0 +1,178 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import {
+  InputRejectedError,
+  ProviderFatalError,
+  ProviderTransientError,
+  RetriesExhaustedError,
+} from '../../src/errors.js';
+import type { EmbeddingProvider } from '../../src/provider/client.js';
+import { type RetryPolicy, withRetries } from '../../src/provider/retry.js';
+import { type FakeOpenAI, startFakeOpenAI } from '../support/fake-openai.js';
+import { optionsRestorer, providerFor, rejectionOf } from './helpers.js';
+
+let fake: FakeOpenAI;
+let restoreOptions: () => void;
+
+beforeAll(async () => {
+  fake = await startFakeOpenAI();
+  restoreOptions = optionsRestorer(fake);
+});
+
+afterAll(async () => {
+  await fake.close();
+});
+
+beforeEach(() => {
+  fake.reset();
+  restoreOptions();
+});
+
+/** Runs one embed under withRetries, recording every attempt and every retry. */
+function embedWithRetries(
+  inputs: string[],
+  policy: Partial<RetryPolicy> = {},
+  provider: EmbeddingProvider = providerFor(fake),
+) {
+  const calls = { attempts: 0, retries: [] as Array<{ attempt: number; delayMs: number }> };
+  const promise = withRetries(
+    () => {
+      calls.attempts++;
+      return provider.embed(inputs);
+    },
+    {
+      maxRetries: 3,
+      maxRetryWaitMs: 5_000,
+      // Small so backoff-driven tests stay fast; retry-after tests do not use it.
+      baseDelayMs: 10,
+      onRetry: ({ attempt, delayMs }) => calls.retries.push({ attempt, delayMs }),
+      ...policy,
+    },
+  );
+  return { promise, calls };
+}
+
+describe('withRetries with the real provider', () => {
+  it('two 500s then a success return the value after three attempts and two retries', async () => {
+    fake.enqueueFault({ kind: 'server-error' }, { kind: 'server-error', status: 503 });
+    const { promise, calls } = embedWithRetries(['hello']);
+    const { value, attempts } = await promise;
+    expect(value.vectors).toHaveLength(1);
+    expect(attempts).toBe(3);
+    expect(calls.retries.map((r) => r.attempt)).toEqual([1, 2]);
+    expect(fake.stats.requests).toBe(3);
+  });
+
+  it('a dropped connection and a timeout are both retried to success', async () => {
+    fake.enqueueFault({ kind: 'drop' }, { kind: 'hang', ms: 5_000 });
+    const { promise } = embedWithRetries(['hello'], {}, providerFor(fake, { timeoutMs: 200 }));
+    const { attempts } = await promise;
+    expect(attempts).toBe(3);
+  });
+
+  it('a 429 with retry-after-ms 300 waits about 300 ms before the next attempt', async () => {
+    fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 300 });
+    const started = performance.now();
+    const { promise, calls } = embedWithRetries(['hello']);
+    const { attempts } = await promise;
+    const elapsed = performance.now() - started;
+    expect(attempts).toBe(2);
+    expect(calls.retries).toEqual([{ attempt: 1, delayMs: 300 }]);
+    expect(elapsed).toBeGreaterThanOrEqual(280);
+    expect(elapsed).toBeLessThan(2_000);
+  });
+
+  it('a retry-after of an hour is capped by maxRetryWaitMs', async () => {
+    fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 3600 });
+    const started = performance.now();
+    const { promise, calls } = embedWithRetries(['hello'], { maxRetryWaitMs: 200 });
+    const { attempts } = await promise;
+    expect(attempts).toBe(2);
+    expect(calls.retries).toEqual([{ attempt: 1, delayMs: 200 }]);
+    expect(performance.now() - started).toBeLessThan(2_000);
+  });
+
+  it('a 401 is fatal and is not retried', async () => {
+    fake.options.apiKey = 'the-right-key';
+    const { promise, calls } = embedWithRetries(
+      ['hello'],
+      {},
+      providerFor(fake, { apiKey: 'a-wrong-key' }),
+    );
+    expect(await rejectionOf(promise)).toBeInstanceOf(ProviderFatalError);
+    expect(calls.attempts).toBe(1);
+    expect(calls.retries).toEqual([]);
+    expect(fake.stats.requests).toBe(1);
+  });
+
+  it('a 429 insufficient_quota is fatal and is not retried', async () => {
+    fake.enqueueFault({ kind: 'insufficient-quota' });
+    const { promise, calls } = embedWithRetries(['hello']);
+    expect(await rejectionOf(promise)).toBeInstanceOf(ProviderFatalError);
+    expect(calls.attempts).toBe(1);
+    expect(calls.retries).toEqual([]);
+    expect(fake.stats.requests).toBe(1);
+  });
+
+  it('an input over the context length is rejected without a retry', async () => {
+    fake.options.maxInputTokens = 5;
+    const { promise, calls } = embedWithRetries(['far too many tokens for a five token limit']);
+    const error = await rejectionOf(promise);
+    expect(error).toBeInstanceOf(InputRejectedError);
+    expect(error).toMatchObject({ reason: 'context_length' });
+    expect(calls.attempts).toBe(1);
+    expect(fake.stats.requests).toBe(1);
+  });
+
+  it('maxRetries+1 transient failures end in RetriesExhaustedError counting every attempt', async () => {
+    const maxRetries = 2;
+    fake.enqueueFault(
+      { kind: 'server-error' },
+      { kind: 'server-error' },
+      { kind: 'server-error' },
+      // Would succeed, but must never be reached.
+    );
+    const { promise, calls } = embedWithRetries(['hello'], { maxRetries });
+    const error = await rejectionOf(promise);
+    expect(error).toBeInstanceOf(RetriesExhaustedError);
+    expect(error).toMatchObject({ attempts: maxRetries + 1 });
+    expect((error as Error).cause).toBeInstanceOf(ProviderTransientError);
+    expect(calls.retries).toHaveLength(maxRetries);
+    expect(fake.stats.requests).toBe(maxRetries + 1);
+  });
+
+  it('maxRetries 0 makes a single attempt and reports it as exhausted', async () => {
+    fake.enqueueFault({ kind: 'server-error' });
+    const { promise } = embedWithRetries(['hello'], { maxRetries: 0 });
+    const error = await rejectionOf(promise);
+    expect(error).toBeInstanceOf(RetriesExhaustedError);
+    expect(error).toMatchObject({ attempts: 1 });
+    expect(fake.stats.requests).toBe(1);
+  });
+
+  it('aborting the signal during a backoff wait stops promptly without another request', async () => {
+    fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 60 });
+    const controller = new AbortController();
+    const { promise, calls } = embedWithRetries(['hello'], {
+      maxRetryWaitMs: 60_000,
+      signal: controller.signal,
+      onRetry: () => {
+        setTimeout(() => controller.abort(), 50);
+      },
+    });
+    const started = performance.now();
+    const error = await rejectionOf(promise);
+    expect(performance.now() - started).toBeLessThan(1_000);
+    expect(error).toMatchObject({ name: 'AbortError' });
+    expect(calls.attempts).toBe(1);
+    expect(fake.stats.requests).toBe(1);
+  });
+
+  it('an already-aborted signal makes no request at all', async () => {
+    const controller = new AbortController();
+    controller.abort();
+    const { promise, calls } = embedWithRetries(['hello'], { signal: controller.signal });
+    await rejectionOf(promise);
+    expect(calls.attempts).toBe(0);
+    expect(fake.stats.requests).toBe(0);
+  });
+});
