@@ -1,0 +1,442 @@
+import { readFileSync } from 'node:fs';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { sql } from 'kysely';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
+import type { Database } from '../../src/db/connect.js';
+import {
+  type EmbeddingColumnType,
+  readEmbeddingColumnType,
+} from '../../src/db/embedding-column.js';
+import { parseVector } from '../../src/db/vector.js';
+import { createLogger } from '../../src/log.js';
+import { createOpenAIProvider } from '../../src/provider/client.js';
+import { knownModel } from '../../src/provider/models.js';
+import { upsertMessages } from '../../src/sql/seed.js';
+import { EmbedRun } from '../../src/worker/run.js';
+import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { type FakeOpenAI, fakeEmbedding, startFakeOpenAI } from '../support/fake-openai.js';
+
+// text-embedding-3-small, the default model.
+const DIMS = 1536;
+// ~9,000 cl100k tokens: over the 8,192 limit of OpenAI's embedding models.
+const TOO_LONG = 'lorem ipsum dolor sit amet '.repeat(1800);
+
+describe.each(backends())('the embed run on %s', (backend) => {
+  let target: TestDatabase;
+  let database: Database;
+  let columnType: EmbeddingColumnType;
+  let fake: FakeOpenAI;
+
+  beforeAll(async () => {
+    target = await createTestDatabase(backend);
+    database = await openMigrated(target.url);
+    columnType = await readEmbeddingColumnType(database.db);
+    fake = await startFakeOpenAI({ shuffle: true });
+  });
+  afterAll(async () => {
+    await fake?.close();
+    await database?.close();
+    await target?.drop();
+  });
+  beforeEach(async () => {
+    fake.reset();
+    Object.assign(fake.options, {
+      shuffle: true,
+      dialect: 'openai',
+      maxInputTokens: 8192,
+      latencyMs: 0,
+    });
+    await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
+  });
+
+  function makeRun(flags: FlagValues = {}) {
+    const config = buildEmbedConfig(
+      { 'batch-size': '4', 'max-retry-wait-ms': '20', ...flags },
+      { OPENAI_BASE_URL: fake.url },
+    );
+    const provider = createOpenAIProvider({
+      apiKey: undefined,
+      baseURL: config.openaiBaseUrl,
+      model: config.model,
+      dimensions: config.dimensions,
+      defaultDimensions: knownModel(config.model)?.dimensions,
+      timeoutMs: config.timeoutMs,
+    });
+    const reports: string[] = [];
+    const run = new EmbedRun({
+      db: database.db,
+      columnType,
+      provider,
+      config,
+      logger: createLogger('silent'),
+      report: (text) => reports.push(text),
+    });
+    return { run, reports };
+  }
+  const embed = (flags: FlagValues = {}) => makeRun(flags).run.run();
+
+  async function seed(contents: Array<string | [number, string]>) {
+    await upsertMessages(
+      database.db,
+      contents.map((c, i) =>
+        Array.isArray(c) ? { id: String(c[0]), content: c[1] } : { id: String(i + 1), content: c },
+      ),
+    );
+  }
+  const texts = (n: number) =>
+    Array.from({ length: n }, (_, i) => `message number ${i + 1}: ${'word '.repeat(i % 7)}`);
+
+  async function storedRows() {
+    return database.db
+      .selectFrom('message_embeddings')
+      .select([
+        'message_id',
+        sql<string>`embedding::text`.as('embedding'),
+        'dimensions',
+        'input_tokens',
+        'truncated',
+        'embedded_at',
+      ])
+      .orderBy('message_id')
+      .execute();
+  }
+  async function runRow(runId: string) {
+    return database.db
+      .selectFrom('embedding_runs')
+      .selectAll()
+      .where('id', '=', runId)
+      .executeTakeFirstOrThrow();
+  }
+
+  it('stores for each message the provider vector of its own content, even when the server reorders data', async () => {
+    const contents = texts(10);
+    await seed(contents);
+    const outcome = await embed();
+    expect(outcome.exitCode).toBe(0);
+    expect(outcome.summary.status).toBe('succeeded');
+    const rows = await storedRows();
+    expect(rows).toHaveLength(10);
+    for (const row of rows) {
+      const expected = Array.from(
+        fakeEmbedding(contents[Number(row.message_id) - 1] as string, DIMS),
+      );
+      expect(parseVector(row.embedding).map(Math.fround)).toEqual(expected);
+      expect(row.dimensions).toBe(DIMS);
+    }
+  });
+
+  it('pages past every eligible message in one run, which OFFSET paging over the shrinking set would not', async () => {
+    // With OFFSET, page 2 would start 8 rows into a set that has already lost
+    // its first 8 rows, and so on: about half would be left behind.
+    await seed(texts(100));
+    const outcome = await embed({ 'batch-size': '8' });
+    expect(outcome.summary.embedded).toBe(100);
+    expect(await storedRows()).toHaveLength(100);
+    expect(fake.stats.inputsEmbedded).toBe(100);
+  });
+
+  it('makes no API call and changes no row on a rerun over unchanged messages', async () => {
+    await seed(texts(12));
+    await embed();
+    const before = await storedRows();
+    const requestsBefore = fake.stats.requests;
+    const outcome = await embed();
+    expect(fake.stats.requests).toBe(requestsBefore);
+    expect(outcome.summary).toMatchObject({ embedded: 0, skipped: 0, status: 'succeeded' });
+    expect(outcome.summary.ineligible.upToDate).toBe(12);
+    expect(await storedRows()).toEqual(before);
+  });
+
+  it('re-embeds exactly the message whose content was edited', async () => {
+    await seed(texts(12));
+    await embed();
+    fake.reset();
+    await seed([[5, 'an edited fifth message']]);
+    const outcome = await embed();
+    expect(outcome.summary.embedded).toBe(1);
+    expect([...fake.stats.seen.keys()]).toEqual(['an edited fifth message']);
+    const row = (await storedRows()).find((r) => r.message_id === '5');
+    expect(parseVector(row!.embedding).map(Math.fround)).toEqual(
+      Array.from(fakeEmbedding('an edited fifth message', DIMS)),
+    );
+  });
+
+  it('re-embeds unchanged messages with --force', async () => {
+    await seed(texts(6));
+    await embed();
+    fake.reset();
+    const outcome = await embed({ force: true });
+    expect(outcome.summary.embedded).toBe(6);
+    expect(fake.stats.inputsEmbedded).toBe(6);
+    expect(await storedRows()).toHaveLength(6);
+  });
+
+  it('counts blank messages as ineligible and never sends them', async () => {
+    await seed(['real text', '   ', '\n\t', 'more text']);
+    const outcome = await embed();
+    expect(outcome.summary.embedded).toBe(2);
+    expect(outcome.summary.ineligible.blank).toBe(2);
+    expect(fake.stats.inputsEmbedded).toBe(2);
+    const run = await runRow(outcome.summary.runId);
+    expect(run.ineligible_blank).toBe(2);
+  });
+
+  it('takes on at most --limit eligible messages', async () => {
+    await seed(texts(20));
+    const outcome = await embed({ limit: '7' });
+    expect(outcome.summary.embedded).toBe(7);
+    expect((await storedRows()).map((r) => r.message_id)).toEqual([
+      '1',
+      '2',
+      '3',
+      '4',
+      '5',
+      '6',
+      '7',
+    ]);
+  });
+
+  it('in strict mode commits every message before an over-long one, then fails naming it, its tokens and the limit', async () => {
+    const contents = texts(10);
+    contents[5] = TOO_LONG; // message 6, in the second batch of 4
+    await seed(contents);
+    const outcome = await embed();
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.summary.status).toBe('failed');
+    expect(outcome.error?.message).toMatch(
+      /^message 6 cannot be embedded \(context_length\): \d{4} tokens, over the 8192-token limit.*--allow-partial/,
+    );
+    expect((await storedRows()).map((r) => r.message_id)).toEqual(['1', '2', '3', '4', '5']);
+    // Counted before sending: the long input never cost an API call.
+    expect(fake.stats.seen.has(TOO_LONG)).toBe(false);
+    const run = await runRow(outcome.summary.runId);
+    expect(run).toMatchObject({ status: 'failed', embedded: 5, cursor_id: '5' });
+    expect(run.error).toContain('message 6');
+  });
+
+  it('in partial mode skips only the over-long message, records why, embeds its batch-mates and exits 2', async () => {
+    const contents = texts(10);
+    contents[5] = TOO_LONG;
+    await seed(contents);
+    const outcome = await embed({ 'allow-partial': true });
+    expect(outcome.exitCode).toBe(2);
+    expect(outcome.summary).toMatchObject({
+      status: 'partial',
+      embedded: 9,
+      skipped: 1,
+      skippedByReason: { context_length: 1 },
+    });
+    expect((await storedRows()).map((r) => r.message_id)).not.toContain('6');
+    const skips = await database.db.selectFrom('embedding_skips').selectAll().execute();
+    expect(skips).toHaveLength(1);
+    expect(skips[0]).toMatchObject({
+      message_id: '6',
+      reason: 'context_length',
+      run_id: outcome.summary.runId,
+    });
+    expect(skips[0]?.detail).toMatch(/over the 8192-token limit/);
+  });
+
+  it.for(['openai', 'openai-legacy', 'vllm', 'tei', 'ollama', 'litellm'] as const)(
+    'isolates an input the %s server refuses as too long and embeds its batch-mates',
+    async (dialect) => {
+      // An unknown model has no known limit, so only the server's answer tells.
+      Object.assign(fake.options, { dialect, maxInputTokens: 50, models: ['my-local-model'] });
+      const contents = texts(8);
+      contents[2] = 'long '.repeat(80);
+      await seed(contents);
+      const outcome = await embed({
+        'allow-partial': true,
+        model: 'my-local-model',
+        'batch-size': '8',
+      });
+      fake.options.models = undefined;
+      expect(outcome.summary).toMatchObject({
+        embedded: 7,
+        skipped: 1,
+        skippedByReason: { context_length: 1 },
+      });
+      const rows = await storedRows();
+      expect(rows.map((r) => r.message_id)).toEqual(['1', '2', '4', '5', '6', '7', '8']);
+      if (dialect === 'openai') {
+        // The index in the message names the culprit: one failed request, one retry without it.
+        expect(fake.stats.requests).toBe(2);
+      }
+    },
+  );
+
+  it('retries a transient failure and records the attempts on the batch', async () => {
+    await seed(texts(4));
+    fake.enqueueFault(
+      { kind: 'server-error', status: 503 },
+      { kind: 'rate-limit', retryAfterMs: 10 },
+    );
+    const outcome = await embed();
+    expect(outcome.summary).toMatchObject({
+      status: 'succeeded',
+      embedded: 4,
+      retries: 2,
+      requests: 3,
+    });
+    const batch = await database.db
+      .selectFrom('embedding_batches')
+      .selectAll()
+      .executeTakeFirstOrThrow();
+    expect(batch.attempts).toBe(3);
+  });
+
+  it('fails a strict run when retries run out, and skips the batch with a reason in partial mode', async () => {
+    await seed(texts(4));
+    fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
+    const strict = await embed({ 'max-retries': '2' });
+    expect(strict.exitCode).toBe(1);
+    expect(strict.error?.message).toMatch(/retries_exhausted/);
+
+    fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
+    const partial = await embed({ 'max-retries': '2', 'allow-partial': true });
+    expect(partial.summary).toMatchObject({
+      status: 'partial',
+      skipped: 4,
+      skippedByReason: { retries_exhausted: 4 },
+    });
+  });
+
+  it.for([
+    [
+      'a bad API key',
+      {
+        kind: 'status',
+        status: 401,
+        body: { error: { message: 'Incorrect API key', code: 'invalid_api_key' } },
+      },
+    ],
+    ['an exhausted quota', { kind: 'insufficient-quota' }],
+    [
+      'an unknown model',
+      {
+        kind: 'status',
+        status: 404,
+        body: { error: { message: 'model not found', code: 'model_not_found' } },
+      },
+    ],
+  ] as const)('aborts at once on %s, even in partial mode', async ([, fault]) => {
+    await seed(texts(8));
+    fake.enqueueFault(fault);
+    const outcome = await embed({ 'allow-partial': true });
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.summary.status).toBe('failed');
+    expect(fake.stats.requests).toBe(1);
+    expect(await storedRows()).toHaveLength(0);
+  });
+
+  it('never stores a vector with a non-finite value, and skips only the input it belongs to', async () => {
+    await seed(texts(4));
+    fake.enqueueFault({ kind: 'nan' });
+    const outcome = await embed({ 'allow-partial': true });
+    const rows = await storedRows();
+    for (const row of rows) expect(parseVector(row.embedding).every(Number.isFinite)).toBe(true);
+    expect(outcome.summary).toMatchObject({
+      embedded: 3,
+      skipped: 1,
+      skippedByReason: { invalid_response: 1 },
+    });
+  });
+
+  it('rejects a response with the wrong count and recovers the batch by splitting it', async () => {
+    await seed(texts(4));
+    fake.enqueueFault({ kind: 'wrong-count' });
+    const outcome = await embed();
+    expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 4 });
+  });
+
+  it('embeds the first tokens of an over-long input with --truncate and marks it', async () => {
+    await seed(['short one', TOO_LONG]);
+    const outcome = await embed({ truncate: true });
+    expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 2, truncated: 1 });
+    const row = (await storedRows()).find((r) => r.message_id === '2');
+    expect(row).toMatchObject({ truncated: true });
+    expect(row!.input_tokens).toBeLessThanOrEqual(8192);
+    expect(outcome.summary.truncated).toBe(1);
+  });
+
+  it('writes a manifest with counts and skipped ids by reason, replacing the file whole', async () => {
+    const contents = texts(6);
+    contents[1] = TOO_LONG;
+    await seed(contents);
+    const file = join(await mkdtemp(join(tmpdir(), 'pgembed-manifest-')), 'run.json');
+    await embed({ 'allow-partial': true, manifest: file });
+    const manifest = JSON.parse(readFileSync(file, 'utf8'));
+    expect(manifest).toMatchObject({
+      status: 'partial',
+      embedded: 5,
+      skipped: 1,
+      skippedIds: { context_length: ['2'] },
+    });
+    expect(manifest.runId).toMatch(/^\d+$/);
+  });
+
+  it('keeps batches, run counts and stored rows in agreement', async () => {
+    const contents = texts(30);
+    contents[10] = TOO_LONG;
+    await seed(contents);
+    const outcome = await embed({ 'allow-partial': true, 'batch-size': '7' });
+    const { rows } = await sql<{ embedded: number; skipped: number; n: number }>`
+      select sum(b.embedded)::int as embedded, sum(b.skipped)::int as skipped, count(*)::int as n
+      from embedding_batches b where b.run_id = ${outcome.summary.runId}`.execute(database.db);
+    const run = await runRow(outcome.summary.runId);
+    expect(rows[0]).toEqual({ embedded: 29, skipped: 1, n: 5 });
+    expect(run).toMatchObject({
+      embedded: 29,
+      skipped: 1,
+      batches: 5,
+      cursor_id: '30',
+      status: 'partial',
+    });
+    expect(await storedRows()).toHaveLength(29);
+  });
+
+  it('shows the run in the progress view', async () => {
+    await seed(texts(8));
+    const outcome = await embed();
+    const view = await sql<Record<string, unknown>>`
+      select * from embedding_progress where run_id = ${outcome.summary.runId}`.execute(
+      database.db,
+    );
+    expect(view.rows[0]).toMatchObject({
+      status: 'succeeded',
+      planned: 8,
+      embedded: 8,
+      skipped: 0,
+      remaining: 0,
+    });
+    expect(Number(view.rows[0]?.percent)).toBe(100);
+  });
+
+  it('on stop lets the batch in flight commit, marks the run interrupted, and tolerates a second stop', async () => {
+    await seed(texts(40));
+    fake.options.latencyMs = 100;
+    const { run } = makeRun();
+    const finished = run.run();
+    await waitFor(async () => (await storedRows()).length > 0);
+    run.stop('SIGTERM');
+    run.stop('SIGINT');
+    const outcome = await finished;
+    expect(outcome.exitCode).toBe(143);
+    expect(outcome.summary.status).toBe('interrupted');
+    const rows = await storedRows();
+    expect(rows.length % 4).toBe(0); // whole batches only
+    expect(rows.length).toBeLessThan(40);
+    expect((await runRow(outcome.summary.runId)).embedded).toBe(rows.length);
+  });
+});
+
+async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
