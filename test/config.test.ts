@@ -1,0 +1,72 @@
+import { readFileSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { buildEmbedConfig, SETTINGS } from '../src/config.js';
+import { ConfigError } from '../src/errors.js';
+
+const base = { OPENAI_BASE_URL: 'http://127.0.0.1:1/v1' };
+
+describe('configuration', () => {
+  it('lists every setting in .env.example with its default', () => {
+    const lines = readFileSync(new URL('../.env.example', import.meta.url), 'utf8').split('\n');
+    for (const def of Object.values(SETTINGS)) {
+      const line = lines.find((l) => l.startsWith(`${def.env}=`));
+      expect(line, `${def.env} missing from .env.example`).toBeDefined();
+      const expected = 'default' in def ? String(def.default) : '';
+      expect(line, `${def.env} default`).toBe(`${def.env}=${expected}`);
+    }
+  });
+
+  it('documents every setting in the README', () => {
+    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+    for (const def of Object.values(SETTINGS)) {
+      expect(readme, `${def.env} missing from README`).toContain(`\`${def.env}\``);
+      if ('flag' in def)
+        expect(readme, `--${def.flag} missing from README`).toContain(`--${def.flag}`);
+    }
+  });
+
+  it('takes a flag over the environment, and the environment over the default', () => {
+    expect(buildEmbedConfig({}, base).batchSize).toBe(64);
+    expect(buildEmbedConfig({}, { ...base, PGEMBED_BATCH_SIZE: '16' }).batchSize).toBe(16);
+    expect(
+      buildEmbedConfig({ 'batch-size': '8' }, { ...base, PGEMBED_BATCH_SIZE: '16' }).batchSize,
+    ).toBe(8);
+    expect(
+      buildEmbedConfig({ 'no-migrate': true }, { ...base, PGEMBED_MIGRATE: 'true' }).migrate,
+    ).toBe(false);
+    expect(buildEmbedConfig({}, { ...base, PGEMBED_ALLOW_PARTIAL: 'yes' }).allowPartial).toBe(true);
+  });
+
+  it('is frozen', () => {
+    const config = buildEmbedConfig({}, base);
+    expect(Object.isFrozen(config)).toBe(true);
+  });
+
+  it("uses the model's known context limit unless told otherwise, and none for an unknown model", () => {
+    expect(buildEmbedConfig({}, base).effectiveMaxInputTokens).toBe(8192);
+    expect(buildEmbedConfig({ 'max-input-tokens': '512' }, base).effectiveMaxInputTokens).toBe(512);
+    expect(
+      buildEmbedConfig({ model: 'nomic-embed-text' }, base).effectiveMaxInputTokens,
+    ).toBeUndefined();
+  });
+
+  it.for([
+    [{ 'batch-size': '0' }, {}, /^--batch-size must be 1 to 2048, got 0$/],
+    [{ 'batch-size': '2049' }, {}, /^--batch-size must be 1 to 2048, got 2049$/],
+    [{ limit: 'ten' }, {}, /^--limit must be a whole number \(1 or more\), got 'ten'$/],
+    [{}, { PGEMBED_LIMIT: '-3' }, /^PGEMBED_LIMIT must be a whole number/],
+    [{}, { PGEMBED_FORCE: 'maybe' }, /^PGEMBED_FORCE must be true or false, got 'maybe'$/],
+    [{}, { LOG_LEVEL: 'loud' }, /^LOG_LEVEL must be one of fatal, error/],
+    [{}, { DATABASE_URL: 'mysql://x' }, /^DATABASE_URL has unsupported scheme 'mysql'/],
+    [{}, { OPENAI_BASE_URL: 'not a url' }, /^OPENAI_BASE_URL is not a URL/],
+  ] as const)('rejects %o %o with a one-line error naming the setting', ([flags, env, message]) => {
+    const attempt = () => buildEmbedConfig(flags, { ...base, ...env });
+    expect(attempt).toThrow(ConfigError);
+    expect(attempt).toThrow(message);
+  });
+
+  it('asks for OPENAI_API_KEY when no base URL points elsewhere', () => {
+    expect(() => buildEmbedConfig({}, {})).toThrow(/^OPENAI_API_KEY is not set/);
+    expect(buildEmbedConfig({}, { OPENAI_API_KEY: 'sk-x' }).openaiApiKey).toBe('sk-x');
+  });
+});
