@@ -1,0 +1,3 @@
+import { corpusScenarios } from './corpus-scenarios.js';
+
+corpusScenarios('pglite');
