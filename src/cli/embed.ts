@@ -1,5 +1,5 @@
 import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
-import { openDatabase } from '../db/connect.js';
+import { openDatabase, redactUrl } from '../db/connect.js';
 import { readEmbeddingColumnType } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { MigrationError } from '../errors.js';
@@ -57,7 +57,7 @@ await runCli(async (argv) => {
       {
         provider: config.provider,
         model: config.model,
-        base_url: config.openaiBaseUrl ?? 'https://api.openai.com/v1',
+        base_url: redactUrl(config.openaiBaseUrl ?? 'https://api.openai.com/v1'),
         database: database.describe,
         embedding_column: columnType,
         mode: config.allowPartial ? 'partial' : 'strict',

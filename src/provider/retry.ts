@@ -21,6 +21,8 @@ export async function withRetries<T>(
   fn: () => Promise<T>,
   policy: RetryPolicy,
 ): Promise<{ value: T; attempts: number }> {
+  // A stopped run starts no new request; one already answered is kept.
+  policy.signal?.throwIfAborted();
   let attempts = 0;
   const base = policy.baseDelayMs ?? 500;
   try {
@@ -36,7 +38,9 @@ export async function withRetries<T>(
         minTimeout: 0,
         maxTimeout: 0,
         randomize: false,
-        signal: policy.signal,
+        // The stop signal is not p-retry's: p-retry checks it after an attempt
+        // returns and would discard an answer already received (and paid for).
+        // It cuts only the waits between attempts, below.
         shouldRetry: ({ error }) => error instanceof ProviderTransientError,
         onFailedAttempt: async ({ error, attemptNumber, retriesLeft }) => {
           if (!(error instanceof ProviderTransientError) || retriesLeft === 0) return;

@@ -1,5 +1,6 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
+import { redactUrl } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
 import { InterruptedError, oneLine, PgembedError, StrictModeError } from '../errors.js';
@@ -275,6 +276,6 @@ function runOptions(config: EmbedConfig): Record<string, unknown> {
     timeout_ms: config.timeoutMs,
     max_input_tokens: config.effectiveMaxInputTokens ?? null,
     truncate: config.truncate,
-    base_url: config.openaiBaseUrl ?? null,
+    base_url: config.openaiBaseUrl ? redactUrl(config.openaiBaseUrl) : null,
   };
 }

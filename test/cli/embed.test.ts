@@ -221,11 +221,9 @@ describe.each(backends())('embed against %s', (backend) => {
     },
   );
 
-  // Known bug, kept as an executable spec: EmbedRun passes its abort signal to
-  // p-retry, which throws after an attempt resolves once the signal is aborted,
-  // so the answered (and paid-for) request in flight is thrown away instead of
-  // committed. Flip to it() once src/provider/retry.ts or src/worker/run.ts is fixed.
-  it.fails('commits the batch that was in flight when the signal came', async () => {
+  // The answer to the request in flight was paid for: a signal must not throw
+  // it away (p-retry would, had it owned the stop signal).
+  it('commits the batch that was in flight when the signal came', async () => {
     const { result, fake, facts } = await interruptMidBatch('SIGTERM');
     expect(result.code, result.stderr).toBe(143);
     expect(fake.stats.inputsEmbedded).toBe(8);
