@@ -43,6 +43,58 @@ export const SETTINGS = {
     default: 64,
     help: 'inputs per API request (OpenAI allows up to 2048)',
   },
+  concurrency: {
+    env: 'PGEMBED_CONCURRENCY',
+    flag: 'concurrency',
+    kind: 'int',
+    min: 1,
+    max: 256,
+    default: 4,
+    help: 'batches in flight at once; halves on 429s and grows back',
+  },
+  maxRpm: {
+    env: 'PGEMBED_MAX_RPM',
+    flag: 'max-rpm',
+    kind: 'int',
+    min: 1,
+    help: "requests per minute, enforced before sending (your tier's limit; default none)",
+  },
+  maxTpm: {
+    env: 'PGEMBED_MAX_TPM',
+    flag: 'max-tpm',
+    kind: 'int',
+    min: 1,
+    help: 'tokens per minute, enforced before sending with pre-counted tokens (default none)',
+  },
+  maxRequestInputs: {
+    env: 'PGEMBED_MAX_REQUEST_INPUTS',
+    flag: 'max-request-inputs',
+    kind: 'int',
+    min: 1,
+    default: 2048,
+    help: "most inputs in one request (OpenAI's cap)",
+  },
+  maxRequestTokens: {
+    env: 'PGEMBED_MAX_REQUEST_TOKENS',
+    flag: 'max-request-tokens',
+    kind: 'int',
+    min: 1,
+    default: 300_000,
+    help: "most tokens in one request (OpenAI's cap); a batch over it is sent in parts",
+  },
+  dryRun: {
+    env: 'PGEMBED_DRY_RUN',
+    flag: 'dry-run',
+    kind: 'bool',
+    default: false,
+    help: 'count eligible messages, tokens, requests and cost; write nothing, call no API',
+  },
+  pricePerMillionTokens: {
+    env: 'PGEMBED_PRICE_PER_M_TOKENS',
+    flag: 'price-per-m-tokens',
+    kind: 'number',
+    help: "USD per million tokens for --dry-run's estimate (default: the model's list price, if known)",
+  },
   allowPartial: {
     env: 'PGEMBED_ALLOW_PARTIAL',
     flag: 'allow-partial',
@@ -145,7 +197,7 @@ interface SettingDefinition {
   env: string;
   flag?: string;
   negatedFlag?: string;
-  kind: 'string' | 'int' | 'bool' | 'enum';
+  kind: 'string' | 'int' | 'number' | 'bool' | 'enum';
   values?: readonly string[];
   min?: number;
   max?: number;
@@ -155,7 +207,7 @@ interface SettingDefinition {
 }
 
 export type SettingName = keyof typeof SETTINGS;
-type ValueOf<D> = D extends { kind: 'int' }
+type ValueOf<D> = D extends { kind: 'int' | 'number' }
   ? number
   : D extends { kind: 'bool' }
     ? boolean
@@ -212,6 +264,13 @@ function parseValue(def: SettingDefinition, raw: string | boolean, source: strin
     }
     return n;
   }
+  if (def.kind === 'number') {
+    const n = Number(raw);
+    if (raw.trim() === '' || !Number.isFinite(n) || n < (def.min ?? 0)) {
+      throw new ConfigError(`${source} must be a number of ${def.min ?? 0} or more, got '${raw}'`);
+    }
+    return n;
+  }
   if (def.kind === 'enum' && !def.values?.includes(raw)) {
     throw new ConfigError(`${source} must be one of ${def.values?.join(', ')}, got '${raw}'`);
   }
@@ -226,6 +285,13 @@ export const EMBED_SETTINGS = [
   'openaiBaseUrl',
   'limit',
   'batchSize',
+  'concurrency',
+  'maxRpm',
+  'maxTpm',
+  'maxRequestInputs',
+  'maxRequestTokens',
+  'dryRun',
+  'pricePerMillionTokens',
   'allowPartial',
   'provider',
   'model',

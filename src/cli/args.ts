@@ -71,7 +71,8 @@ export function helpText(
       default?: unknown;
       kind: string;
     } = SETTINGS[name];
-    const arg = def.kind === 'bool' ? '' : def.kind === 'int' ? ' <n>' : ' <value>';
+    const arg =
+      def.kind === 'bool' ? '' : def.kind === 'int' || def.kind === 'number' ? ' <n>' : ' <value>';
     const flag = def.flag ? `--${def.flag}${arg}` : '';
     const negated = def.negatedFlag ? `, --${def.negatedFlag}` : '';
     const dflt =

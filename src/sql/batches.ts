@@ -31,8 +31,8 @@ export interface BatchRecord {
   retries: number;
   requests: number;
   latencyMs: number;
-  /** Every eligible message up to here is handled; the run's resume point. */
-  cursorId: string;
+  /** Every eligible message up to here is handled; the run's resume point. Null: no change. */
+  cursorId: string | null;
 }
 
 /**
@@ -122,7 +122,11 @@ export async function insertBatch(
     .execute();
 }
 
-/** Advances the run's cursor and counts in the batch's transaction, so they never disagree. */
+/**
+ * Advances the run's cursor and counts in the batch's transaction, so they
+ * never disagree. greatest(): batches commit concurrently, out of order, and
+ * the cursor must never move back (greatest ignores a null).
+ */
 export async function advanceRun(
   trx: Transaction<DB>,
   batch: BatchRecord,
@@ -131,7 +135,7 @@ export async function advanceRun(
   await trx
     .updateTable('embedding_runs')
     .set((eb) => ({
-      cursor_id: batch.cursorId,
+      cursor_id: sql`greatest(cursor_id, ${batch.cursorId}::bigint)`,
       embedded: eb('embedded', '+', counts.embedded),
       skipped: eb('skipped', '+', counts.skipped),
       truncated: eb('truncated', '+', counts.truncated),

@@ -44,11 +44,13 @@ export async function finishRun(
   status: Exclude<RunStatus, 'running'>,
   summary: Record<string, unknown>,
   error: string | null,
+  cursorId: string | null,
 ): Promise<void> {
   await db
     .updateTable('embedding_runs')
     .set({
       status,
+      cursor_id: sql`greatest(cursor_id, ${cursorId}::bigint)`,
       finished_at: sql`now()`,
       heartbeat_at: sql`now()`,
       summary: JSON.stringify(summary),

@@ -16,9 +16,24 @@ export interface BatchSettings {
   /** Checked before sending; undefined: the provider's answer decides. */
   maxInputTokens: number | undefined;
   truncate: boolean;
+  /** Per-request caps (OpenAI: 2,048 inputs, 300,000 tokens); a batch over them goes in parts. */
+  maxRequestInputs: number;
+  maxRequestTokens: number;
+  /** Awaited before every HTTP attempt with its token count: the rate gate. */
+  beforeAttempt?: (tokens: number) => Promise<void>;
+  /** Told of each request that succeeded, for adaptive concurrency. */
+  onSent?: () => void;
 }
 
-interface Input {
+/** A page with its tokens counted: what is to be sent, and what is known to fail already. */
+export interface PreparedBatch {
+  messages: EligibleMessage[];
+  toSend: Input[];
+  /** Inputs over the limit, found before any API call. */
+  failed: Failure[];
+}
+
+export interface Input {
   /** Position in the page, so results keep id order whatever isolation did. */
   position: number;
   message: EligibleMessage;
@@ -65,23 +80,21 @@ export interface BatchOutcome {
  * input (by the index the server names, else by halving), so its batch-mates
  * are embedded and only the culprit is reported.
  */
-export async function embedBatch(
+export function prepareBatch(
   messages: EligibleMessage[],
-  settings: BatchSettings,
-): Promise<BatchOutcome> {
-  const outcome: BatchOutcome = { embedded: [], failed: [], attempts: 0, sends: 0, tokens: 0 };
-  const toSend: Input[] = [];
+  settings: Pick<BatchSettings, 'maxInputTokens' | 'truncate'>,
+): PreparedBatch {
+  const prepared: PreparedBatch = { messages, toSend: [], failed: [] };
   messages.forEach((message, position) => {
     const tokens = tokenCount(message.content);
     const limit = settings.maxInputTokens;
+    const input = { position, message, text: message.content, tokens, truncated: false };
     if (limit === undefined || tokens <= limit) {
-      toSend.push({ position, message, text: message.content, tokens, truncated: false });
+      prepared.toSend.push(input);
     } else if (settings.truncate) {
-      toSend.push(
-        truncated({ position, message, text: message.content, tokens, truncated: false }, limit),
-      );
+      prepared.toSend.push(truncated(input, limit));
     } else {
-      outcome.failed.push({
+      prepared.failed.push({
         position,
         message,
         reason: 'context_length',
@@ -92,11 +105,42 @@ export async function embedBatch(
       });
     }
   });
+  return prepared;
+}
 
-  await sendIsolating(toSend, settings, outcome, false);
+/**
+ * Strict mode: nothing after the first input known to fail is sent, since the
+ * run will stop there and keep only what precedes it.
+ */
+export function cutAtFirstFailure(prepared: PreparedBatch): PreparedBatch {
+  const first = prepared.failed[0];
+  if (!first) return prepared;
+  return { ...prepared, toSend: prepared.toSend.filter((i) => i.position < first.position) };
+}
 
-  const rejected = outcome.failed.filter((f) => f.reason === 'rejected_input');
-  if (toSend.length > 1 && rejected.length === toSend.length) {
+/**
+ * Embeds a prepared batch. A request that fails because of one input is
+ * narrowed down to that input (by the index the server names, else by
+ * halving), so its batch-mates are embedded and only the culprit is reported.
+ */
+export async function sendBatch(
+  prepared: PreparedBatch,
+  settings: BatchSettings,
+): Promise<BatchOutcome> {
+  const outcome: BatchOutcome = {
+    embedded: [],
+    failed: [...prepared.failed],
+    attempts: 0,
+    sends: 0,
+    tokens: 0,
+  };
+  const preFailed = outcome.failed.length;
+  for (const part of requestParts(prepared.toSend, settings)) {
+    await sendIsolating(part, settings, outcome, false);
+  }
+
+  const rejected = outcome.failed.slice(preFailed).filter((f) => f.reason === 'rejected_input');
+  if (prepared.toSend.length > 1 && rejected.length === prepared.toSend.length) {
     // Every input refused on its own: the request is wrong, not the inputs.
     throw new ProviderFatalError(
       `every input of a batch was refused on its own (${rejected[0]?.detail}); the request itself is wrong: check --model and --dimensions`,
@@ -108,6 +152,28 @@ export async function embedBatch(
   return outcome;
 }
 
+/** Splits inputs into requests within the per-request input and token caps. */
+function requestParts(inputs: Input[], settings: BatchSettings): Input[][] {
+  const parts: Input[][] = [];
+  let part: Input[] = [];
+  let tokens = 0;
+  for (const input of inputs) {
+    if (
+      part.length > 0 &&
+      (part.length >= settings.maxRequestInputs ||
+        tokens + input.tokens > settings.maxRequestTokens)
+    ) {
+      parts.push(part);
+      part = [];
+      tokens = 0;
+    }
+    part.push(input);
+    tokens += input.tokens;
+  }
+  if (part.length > 0) parts.push(part);
+  return parts;
+}
+
 async function sendIsolating(
   inputs: Input[],
   settings: BatchSettings,
@@ -117,10 +183,13 @@ async function sendIsolating(
   if (inputs.length === 0) return;
   outcome.sends++;
   try {
-    const { value } = await withRetries(() => {
+    const requestTokens = inputs.reduce((sum, i) => sum + i.tokens, 0);
+    const { value } = await withRetries(async () => {
+      await settings.beforeAttempt?.(requestTokens);
       outcome.attempts++;
       return settings.provider.embed(inputs.map((i) => i.text));
     }, settings.retry);
+    settings.onSent?.();
     inputs.forEach((input, i) => {
       outcome.embedded.push({
         position: input.position,

@@ -1,4 +1,5 @@
 import type { Kysely } from 'kysely';
+import pLimit from 'p-limit';
 import type { EmbedConfig } from '../config.js';
 import { redactUrl } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
@@ -9,9 +10,20 @@ import type { EmbeddingProvider } from '../provider/client.js';
 import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
 import { countMessages, type EligibleMessage, fetchEligiblePage } from '../sql/messages.js';
 import { finishRun, insertRun, skipsByReason, touchRun } from '../sql/runs.js';
-import { type BatchOutcome, embedBatch, type Failure } from './batch.js';
+import { AdaptiveConcurrency } from './adaptive-concurrency.js';
+import {
+  type BatchOutcome,
+  type BatchSettings,
+  cutAtFirstFailure,
+  type Failure,
+  type PreparedBatch,
+  prepareBatch,
+  sendBatch,
+} from './batch.js';
 import { commitBatch } from './commit.js';
+import { createRateGate } from './rate-gate.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
+import { CommitWatermark } from './watermark.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
@@ -98,8 +110,9 @@ export class EmbedRun {
     progress.unref();
 
     let error: PgembedError | Error | undefined;
+    const watermark = new CommitWatermark();
     try {
-      await this.#loop(runId, target, totals, log);
+      await this.#loop(runId, target, totals, log, watermark);
     } catch (caught) {
       error = this.#stopSignal ? new InterruptedError(this.#stopSignal) : asError(caught);
     } finally {
@@ -131,7 +144,8 @@ export class EmbedRun {
       messagesPerSecond: (totals.embedded + totals.skipped) / Math.max(elapsedMs / 1000, 0.001),
       error: error ? oneLine(error) : null,
     };
-    await finishRun(db, runId, status, { ...summary }, summary.error);
+    // Concurrent commits each wrote the cursor they could see; settle it now.
+    await finishRun(db, runId, status, { ...summary }, summary.error, watermark.cursor);
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
     log.info({ status, ...totals, elapsed_ms: elapsedMs }, 'run finished');
@@ -150,89 +164,162 @@ export class EmbedRun {
     target: { provider: string; model: string; force: boolean },
     totals: RunTotals,
     log: Logger,
+    watermark: CommitWatermark,
   ): Promise<void> {
-    const { db, config, provider, columnType } = this.deps;
-    let cursor: string | null = null;
+    const { db, config } = this.deps;
+    const limit = pLimit(config.concurrency);
+    const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
+    const gate = createRateGate(config);
+    const inFlight = new Set<Promise<void>>();
+    // The failure that ends the run: the one in the earliest batch wins.
+    let failure: { seq: number; error: Error } | undefined;
+    const fail = (seq: number, error: unknown) => {
+      if (!failure || seq < failure.seq) failure = { seq, error: asError(error) };
+    };
+    const settings: BatchSettings = {
+      provider: this.deps.provider,
+      maxInputTokens: config.effectiveMaxInputTokens,
+      truncate: config.truncate,
+      maxRequestInputs: config.maxRequestInputs,
+      maxRequestTokens: config.maxRequestTokens,
+      beforeAttempt: (tokens) => gate.acquire(tokens),
+      onSent: () => adaptive.onSuccess(),
+      retry: {
+        maxRetries: config.maxRetries,
+        maxRetryWaitMs: config.maxRetryWaitMs,
+        signal: this.#abort.signal,
+        onRetry: ({ error, attempt, delayMs }) => {
+          if (error.status === 429) adaptive.onRateLimited();
+          log.warn({ attempt, delay_ms: delayMs, err: error.message }, 'retrying request');
+        },
+      },
+    };
+
+    let readCursor: string | null = null;
     let taken = 0;
-    while (!this.#stopSignal && (config.limit === undefined || taken < config.limit)) {
+    let seq = 0;
+    let lastPage = false;
+    while (!this.#stopSignal && !failure && !lastPage) {
+      if (config.limit !== undefined && taken >= config.limit) break;
+      // Backpressure: read only when a slot is free, so memory holds at most
+      // `concurrency` batches however large the table is.
+      while (inFlight.size >= adaptive.current) await Promise.race(inFlight);
+      if (this.#stopSignal || failure) break;
       const pageSize = Math.min(
         config.batchSize,
         (config.limit ?? Number.POSITIVE_INFINITY) - taken,
       );
-      const page = await fetchEligiblePage(db, target, cursor, pageSize);
+      const page = await fetchEligiblePage(db, target, readCursor, pageSize);
       if (page.length === 0) break;
       taken += page.length;
-      const batchNo = totals.batches + 1;
-      const blog = log.child({ batch: batchNo });
+      readCursor = (page[page.length - 1] as EligibleMessage).id;
 
-      const startedAt = Date.now();
-      const outcome = await embedBatch(page, {
-        provider,
-        maxInputTokens: config.effectiveMaxInputTokens,
-        truncate: config.truncate,
-        retry: {
-          maxRetries: config.maxRetries,
-          maxRetryWaitMs: config.maxRetryWaitMs,
-          signal: this.#abort.signal,
-          onRetry: ({ error, attempt, delayMs }) =>
-            blog.warn({ attempt, delay_ms: delayMs, err: error.message }, 'retrying request'),
-        },
-      });
-      const latencyMs = Date.now() - startedAt;
-
-      // Strict mode: keep what precedes the first failure, then stop, so the
-      // committed set is exactly the eligible prefix before that message.
-      const firstFailure = config.allowPartial ? undefined : outcome.failed[0];
-      const kept = firstFailure
-        ? outcome.embedded.filter((e) => e.position < firstFailure.position)
-        : outcome.embedded;
-      const lastHandled = firstFailure
-        ? page[firstFailure.position - 1]
-        : (page[page.length - 1] as EligibleMessage);
-      const skipped = firstFailure ? [] : outcome.failed;
-
-      if (kept.length > 0 || skipped.length > 0) {
-        const batch = {
+      let prepared = prepareBatch(page, settings);
+      if (!config.allowPartial && prepared.failed.length > 0) {
+        // Strict mode knows the run ends here: send nothing after the culprit.
+        prepared = cutAtFirstFailure(prepared);
+        lastPage = true;
+      }
+      const batchSeq = ++seq;
+      watermark.register(batchSeq, readCursor);
+      const task: Promise<void> = limit(() =>
+        this.#processBatch(
           runId,
-          provider: target.provider,
-          model: target.model,
-          batchNo,
-          firstMessageId: page[0]?.id as string,
-          lastMessageId: (lastHandled ?? page[0])?.id as string,
-          size: kept.length + skipped.length,
-          tokens: kept.reduce((sum, e) => sum + e.tokens, 0),
-          attempts: outcome.attempts,
-          requests: outcome.attempts,
-          retries: outcome.attempts - outcome.sends,
-          latencyMs,
-          cursorId: (lastHandled ?? page[0])?.id as string,
-        };
-        await commitBatch(db, columnType, batch, kept.map(toRow), skipped.map(toSkip));
-        totals.batches = batchNo;
-        totals.embedded += kept.length;
-        totals.skipped += skipped.length;
-        totals.truncated += kept.filter((e) => e.truncated).length;
-        totals.tokens += batch.tokens;
-        totals.requests += batch.requests;
-        totals.retries += batch.retries;
-        blog.debug(
-          {
-            first_id: batch.firstMessageId,
-            last_id: batch.lastMessageId,
-            embedded: kept.length,
-            skipped: skipped.length,
-            attempts: outcome.attempts,
-            latency_ms: latencyMs,
-          },
-          'batch committed',
-        );
-      }
-      for (const failure of skipped) {
-        blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
-      }
-      if (firstFailure) throw strictError(firstFailure);
-      cursor = (page[page.length - 1] as EligibleMessage).id;
+          batchSeq,
+          prepared,
+          settings,
+          watermark,
+          totals,
+          log,
+          () => failure,
+        ),
+      )
+        .catch((error: unknown) => fail(batchSeq, error))
+        .finally(() => inFlight.delete(task));
+      inFlight.add(task);
     }
+    await Promise.all(inFlight);
+    if (failure) throw failure.error;
+  }
+
+  /** Sends one batch and commits what it got, in its own transaction. */
+  async #processBatch(
+    runId: string,
+    seq: number,
+    prepared: PreparedBatch,
+    settings: BatchSettings,
+    watermark: CommitWatermark,
+    totals: RunTotals,
+    log: Logger,
+    currentFailure: () => { seq: number; error: Error } | undefined,
+  ): Promise<void> {
+    const { db, config, columnType } = this.deps;
+    const blog = log.child({ batch: seq });
+    const startedAt = Date.now();
+    const outcome = await sendBatch(prepared, settings);
+    const latencyMs = Date.now() - startedAt;
+    const page = prepared.messages;
+
+    // Strict mode: keep what precedes the first failure, then stop, so the
+    // committed set is the eligible prefix before that message.
+    const firstFailure = config.allowPartial ? undefined : outcome.failed[0];
+    const earlier = currentFailure();
+    if (earlier && earlier.seq < seq && earlier.error instanceof StrictModeError) {
+      blog.debug('discarded: a strict-mode failure precedes this batch');
+      return;
+    }
+    const kept = firstFailure
+      ? outcome.embedded.filter((e) => e.position < firstFailure.position)
+      : outcome.embedded;
+    const skipped = firstFailure ? [] : outcome.failed;
+
+    if (kept.length > 0 || skipped.length > 0) {
+      const lastHandled = firstFailure ? page[firstFailure.position - 1] : page[page.length - 1];
+      const batch = {
+        runId,
+        provider: config.provider,
+        model: config.model,
+        batchNo: seq,
+        firstMessageId: page[0]?.id as string,
+        lastMessageId: lastHandled?.id as string,
+        size: kept.length + skipped.length,
+        tokens: kept.reduce((sum, e) => sum + e.tokens, 0),
+        attempts: outcome.attempts,
+        requests: outcome.attempts,
+        retries: outcome.attempts - outcome.sends,
+        latencyMs,
+        cursorId: firstFailure
+          ? watermark.cursorWith(seq, lastHandled?.id ?? null)
+          : watermark.cursorWith(seq),
+      };
+      await commitBatch(db, columnType, batch, kept.map(toRow), skipped.map(toSkip));
+      totals.batches += 1;
+      totals.embedded += kept.length;
+      totals.skipped += skipped.length;
+      totals.truncated += kept.filter((e) => e.truncated).length;
+      totals.tokens += batch.tokens;
+      totals.requests += batch.requests;
+      totals.retries += batch.retries;
+      blog.debug(
+        {
+          first_id: batch.firstMessageId,
+          last_id: batch.lastMessageId,
+          embedded: kept.length,
+          skipped: skipped.length,
+          attempts: outcome.attempts,
+          latency_ms: latencyMs,
+        },
+        'batch committed',
+      );
+    }
+    watermark.commit(
+      seq,
+      firstFailure ? (kept.length ? kept[kept.length - 1]?.message.id : null) : undefined,
+    );
+    for (const failure of skipped) {
+      blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
+    }
+    if (firstFailure) throw strictError(firstFailure);
   }
 }
 

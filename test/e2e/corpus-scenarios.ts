@@ -57,7 +57,7 @@ export function corpusScenarios(backend: BackendName) {
         OPENAI_BASE_URL: fake.url,
         LOG_LEVEL: 'warn',
       },
-      { timeoutMs: 240_000 },
+      { timeoutMs: CHILD_TIMEOUT_MS },
     );
   const rowDigest = (db: Kysely<DB>) =>
     db
@@ -87,7 +87,7 @@ export function corpusScenarios(backend: BackendName) {
           {
             DATABASE_URL: target.url,
           },
-          { timeoutMs: 120_000 },
+          { timeoutMs: CHILD_TIMEOUT_MS },
         );
         expect(seeded.code, seeded.stderr).toBe(0);
       });

@@ -3,6 +3,7 @@ import { createServer, type IncomingMessage, type ServerResponse } from 'node:ht
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { countTokens, isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
+import { TokenBucket } from 'limiter';
 
 export type ErrorDialect = 'openai' | 'openai-legacy' | 'vllm' | 'tei' | 'ollama' | 'litellm';
 
@@ -32,6 +33,14 @@ export interface FakeOpenAIOptions {
   shuffle?: boolean;
   models?: string[];
   apiKey?: string;
+  /**
+   * Server-side tokens-per-minute limit, like OpenAI's: a bucket of maxTpm
+   * tokens refilled continuously; a request it cannot cover gets a 429 with
+   * retry-after-ms and x-ratelimit-*-tokens headers. Default: none.
+   */
+  maxTpm?: number;
+  /** Most tokens the TPM bucket holds (the burst); default maxTpm. */
+  maxTpmBurst?: number;
 }
 
 export interface FakeOpenAI {
@@ -44,6 +53,9 @@ export interface FakeOpenAI {
     rateLimited: number;
     seen: Map<string, number>;
     requestSizes: number[];
+    /** Requests being handled now, and the most at any one time. */
+    inFlight: number;
+    maxInFlight: number;
   };
   enqueueFault(...faults: Fault[]): void;
   failWhenInputContains(substring: string, fault: Fault): void;
@@ -266,6 +278,43 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     rateLimited: 0,
     seen: new Map(),
     requestSizes: [],
+    inFlight: 0,
+    maxInFlight: 0,
+  };
+  let tpmBucket: TokenBucket | undefined;
+  const rateLimit = (tokens: number): Reply | undefined => {
+    const maxTpm = opts.maxTpm;
+    if (!maxTpm) return undefined;
+    const burst = opts.maxTpmBurst ?? maxTpm;
+    if (tpmBucket?.tokensPerInterval !== maxTpm || tpmBucket.bucketSize !== burst) {
+      tpmBucket = new TokenBucket({
+        bucketSize: burst,
+        tokensPerInterval: maxTpm,
+        interval: 'minute',
+      });
+      tpmBucket.content = burst; // limiter's buckets start empty
+    }
+    const cost = Math.min(tokens, burst);
+    if (cost === 0) return undefined;
+    if (tpmBucket.tryRemoveTokens(cost)) return undefined;
+    const waitMs = tpmBucket.getWaitTime(cost);
+    return {
+      status: 429,
+      body: {
+        error: {
+          message: `Rate limit reached for tokens per min (TPM): Limit ${maxTpm}, Requested ${tokens}. Please try again in ${waitMs}ms.`,
+          type: 'tokens',
+          param: null,
+          code: 'rate_limit_exceeded',
+        },
+      },
+      headers: {
+        'retry-after-ms': String(waitMs),
+        'x-ratelimit-limit-tokens': String(maxTpm),
+        'x-ratelimit-remaining-tokens': String(Math.floor(tpmBucket.content)),
+        'x-ratelimit-reset-tokens': `${waitMs}ms`,
+      },
+    };
   };
   const queued: Fault[] = [];
   const persistent: { substring: string; fault: Fault }[] = [];
@@ -429,6 +478,8 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       tokenCounts.push(n);
     }
     const promptTokens = tokenCounts.reduce((a, b) => a + b, 0);
+    const limited = rateLimit(promptTokens);
+    if (limited) return send(res, limited);
 
     const vectors = inputs.map((text) => fakeEmbedding(text, dims));
     let data: { object: 'embedding'; index: number; embedding: number[] | string }[] = vectors.map(
@@ -469,6 +520,11 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
   const server = createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method === 'POST' && (path === '/v1/embeddings' || path === '/embeddings')) {
+      stats.inFlight++;
+      stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
+      res.once('close', () => {
+        stats.inFlight--;
+      });
       handleEmbeddings(req, res).catch((err: unknown) => {
         send(
           res,
@@ -526,6 +582,11 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.rateLimited = 0;
       stats.seen.clear();
       stats.requestSizes.length = 0;
+      stats.maxInFlight = stats.inFlight;
+      // A full bucket from now on, not from the next request: a client that
+      // starts pacing after this must find the server at least as generous.
+      tpmBucket = undefined;
+      rateLimit(0);
       queued.length = 0;
       persistent.length = 0;
     },

@@ -4,19 +4,20 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
+import type { FlagValues } from '../../src/config.js';
 import type { Database } from '../../src/db/connect.js';
 import {
   type EmbeddingColumnType,
   readEmbeddingColumnType,
 } from '../../src/db/embedding-column.js';
 import { parseVector } from '../../src/db/vector.js';
-import { createLogger } from '../../src/log.js';
-import { createOpenAIProvider } from '../../src/provider/client.js';
-import { knownModel } from '../../src/provider/models.js';
-import { upsertMessages } from '../../src/sql/seed.js';
-import { EmbedRun } from '../../src/worker/run.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import {
+  makeRun as makeRunWith,
+  sampleTexts,
+  seedMessages,
+  waitFor,
+} from '../support/embed-run.js';
 import { type FakeOpenAI, fakeEmbedding, startFakeOpenAI } from '../support/fake-openai.js';
 
 // text-embedding-3-small, the default model.
@@ -52,42 +53,12 @@ describe.each(backends())('the embed run on %s', (backend) => {
     await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
   });
 
-  function makeRun(flags: FlagValues = {}) {
-    const config = buildEmbedConfig(
-      { 'batch-size': '4', 'max-retry-wait-ms': '20', ...flags },
-      { OPENAI_BASE_URL: fake.url },
-    );
-    const provider = createOpenAIProvider({
-      apiKey: undefined,
-      baseURL: config.openaiBaseUrl,
-      model: config.model,
-      dimensions: config.dimensions,
-      defaultDimensions: knownModel(config.model)?.dimensions,
-      timeoutMs: config.timeoutMs,
-    });
-    const reports: string[] = [];
-    const run = new EmbedRun({
-      db: database.db,
-      columnType,
-      provider,
-      config,
-      logger: createLogger('silent'),
-      report: (text) => reports.push(text),
-    });
-    return { run, reports };
-  }
+  const ctx = () => ({ db: database.db, columnType, baseUrl: fake.url });
+  const makeRun = (flags: FlagValues = {}) => makeRunWith(ctx(), flags);
   const embed = (flags: FlagValues = {}) => makeRun(flags).run.run();
 
-  async function seed(contents: Array<string | [number, string]>) {
-    await upsertMessages(
-      database.db,
-      contents.map((c, i) =>
-        Array.isArray(c) ? { id: String(c[0]), content: c[1] } : { id: String(i + 1), content: c },
-      ),
-    );
-  }
-  const texts = (n: number) =>
-    Array.from({ length: n }, (_, i) => `message number ${i + 1}: ${'word '.repeat(i % 7)}`);
+  const seed = (contents: Array<string | [number, string]>) => seedMessages(database.db, contents);
+  const texts = sampleTexts;
 
   async function storedRows() {
     return database.db
@@ -325,11 +296,24 @@ describe.each(backends())('the embed run on %s', (backend) => {
   ] as const)('aborts at once on %s, even in partial mode', async ([, fault]) => {
     await seed(texts(8));
     fake.enqueueFault(fault);
-    const outcome = await embed({ 'allow-partial': true });
+    const outcome = await embed({ 'allow-partial': true, concurrency: '1' });
     expect(outcome.exitCode).toBe(1);
     expect(outcome.summary.status).toBe('failed');
     expect(fake.stats.requests).toBe(1);
     expect(await storedRows()).toHaveLength(0);
+  });
+
+  it('on a fatal error keeps what the other batches in flight already got, and stops', async () => {
+    await seed(texts(40));
+    fake.enqueueFault({ kind: 'insufficient-quota' });
+    const outcome = await embed({ 'allow-partial': true, concurrency: '4' });
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.summary.status).toBe('failed');
+    // At most the three other batches in flight went out; nothing after the failure.
+    expect(fake.stats.requests).toBeLessThanOrEqual(4);
+    const rows = await storedRows();
+    expect(rows.length).toBeLessThanOrEqual(12);
+    expect((await runRow(outcome.summary.runId)).embedded).toBe(rows.length);
   });
 
   it('never stores a vector with a non-finite value, and skips only the input it belongs to', async () => {
@@ -432,11 +416,3 @@ describe.each(backends())('the embed run on %s', (backend) => {
     expect((await runRow(outcome.summary.runId)).embedded).toBe(rows.length);
   });
 });
-
-async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}

@@ -1,0 +1,51 @@
+/**
+ * Batches commit in whatever order they finish; the resume cursor may only
+ * move to the last id of the longest run of committed batches from the start.
+ * So a crash never leaves an uncommitted batch below the cursor.
+ */
+export class CommitWatermark {
+  readonly #lastIds = new Map<number, string>();
+  readonly #committed = new Set<number>();
+  #next = 1;
+  #cursor: string | null = null;
+
+  /** Batch `seq` (1, 2, …, in read order) covers messages up to `lastId`. */
+  register(seq: number, lastId: string): void {
+    this.#lastIds.set(seq, lastId);
+  }
+
+  /**
+   * The cursor as it will be once `seq` commits, for writing in its
+   * transaction. `lastId` overrides the batch's own end when only a prefix of
+   * it commits (strict mode), which also ends the run.
+   */
+  cursorWith(seq: number, lastId?: string | null): string | null {
+    let next = this.#next;
+    let cursor = this.#cursor;
+    while (next === seq || this.#committed.has(next)) {
+      if (next === seq && lastId !== undefined) return lastId ?? cursor;
+      cursor = this.#lastIds.get(next) ?? cursor;
+      next++;
+    }
+    return cursor;
+  }
+
+  /** `lastId` when only a prefix of the batch committed (strict mode). */
+  commit(seq: number, lastId?: string | null): void {
+    if (lastId !== undefined) {
+      if (lastId === null) return; // nothing of it committed: the cursor stops before it
+      this.#lastIds.set(seq, lastId);
+    }
+    this.#committed.add(seq);
+    while (this.#committed.has(this.#next)) {
+      this.#cursor = this.#lastIds.get(this.#next) ?? this.#cursor;
+      this.#committed.delete(this.#next);
+      this.#lastIds.delete(this.#next);
+      this.#next++;
+    }
+  }
+
+  get cursor(): string | null {
+    return this.#cursor;
+  }
+}
