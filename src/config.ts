@@ -322,7 +322,7 @@ export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): Emb
     } catch {
       throw new ConfigError(`OPENAI_BASE_URL is not a URL: '${settings.openaiBaseUrl}'`);
     }
-  } else if (!settings.openaiApiKey) {
+  } else if (!settings.openaiApiKey && !settings.dryRun) {
     throw new ConfigError(
       'OPENAI_API_KEY is not set: export it (or put it in .env), or point OPENAI_BASE_URL at an OpenAI-compatible server',
     );

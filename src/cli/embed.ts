@@ -6,6 +6,7 @@ import { MigrationError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createOpenAIProvider } from '../provider/client.js';
 import { knownModel } from '../provider/models.js';
+import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli } from './main.js';
@@ -29,6 +30,13 @@ await runCli(async (argv) => {
     onIdleError: (error) => logger.warn({ err: error }, 'idle database connection failed'),
   });
   try {
+    if (config.dryRun) {
+      // Touches nothing: no migration, no run row, no API call.
+      const report = await dryRun(database.db, config);
+      logger.info({ ...report }, 'dry run');
+      process.stderr.write(`${formatDryRun(report)}\n`);
+      return 0;
+    }
     const columnType = config.migrate
       ? (
           await migrateToLatest(database, {

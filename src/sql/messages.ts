@@ -69,12 +69,18 @@ export interface MessageCensus {
 export async function countMessages(
   db: Kysely<DB>,
   target: EmbeddingTarget,
+  options: { migrated?: boolean } = {},
 ): Promise<MessageCensus> {
+  // Before migrations (a dry run) nothing can be up to date.
+  const upToDate =
+    options.migrated === false
+      ? sql`0`
+      : sql`count(*) filter (where m.content ~ '\\S' and not ${eligibleFilter(target)})`;
   const { rows } = await sql<MessageCensus>`
     select
       count(*) filter (where ${eligibleFilter(target)})::int as eligible,
       count(*) filter (where m.content !~ '\\S')::int as blank,
-      count(*) filter (where m.content ~ '\\S' and not ${eligibleFilter(target)})::int as "upToDate"
+      ${upToDate}::int as "upToDate"
     from messages m`.execute(db);
   return rows[0] ?? { eligible: 0, blank: 0, upToDate: 0 };
 }
