@@ -76,6 +76,7 @@ await runCli(async (argv) => {
     const run = new EmbedRun({
       db: database.db,
       columnType,
+      copyFromBlob: database.copyFromBlob,
       provider,
       config,
       logger,

@@ -17,6 +17,12 @@ export type DatabaseTarget =
 export interface Database {
   readonly db: Kysely<DB>;
   readonly backend: DatabaseTarget['kind'];
+  /**
+   * `COPY … FROM '/dev/blob'` with the given bytes, on the current session.
+   * PGlite only: it has one session, so inside a Kysely transaction this runs
+   * in that transaction. Undefined on a pg pool.
+   */
+  readonly copyFromBlob?: (copySql: string, data: Uint8Array) => Promise<void>;
   /** Where we are connected, password removed: safe for logs. */
   readonly describe: string;
   close(): Promise<void>;
@@ -85,6 +91,9 @@ async function openPGlite(dataDir: string | undefined): Promise<Database> {
     db,
     backend: 'pglite',
     describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
+    async copyFromBlob(copySql, data) {
+      await pglite.query(copySql, [], { blob: new Blob([data]) });
+    },
     async close() {
       if (closed) return;
       closed = true;

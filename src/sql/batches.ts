@@ -1,4 +1,5 @@
 import { type Kysely, sql, type Transaction } from 'kysely';
+import { encodeStageRows } from '../db/copy-binary.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
 import { vectorLiteral } from '../db/vector.js';
@@ -147,4 +148,38 @@ export async function advanceRun(
     }))
     .where('id', '=', batch.runId)
     .execute();
+}
+
+/**
+ * The bulk path: COPY the batch's rows into a session-local stage table in
+ * binary, then upsert them with one INSERT … SELECT. On PGlite this is ~14x
+ * cheaper than the multi-row VALUES upsert (no decimal parsing of vectors).
+ */
+export async function upsertEmbeddingsViaCopy(
+  trx: Transaction<DB>,
+  copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,
+  target: { provider: string; model: string; runId: string; columnType: 'vector' | 'real[]' },
+  rows: EmbeddedRow[],
+): Promise<void> {
+  if (rows.length === 0) return;
+  // Temp and `on commit delete rows`: private to the session, empty after each batch.
+  await sql`create temp table if not exists pgembed_stage (
+      message_id bigint, embedding ${sql.raw(target.columnType)}, dimensions int,
+      content_sha256 bytea, input_tokens int, truncated boolean) on commit delete rows`.execute(
+    trx,
+  );
+  await copyFromBlob(
+    "copy pgembed_stage from '/dev/blob' with (format binary)",
+    encodeStageRows(rows, target.columnType),
+  );
+  await sql`
+    insert into message_embeddings
+      (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens, truncated, run_id)
+    select ${target.provider}, ${target.model}, message_id, embedding, dimensions, content_sha256,
+           input_tokens, truncated, ${target.runId}::bigint
+    from pgembed_stage
+    on conflict (provider, model, message_id) do update set
+      embedding = excluded.embedding, dimensions = excluded.dimensions,
+      content_sha256 = excluded.content_sha256, input_tokens = excluded.input_tokens,
+      truncated = excluded.truncated, run_id = excluded.run_id, embedded_at = now()`.execute(trx);
 }

@@ -9,6 +9,7 @@ import {
   insertSkips,
   type SkippedRow,
   upsertEmbeddings,
+  upsertEmbeddingsViaCopy,
 } from '../sql/batches.js';
 
 /**
@@ -19,6 +20,7 @@ import {
 export async function commitBatch(
   db: Kysely<DB>,
   columnType: EmbeddingColumnType,
+  copyFromBlob: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined,
   batch: BatchRecord,
   embedded: EmbeddedRow[],
   skipped: SkippedRow[],
@@ -30,7 +32,13 @@ export async function commitBatch(
     truncated: embedded.filter((e) => e.truncated).length,
   };
   await db.transaction().execute(async (trx) => {
-    await upsertEmbeddings(trx, target, embedded);
+    // Binary COPY where the backend offers it (PGlite) and the type has a
+    // binary form we write (halfvec does not); else one multi-row upsert.
+    if (copyFromBlob && columnType !== 'halfvec') {
+      await upsertEmbeddingsViaCopy(trx, copyFromBlob, { ...target, columnType }, embedded);
+    } else {
+      await upsertEmbeddings(trx, target, embedded);
+    }
     await insertSkips(trx, target, skipped);
     await insertBatch(trx, batch, counts);
     await advanceRun(trx, batch, counts);

@@ -28,6 +28,8 @@ import { CommitWatermark } from './watermark.js';
 export interface RunDeps {
   db: Kysely<DB>;
   columnType: EmbeddingColumnType;
+  /** The backend's binary COPY, when it has one (see Database.copyFromBlob). */
+  copyFromBlob?: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
   provider: EmbeddingProvider;
   config: EmbedConfig;
   logger: Logger;
@@ -292,7 +294,14 @@ export class EmbedRun {
           ? watermark.cursorWith(seq, lastHandled?.id ?? null)
           : watermark.cursorWith(seq),
       };
-      await commitBatch(db, columnType, batch, kept.map(toRow), skipped.map(toSkip));
+      await commitBatch(
+        db,
+        columnType,
+        this.deps.copyFromBlob,
+        batch,
+        kept.map(toRow),
+        skipped.map(toSkip),
+      );
       totals.batches += 1;
       totals.embedded += kept.length;
       totals.skipped += skipped.length;

@@ -1,6 +1,7 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
+import { encodeStageRows } from '../../src/db/copy-binary.js';
 import type { EmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { parseVector, vectorLiteral } from '../../src/db/vector.js';
 import { backends, createTestDatabase, type TestDatabase } from '../support/db.js';
@@ -63,4 +64,45 @@ describe.each(backends())('vectors on %s', (backend) => {
       expect(back).toEqual(Array.from(original));
     }
   });
+
+  it.for(['vector', 'real[]'] as const)(
+    'round-trips float32 values exactly through binary COPY into %s',
+    async (type, ctx) => {
+      if (!database.copyFromBlob) ctx.skip('binary COPY from a blob is the PGlite path');
+      if (type === 'vector' && !hasVector) ctx.skip('this server has no pgvector');
+      const table = `copy_${type === 'vector' ? 'vector' : 'real'}`;
+      await sql`create table ${sql.table(table)} (message_id bigint, embedding ${sql.raw(type)}, dimensions int,
+        content_sha256 bytea, input_tokens int, truncated boolean)`.execute(database.db);
+      const original = trickyFloat32s(1536);
+      const data = encodeStageRows(
+        [
+          {
+            messageId: '9007199254740993',
+            vector: original,
+            sha256Hex: 'ab'.repeat(32),
+            inputTokens: 7,
+            truncated: true,
+          },
+        ],
+        type,
+      );
+      await database.copyFromBlob?.(`copy ${table} from '/dev/blob' with (format binary)`, data);
+      const { rows } = await sql<{
+        id: string;
+        text: string;
+        dimensions: number;
+        sha: string;
+        truncated: boolean;
+      }>`
+        select message_id::text as id, embedding::text as text, dimensions, encode(content_sha256, 'hex') as sha, truncated
+        from ${sql.table(table)}`.execute(database.db);
+      expect(rows[0]).toMatchObject({
+        id: '9007199254740993',
+        dimensions: 1536,
+        sha: 'ab'.repeat(32),
+        truncated: true,
+      });
+      expect(parseVector(rows[0]!.text).map(Math.fround)).toEqual(Array.from(original));
+    },
+  );
 });

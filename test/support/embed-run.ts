@@ -11,6 +11,8 @@ import { EmbedRun } from '../../src/worker/run.js';
 export interface RunHarnessContext {
   db: Kysely<DB>;
   columnType: EmbeddingColumnType;
+  /** The backend's binary COPY, as the CLI passes it (PGlite only). */
+  copyFromBlob?: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
   /** The fake server's base URL. */
   baseUrl: string;
 }
@@ -36,6 +38,7 @@ export function makeRun(ctx: RunHarnessContext, flags: FlagValues = {}) {
   const run = new EmbedRun({
     db: ctx.db,
     columnType: ctx.columnType,
+    copyFromBlob: ctx.copyFromBlob,
     provider,
     config,
     logger: createLogger('silent'),

@@ -34,7 +34,12 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
   });
 
-  const ctx = () => ({ db: database.db, columnType, baseUrl: fake.url });
+  const ctx = () => ({
+    db: database.db,
+    columnType,
+    copyFromBlob: database.copyFromBlob,
+    baseUrl: fake.url,
+  });
   const embed = (flags: FlagValues) => makeRun(ctx(), flags).run.run();
   const storedCount = async () =>
     (

@@ -31,7 +31,12 @@ describe.each(backends())('the dry run on %s', (backend) => {
       contents[9] = '   ';
       await seedMessages(database.db, contents);
       const columnType = await readEmbeddingColumnType(database.db);
-      const ctx = { db: database.db, columnType, baseUrl: fake.url };
+      const ctx = {
+        db: database.db,
+        columnType,
+        copyFromBlob: database.copyFromBlob,
+        baseUrl: fake.url,
+      };
       // Part of it is already embedded, so the dry run must leave those out too.
       await makeRun(ctx, { limit: '5' }).run.run();
       fake.reset();

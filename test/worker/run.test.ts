@@ -53,7 +53,12 @@ describe.each(backends())('the embed run on %s', (backend) => {
     await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
   });
 
-  const ctx = () => ({ db: database.db, columnType, baseUrl: fake.url });
+  const ctx = () => ({
+    db: database.db,
+    columnType,
+    copyFromBlob: database.copyFromBlob,
+    baseUrl: fake.url,
+  });
   const makeRun = (flags: FlagValues = {}) => makeRunWith(ctx(), flags);
   const embed = (flags: FlagValues = {}) => makeRun(flags).run.run();
 
