@@ -52,6 +52,14 @@ export const SETTINGS = {
     default: 4,
     help: 'batches in flight at once; halves on 429s and grows back',
   },
+  dbPoolSize: {
+    env: 'PGEMBED_DB_POOL_SIZE',
+    flag: 'db-pool-size',
+    kind: 'int',
+    min: 1,
+    max: 1000,
+    help: 'connections to a Postgres server (default: --concurrency + 1; 1 for a single-session server)',
+  },
   maxRpm: {
     env: 'PGEMBED_MAX_RPM',
     flag: 'max-rpm',
@@ -286,6 +294,7 @@ export const EMBED_SETTINGS = [
   'limit',
   'batchSize',
   'concurrency',
+  'dbPoolSize',
   'maxRpm',
   'maxTpm',
   'maxRequestInputs',

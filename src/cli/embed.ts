@@ -26,7 +26,8 @@ await runCli(async (argv) => {
   const config = buildEmbedConfig(args.flags, process.env);
   const logger = createLogger(config.logLevel);
   const database = await openDatabase(config.databaseUrl, {
-    poolMax: 2,
+    // Each batch in flight commits on its own connection, plus one for reads.
+    poolMax: config.dbPoolSize ?? config.concurrency + 1,
     onIdleError: (error) => logger.warn({ err: error }, 'idle database connection failed'),
   });
   try {

@@ -144,13 +144,18 @@ export class EmbedRun {
       ),
       elapsedMs,
       messagesPerSecond: (totals.embedded + totals.skipped) / Math.max(elapsedMs / 1000, 0.001),
+      // maxRSS is in KiB.
+      peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
       error: error ? oneLine(error) : null,
     };
     // Concurrent commits each wrote the cursor they could see; settle it now.
     await finishRun(db, runId, status, { ...summary }, summary.error, watermark.cursor);
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
-    log.info({ status, ...totals, elapsed_ms: elapsedMs }, 'run finished');
+    log.info(
+      { status, ...totals, elapsed_ms: elapsedMs, peak_rss_mib: summary.peakRssMiB },
+      'run finished',
+    );
 
     const exitCode =
       error instanceof PgembedError

@@ -21,6 +21,8 @@ export interface RunSummary extends RunTotals {
   skippedByReason: Record<string, number>;
   elapsedMs: number;
   messagesPerSecond: number;
+  /** Peak resident memory of this process so far, in MiB. */
+  peakRssMiB: number;
   error: string | null;
 }
 
@@ -32,7 +34,7 @@ export function formatSummary(summary: RunSummary, skippedIds: Record<string, st
   const lines = [
     `pgembed run ${summary.runId} ${summary.status}: ${summary.provider}/${summary.model}`,
     `  embedded ${n(summary.embedded)}${summary.truncated ? ` (${n(summary.truncated)} truncated)` : ''}, skipped ${n(summary.skipped)}, ineligible ${n(summary.ineligible.blank)} blank + ${n(summary.ineligible.upToDate)} already up to date`,
-    `  tokens ${n(summary.tokens)}, requests ${n(summary.requests)}, retries ${n(summary.retries)}, elapsed ${(summary.elapsedMs / 1000).toFixed(1)} s, ${summary.messagesPerSecond.toFixed(1)} messages/s`,
+    `  tokens ${n(summary.tokens)}, requests ${n(summary.requests)}, retries ${n(summary.retries)}, elapsed ${(summary.elapsedMs / 1000).toFixed(1)} s, ${summary.messagesPerSecond.toFixed(1)} messages/s, peak memory ${summary.peakRssMiB} MiB`,
   ];
   for (const [reason, ids] of Object.entries(skippedIds)) {
     const more = ids.length > FIRST_IDS_SHOWN ? `, … (${ids.length - FIRST_IDS_SHOWN} more)` : '';

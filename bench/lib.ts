@@ -1,0 +1,148 @@
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { openDatabase } from '../src/db/connect.js';
+import { migrateToLatest } from '../src/db/migrator.js';
+import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
+import { upsertMessages } from '../src/sql/seed.js';
+import { type CliResult, logRecords, startCli } from '../test/support/cli.js';
+
+export type Backend = 'pglite' | 'postgres';
+
+/** A seeded database that scenarios copy, so each starts from the same state. */
+export interface Template {
+  backend: Backend;
+  /** Returns the URL of a fresh copy, and how to drop it. */
+  copy(): Promise<{ url: string; drop(): Promise<void> }>;
+  drop(): Promise<void>;
+}
+
+/** The corpus `times` over, ids 1..6046·times, each copy with distinct ids. */
+export function* corpusTimes(times: number): Generator<SeedMessage> {
+  for (let k = 0; k < times; k++) {
+    for (const m of spamAssassin()) yield { ...m, id: String(Number(m.id) + k * 6046) };
+  }
+}
+
+export async function seedTemplate(
+  backend: Backend,
+  serverUrl: string,
+  times: number,
+): Promise<Template> {
+  const label = `pgembed_bench_tpl_${times}_${process.pid}`;
+  let url: string;
+  if (backend === 'pglite') {
+    const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-'));
+    url = `pglite:${dir}`;
+  } else {
+    await admin(serverUrl, `create database ${label}`);
+    url = withDatabase(serverUrl, label);
+  }
+  const database = await openDatabase(url);
+  try {
+    await migrateToLatest(database, { warn: () => {} });
+    let chunk: SeedMessage[] = [];
+    for (const message of corpusTimes(times)) {
+      chunk.push(message);
+      if (chunk.length === 200) {
+        await upsertMessages(database.db, chunk);
+        chunk = [];
+      }
+    }
+    await upsertMessages(database.db, chunk);
+  } finally {
+    await database.close();
+  }
+  let copies = 0;
+  return {
+    backend,
+    async copy() {
+      copies++;
+      if (backend === 'pglite') {
+        const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-copy-'));
+        cpSync(url.slice('pglite:'.length), dir, { recursive: true });
+        return {
+          url: `pglite:${dir}`,
+          drop: async () => rmSync(dir, { recursive: true, force: true }),
+        };
+      }
+      const name = `${label}_c${copies}`;
+      await admin(serverUrl, `create database ${name} template ${label}`);
+      return {
+        url: withDatabase(serverUrl, name),
+        drop: () => admin(serverUrl, `drop database if exists ${name} with (force)`),
+      };
+    },
+    async drop() {
+      if (backend === 'pglite')
+        rmSync(url.slice('pglite:'.length), { recursive: true, force: true });
+      else await admin(serverUrl, `drop database if exists ${label} with (force)`);
+    },
+  };
+}
+
+function withDatabase(serverUrl: string, name: string): string {
+  const url = new URL(serverUrl);
+  url.pathname = `/${name}`;
+  return url.toString();
+}
+
+async function admin(serverUrl: string, statement: string): Promise<void> {
+  const client = new pg.Client({ connectionString: serverUrl });
+  await client.connect();
+  try {
+    await client.query(statement);
+  } finally {
+    await client.end();
+  }
+}
+
+export interface WorkerResult {
+  result: CliResult;
+  /** The worker's own 'run finished' log record. */
+  finished: Record<string, unknown>;
+  embedded: number;
+  skipped: number;
+  elapsedMs: number;
+  messagesPerSecond: number;
+  peakRssMiB: number;
+}
+
+/** Runs `npm run embed` as a real child process and reads its own figures. */
+export async function runWorker(
+  url: string,
+  baseUrl: string,
+  args: string[],
+  options: { stopAfterMs?: number } = {},
+): Promise<WorkerResult> {
+  const running = startCli(
+    'embed',
+    ['--allow-partial', ...args],
+    {
+      DATABASE_URL: url,
+      OPENAI_BASE_URL: baseUrl,
+      LOG_LEVEL: 'info',
+    },
+    { timeoutMs: 30 * 60_000 },
+  );
+  if (options.stopAfterMs) {
+    await running.waitForStdoutLine((line) => line.includes('"run started"'), 120_000);
+    setTimeout(() => running.child.kill('SIGTERM'), options.stopAfterMs).unref();
+  }
+  const result = await running.result;
+  const finished = logRecords(result.stdout, 'run finished')[0];
+  if (!finished) throw new Error(`worker did not finish: ${result.stderr.slice(-500)}`);
+  const embedded = Number(finished.embedded);
+  const skipped = Number(finished.skipped);
+  const elapsedMs = Number(finished.elapsed_ms);
+  return {
+    result,
+    finished,
+    embedded,
+    skipped,
+    elapsedMs,
+    messagesPerSecond: (embedded + skipped) / (elapsedMs / 1000),
+    peakRssMiB: Number(finished.peak_rss_mib),
+  };
+}

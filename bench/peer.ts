@@ -1,0 +1,108 @@
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
+import { openDatabase } from '../src/db/connect.js';
+import { repoRoot } from '../test/support/cli.js';
+import { runWorker, type Template } from './lib.js';
+
+const PEER_DIR = join(repoRoot, 'bench', 'peer');
+// Enough for a stable rate, few enough that LangChain finishes in minutes.
+const MESSAGES = Number(process.env.BENCH_PEER_MESSAGES ?? 2000);
+const PLAIN = { disallowedSpecial: new Set<string>() };
+
+export type PeerOutcome =
+  | { skipped: string }
+  | {
+      messages: number;
+      langchain_messages_per_s: number;
+      pgembed_messages_per_s: number;
+      ratio: number;
+      langchain: Record<string, unknown>;
+    };
+
+/**
+ * LangChain.js's index() and pgembed on the same messages, the same test
+ * server and the same PGlite served over a socket (PGVectorStore needs pg).
+ * Only messages within the 8,192-token limit: LangChain sends over-long ones
+ * and fails the whole call, so it is measured on the subset it can embed.
+ */
+export async function runPeer(
+  template: Template,
+  baseUrl: string,
+  log: (text: string) => void,
+): Promise<PeerOutcome> {
+  if (!existsSync(join(PEER_DIR, 'node_modules'))) {
+    log('installing the peer package in bench/peer (first use)');
+    try {
+      execFileSync('npm', ['ci', '--no-audit', '--no-fund'], { cwd: PEER_DIR, stdio: 'inherit' });
+    } catch (error) {
+      return { skipped: `npm ci in bench/peer failed: ${(error as Error).message}` };
+    }
+  }
+  const copy = await template.copy();
+  const dataDir = copy.url.slice('pglite:'.length);
+  const database = await openDatabase(copy.url);
+  try {
+    const rows = await database.db
+      .selectFrom('messages')
+      .select(['id', 'content'])
+      .orderBy('id')
+      .execute();
+    const over = rows
+      .filter((r) => isWithinTokenLimit(r.content, 8192, PLAIN) === false)
+      .map((r) => r.id);
+    for (let i = 0; i < over.length; i += 500) {
+      await database.db
+        .deleteFrom('messages')
+        .where('id', 'in', over.slice(i, i + 500))
+        .execute();
+    }
+  } finally {
+    await database.close();
+  }
+
+  const port = 20_000 + Math.floor(Math.random() * 20_000);
+  const server = spawn(process.execPath, ['serve.mjs', dataDir, String(port)], {
+    cwd: PEER_DIR,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.stdout.on('data', (chunk: Buffer) => {
+        if (chunk.toString().includes('listening')) resolve();
+      });
+      server.once('exit', (code) => reject(new Error(`peer server exited with ${code}`)));
+    });
+    const url = `postgres://postgres@127.0.0.1:${port}/postgres`;
+    log(`peer: LangChain index() on ${MESSAGES} messages`);
+    const out = execFileSync(process.execPath, ['index.mjs', url, baseUrl, '8', String(MESSAGES)], {
+      cwd: PEER_DIR,
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      maxBuffer: 16 * 1024 * 1024,
+    });
+    const langchain = JSON.parse(out.trim().split('\n').at(-1) as string) as Record<string, number>;
+    const langchainRate = Number(langchain.messages) / (Number(langchain.elapsedMs) / 1000);
+    log(`peer: pgembed on the same ${MESSAGES} messages through the same socket`);
+    // One connection, as for LangChain: the socket serves one session at a time.
+    const ours = await runWorker(url, baseUrl, [
+      '--limit',
+      String(MESSAGES),
+      '--batch-size',
+      '8',
+      '--db-pool-size',
+      '1',
+    ]);
+    return {
+      messages: MESSAGES,
+      langchain_messages_per_s: langchainRate,
+      pgembed_messages_per_s: ours.messagesPerSecond,
+      ratio: ours.messagesPerSecond / langchainRate,
+      langchain,
+    };
+  } finally {
+    server.kill('SIGTERM');
+    await copy.drop();
+  }
+}

@@ -1,0 +1,312 @@
+/**
+ * npm run bench [-- --only overhead,latency,rate,memory,peer] [--backends pglite,postgres]
+ *
+ * Measures pgembed against the local OpenAI-compatible test server on the
+ * SpamAssassin corpus, prints a table and writes bench/results/<time>.json.
+ * Postgres: BENCH_DATABASE_URL, else TEST_DATABASE_URL, else the local server.
+ * Figures, not assertions: nothing here passes or fails.
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem } from 'node:os';
+import { parseArgs } from 'node:util';
+import { openDatabase } from '../src/db/connect.js';
+import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
+import { upsertEmbeddings, upsertEmbeddingsViaCopy } from '../src/sql/batches.js';
+import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
+import { type Backend, runWorker, seedTemplate, type Template } from './lib.js';
+import { runPeer } from './peer.js';
+
+const { values } = parseArgs({
+  options: {
+    only: { type: 'string', default: 'overhead,latency,rate,memory,peer' },
+    backends: { type: 'string', default: 'pglite,postgres' },
+    'rate-seconds': { type: 'string', default: '120' },
+    'rate-tpm': { type: 'string', default: '1000000' },
+  },
+});
+const only = new Set(values.only.split(','));
+const backendList = values.backends.split(',') as Backend[];
+const serverUrl =
+  process.env.BENCH_DATABASE_URL ??
+  process.env.TEST_DATABASE_URL ??
+  'postgres://postgres@127.0.0.1:5432/postgres';
+
+const results: Record<string, unknown> = {
+  date: new Date().toISOString(),
+  machine: {
+    cpus: cpus().length,
+    cpu: cpus()[0]?.model,
+    memory_gib: Math.round(totalmem() / 2 ** 30),
+    node: process.version,
+  },
+  postgres: backendList.includes('postgres') ? serverUrl.replace(/:[^:@/]*@/, ':***@') : null,
+};
+const table: string[][] = [['scenario', 'backend', 'figure', 'value', 'reference']];
+const row = (...cells: Array<string | number>) => table.push(cells.map(String));
+const fmt = (x: number, digits = 1) => x.toFixed(digits);
+
+const fake = await startFakeOpenAI();
+const log = (text: string) => process.stderr.write(`bench: ${text}\n`);
+
+for (const backend of backendList) {
+  log(`seeding the corpus into ${backend}`);
+  const template = await seedTemplate(backend, serverUrl, 1);
+  try {
+    if (only.has('overhead')) await overhead(backend, template);
+    if (only.has('latency')) await latency(backend, template);
+    if (only.has('rate') && backend === backendList[0]) await rateBound(backend, template);
+    if (only.has('memory')) await memory(backend, template);
+    if (only.has('peer') && backend === 'pglite') await peer(template);
+  } finally {
+    await template.drop();
+  }
+}
+await fake.close();
+
+mkdirSync('bench/results', { recursive: true });
+const file = `bench/results/bench-${(results.date as string).replace(/[:.]/g, '-')}.json`;
+writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
+const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
+process.stdout.write(
+  `${table.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ')).join('\n')}\n\nwritten: ${file}\n`,
+);
+
+/** 1. Zero API latency: the worker's own cost, beside the bulk write path alone. */
+async function overhead(backend: Backend, template: Template) {
+  Object.assign(fake.options, { latencyMs: 0, maxTpm: undefined });
+  const target = await template.copy();
+  try {
+    log(`${backend}: overhead, 6,000 messages, --batch-size 8`);
+    const run = await runWorker(target.url, fake.url, [
+      '--limit',
+      '6000',
+      '--batch-size',
+      '8',
+      '--concurrency',
+      '4',
+    ]);
+    const write = await writeLimit(target.url, 6000);
+    const ratio = run.messagesPerSecond / write.rowsPerSecond;
+    results[`overhead_${backend}`] = {
+      run_messages_per_s: run.messagesPerSecond,
+      write_rows_per_s: write.rowsPerSecond,
+      write_path: write.path,
+      ratio,
+    };
+    row('1 overhead', backend, 'end-to-end messages/s', fmt(run.messagesPerSecond), '');
+    row('1 overhead', backend, `write limit rows/s (${write.path})`, fmt(write.rowsPerSecond), '');
+    row('1 overhead', backend, 'ratio end-to-end / write limit', fmt(ratio, 2), '');
+  } finally {
+    await target.drop();
+  }
+}
+
+/** The same number of 1,536-dimension vectors, written by the fastest bulk path alone. */
+async function writeLimit(url: string, rows: number) {
+  const database = await openDatabase(url);
+  try {
+    const columnType = await readEmbeddingColumnType(database.db);
+    const vectors = Array.from({ length: rows }, (_, i) => fakeEmbedding(`row ${i}`, 1536));
+    let best = { rowsPerSecond: 0, path: '' };
+    for (const per of [8, 500]) {
+      const provider = `bench-write-${per}`;
+      const start = performance.now();
+      for (let i = 0; i < rows; i += per) {
+        const batch = vectors.slice(i, i + per).map((vector, k) => ({
+          messageId: String(i + k + 1),
+          vector,
+          sha256Hex: '00'.repeat(32),
+          inputTokens: 1,
+          truncated: false,
+        }));
+        const target = { provider, model: 'm', runId: '0', columnType };
+        await database.db.transaction().execute(async (trx) => {
+          if (database.copyFromBlob && columnType !== 'halfvec') {
+            await upsertEmbeddingsViaCopy(
+              trx,
+              database.copyFromBlob,
+              { ...target, columnType },
+              batch,
+            );
+          } else {
+            await upsertEmbeddings(trx, target, batch);
+          }
+        });
+      }
+      const rowsPerSecond = rows / ((performance.now() - start) / 1000);
+      const path = `${database.copyFromBlob ? 'binary COPY + upsert' : 'multi-row upsert'}, ${per} rows per transaction`;
+      if (rowsPerSecond > best.rowsPerSecond) best = { rowsPerSecond, path };
+    }
+    return best;
+  } finally {
+    await database.close();
+  }
+}
+
+/** 2. 200 ms per request: messages/s against concurrency × batch / latency. */
+async function latency(backend: Backend, template: Template) {
+  Object.assign(fake.options, { latencyMs: 200, maxTpm: undefined });
+  const rows: unknown[] = [];
+  for (const concurrency of [1, 4, 16, 64]) {
+    const limit = Math.min(6000, Math.max(400, concurrency * 8 * 30));
+    const target = await template.copy();
+    try {
+      log(`${backend}: latency 200 ms, --concurrency ${concurrency}, ${limit} messages`);
+      const run = await runWorker(target.url, fake.url, [
+        '--limit',
+        String(limit),
+        '--batch-size',
+        '8',
+        '--concurrency',
+        String(concurrency),
+      ]);
+      const ideal = (concurrency * 8) / 0.2;
+      const share = run.messagesPerSecond / ideal;
+      rows.push({
+        concurrency,
+        messages: limit,
+        messages_per_s: run.messagesPerSecond,
+        ideal,
+        share,
+      });
+      row(
+        '2 latency 200 ms',
+        backend,
+        `--concurrency ${concurrency}`,
+        fmt(run.messagesPerSecond),
+        `ideal ${fmt(ideal, 0)} (${fmt(100 * share, 0)}%)`,
+      );
+    } finally {
+      await target.drop();
+    }
+  }
+  results[`latency_${backend}`] = rows;
+  fake.options.latencyMs = 0;
+}
+
+/** 3. A server limit of N tokens a minute: achieved share of N, and of requests refused. */
+async function rateBound(backend: Backend, template: Template) {
+  const tpm = Number(values['rate-tpm']);
+  const seconds = Number(values['rate-seconds']);
+  Object.assign(fake.options, { latencyMs: 50, maxTpm: tpm, maxTpmBurst: undefined });
+  fake.reset();
+  const target = await template.copy();
+  try {
+    log(`${backend}: rate-bound, server and --max-tpm ${tpm}, ${seconds} s`);
+    const samples: Array<{ t: number; tokens: number }> = [];
+    const sampler = setInterval(
+      () => samples.push({ t: Date.now(), tokens: fake.stats.tokensEmbedded }),
+      1000,
+    );
+    const started = Date.now();
+    await runWorker(
+      target.url,
+      fake.url,
+      ['--batch-size', '8', '--concurrency', '8', '--max-tpm', String(tpm)],
+      { stopAfterMs: seconds * 1000 },
+    );
+    clearInterval(sampler);
+    const at = (s: number) =>
+      samples.find((x) => x.t - started >= s * 1000)?.tokens ?? fake.stats.tokensEmbedded;
+    const total = at(seconds);
+    const steady = (at(seconds) - at(15)) / ((seconds - 15) / 60);
+    const share = total / (seconds / 60) / tpm;
+    const refused = fake.stats.rateLimited / Math.max(fake.stats.requests, 1);
+    results.rate = {
+      backend,
+      tpm,
+      seconds,
+      tokens: total,
+      share_of_limit: share,
+      steady_share_after_15s: steady / tpm,
+      requests: fake.stats.requests,
+      rate_limited: fake.stats.rateLimited,
+      refused_share: refused,
+    };
+    row(
+      '3 rate-bound',
+      backend,
+      `tokens/min over ${seconds} s`,
+      fmt(total / (seconds / 60), 0),
+      `${fmt(100 * share, 1)}% of ${tpm} (target >= 95%)`,
+    );
+    row(
+      '3 rate-bound',
+      backend,
+      'tokens/min after the first 15 s',
+      fmt(steady, 0),
+      `${fmt((100 * steady) / tpm, 1)}% of ${tpm}`,
+    );
+    row(
+      '3 rate-bound',
+      backend,
+      'requests answered 429',
+      `${fake.stats.rateLimited}/${fake.stats.requests}`,
+      `${fmt(100 * refused, 2)}% (target <= 1%)`,
+    );
+  } finally {
+    Object.assign(fake.options, { latencyMs: 0, maxTpm: undefined });
+    await target.drop();
+  }
+}
+
+/** 5. Peak RSS of the worker at the corpus and ten times the corpus: flat, not growing. */
+async function memory(backend: Backend, template: Template) {
+  Object.assign(fake.options, { latencyMs: 0, maxTpm: undefined });
+  const out: Record<string, unknown> = {};
+  for (const [times, limit] of [
+    [1, 6046],
+    [10, 60_000],
+  ] as const) {
+    const big = times === 1 ? template : await seedTemplate(backend, serverUrl, times);
+    const target = await big.copy();
+    try {
+      log(`${backend}: memory, ${limit} messages`);
+      const run = await runWorker(target.url, fake.url, [
+        '--limit',
+        String(limit),
+        '--batch-size',
+        '64',
+        '--concurrency',
+        '4',
+      ]);
+      out[String(limit)] = { peak_rss_mib: run.peakRssMiB, messages_per_s: run.messagesPerSecond };
+      row(
+        '5 memory',
+        backend,
+        `peak RSS at ${limit.toLocaleString('en-US')} messages`,
+        `${run.peakRssMiB} MiB`,
+        `${fmt(run.messagesPerSecond)} messages/s`,
+      );
+    } finally {
+      await target.drop();
+      if (big !== template) await big.drop();
+    }
+  }
+  results[`memory_${backend}`] = out;
+}
+
+/** 4. LangChain.js's indexing API on the same corpus and server, beside pgembed. */
+async function peer(template: Template) {
+  Object.assign(fake.options, { latencyMs: 0, maxTpm: undefined });
+  const outcome = await runPeer(template, fake.url, log);
+  results.peer = outcome;
+  if ('skipped' in outcome) {
+    row('4 peer', 'pglite-socket', 'LangChain index()', 'not run', String(outcome.skipped));
+    return;
+  }
+  row(
+    '4 peer',
+    'pglite-socket',
+    `LangChain index(), ${outcome.messages} messages`,
+    fmt(outcome.langchain_messages_per_s),
+    '',
+  );
+  row(
+    '4 peer',
+    'pglite-socket',
+    `pgembed, same messages`,
+    fmt(outcome.pgembed_messages_per_s),
+    `${fmt(outcome.ratio, 2)}x LangChain`,
+  );
+}
