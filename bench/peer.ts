@@ -27,6 +27,23 @@ export type PeerOutcome =
  * Only messages within the 8,192-token limit: LangChain sends over-long ones
  * and fails the whole call, so it is measured on the subset it can embed.
  */
+function runNode(args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, args, {
+      cwd: PEER_DIR,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      out += chunk.toString();
+    });
+    child.once('error', reject);
+    child.once('exit', (code) =>
+      code === 0 ? resolve(out) : reject(new Error(`${args[0]} exited with ${code}`)),
+    );
+  });
+}
+
 export async function runPeer(
   template: Template,
   baseUrl: string,
@@ -76,12 +93,8 @@ export async function runPeer(
     });
     const url = `postgres://postgres@127.0.0.1:${port}/postgres`;
     log(`peer: LangChain index() on ${MESSAGES} messages`);
-    const out = execFileSync(process.execPath, ['index.mjs', url, baseUrl, '8', String(MESSAGES)], {
-      cwd: PEER_DIR,
-      encoding: 'utf8',
-      stdio: ['ignore', 'pipe', 'inherit'],
-      maxBuffer: 16 * 1024 * 1024,
-    });
+    // Asynchronous: the test server answering LangChain lives in this process.
+    const out = await runNode(['index.mjs', url, baseUrl, '8', String(MESSAGES)]);
     const langchain = JSON.parse(out.trim().split('\n').at(-1) as string) as Record<string, number>;
     const langchainRate = Number(langchain.messages) / (Number(langchain.elapsedMs) / 1000);
     log(`peer: pgembed on the same ${MESSAGES} messages through the same socket`);

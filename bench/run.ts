@@ -45,6 +45,11 @@ const table: string[][] = [['scenario', 'backend', 'figure', 'value', 'reference
 const row = (...cells: Array<string | number>) => table.push(cells.map(String));
 const fmt = (x: number, digits = 1) => x.toFixed(digits);
 
+mkdirSync('bench/results', { recursive: true });
+const file = `bench/results/bench-${(results.date as string).replace(/[:.]/g, '-')}.json`;
+// Saved after every scenario, so a failure late in a long run loses nothing.
+const save = () => writeFileSync(file, `${JSON.stringify({ results, table }, null, 2)}\n`);
+
 const fake = await startFakeOpenAI();
 const log = (text: string) => process.stderr.write(`bench: ${text}\n`);
 
@@ -52,20 +57,29 @@ for (const backend of backendList) {
   log(`seeding the corpus into ${backend}`);
   const template = await seedTemplate(backend, serverUrl, 1);
   try {
-    if (only.has('overhead')) await overhead(backend, template);
-    if (only.has('latency')) await latency(backend, template);
-    if (only.has('rate') && backend === backendList[0]) await rateBound(backend, template);
-    if (only.has('memory')) await memory(backend, template);
-    if (only.has('peer') && backend === 'pglite') await peer(template);
+    const scenarios: Array<[string, boolean, () => Promise<void>]> = [
+      ['overhead', true, () => overhead(backend, template)],
+      ['latency', true, () => latency(backend, template)],
+      ['rate', backend === backendList[0], () => rateBound(backend, template)],
+      ['memory', true, () => memory(backend, template)],
+      ['peer', backend === 'pglite', () => peer(template)],
+    ];
+    for (const [name, applies, scenario] of scenarios) {
+      if (!only.has(name) || !applies) continue;
+      try {
+        await scenario();
+      } catch (error) {
+        results[`${name}_${backend}_error`] = String(error);
+        log(`${backend}: ${name} failed: ${error}`);
+      }
+      save();
+    }
   } finally {
     await template.drop();
   }
 }
 await fake.close();
 
-mkdirSync('bench/results', { recursive: true });
-const file = `bench/results/bench-${(results.date as string).replace(/[:.]/g, '-')}.json`;
-writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
 const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
 process.stdout.write(
   `${table.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ')).join('\n')}\n\nwritten: ${file}\n`,
