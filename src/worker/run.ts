@@ -1,5 +1,5 @@
 import type { Kysely } from 'kysely';
-import pLimit from 'p-limit';
+import pLimit, { type LimitFunction } from 'p-limit';
 import type { EmbedConfig } from '../config.js';
 import { redactUrl } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
@@ -208,9 +208,10 @@ export class EmbedRun {
     let lastPage = false;
     while (!this.#stopSignal && !failure && !lastPage) {
       if (config.limit !== undefined && taken >= config.limit) break;
-      // Backpressure: read only when a slot is free, so memory holds at most
-      // `concurrency` batches however large the table is.
-      while (inFlight.size >= adaptive.current) await Promise.race(inFlight);
+      // Backpressure: one batch read and tokenized ahead of the free send slots,
+      // so reading, tokenizing, sending and committing overlap, while memory
+      // holds at most `concurrency` + 1 batches however large the table is.
+      while (inFlight.size > adaptive.current) await Promise.race(inFlight);
       if (this.#stopSignal || failure) break;
       const pageSize = Math.min(
         config.batchSize,
@@ -229,17 +230,17 @@ export class EmbedRun {
       }
       const batchSeq = ++seq;
       watermark.register(batchSeq, readCursor);
-      const task: Promise<void> = limit(() =>
-        this.#processBatch(
-          runId,
-          batchSeq,
-          prepared,
-          settings,
-          watermark,
-          totals,
-          log,
-          () => failure,
-        ),
+      const task: Promise<void> = this.#processBatch(
+        runId,
+        batchSeq,
+        prepared,
+        settings,
+        limit,
+        watermark,
+        totals,
+        log,
+        () => failure,
+        fail,
       )
         .catch((error: unknown) => fail(batchSeq, error))
         .finally(() => inFlight.delete(task));
@@ -249,22 +250,42 @@ export class EmbedRun {
     if (failure) throw failure.error;
   }
 
-  /** Sends one batch and commits what it got, in its own transaction. */
+  /**
+   * Sends one batch when a send slot is free, then commits what it got in its
+   * own transaction, outside the slot, so the next request need not wait for
+   * this commit.
+   */
   async #processBatch(
     runId: string,
     seq: number,
     prepared: PreparedBatch,
     settings: BatchSettings,
+    sendSlots: LimitFunction,
     watermark: CommitWatermark,
     totals: RunTotals,
     log: Logger,
     currentFailure: () => { seq: number; error: Error } | undefined,
+    recordFailure: (seq: number, error: unknown) => void,
   ): Promise<void> {
     const { db, config, columnType } = this.deps;
     const blog = log.child({ batch: seq });
-    const startedAt = Date.now();
-    const outcome = await sendBatch(prepared, settings);
-    const latencyMs = Date.now() - startedAt;
+    let latencyMs = 0;
+    const outcome = await sendSlots(async () => {
+      // Read ahead but not yet sent: after a stop or a failure, it never is.
+      if (this.#stopSignal || currentFailure()) return undefined;
+      const startedAt = Date.now();
+      try {
+        const sent = await sendBatch(prepared, settings);
+        latencyMs = Date.now() - startedAt;
+        return sent;
+      } catch (error) {
+        // Recorded before the slot is freed: p-limit starts the next queued
+        // batch at once, and it must see this failure and not send.
+        recordFailure(seq, error);
+        throw error;
+      }
+    });
+    if (!outcome) return;
     const page = prepared.messages;
 
     // Strict mode: keep what precedes the first failure, then stop, so the

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   InputRejectedError,
   InvalidResponseError,
@@ -8,32 +8,12 @@ import {
 import { retryAfterMs } from '../../src/provider/classify.js';
 import { createOpenAIProvider } from '../../src/provider/client.js';
 import { tokenCount } from '../../src/provider/tokens.js';
-import {
-  type ErrorDialect,
-  type FakeOpenAI,
-  fakeEmbedding,
-  startFakeOpenAI,
-} from '../support/fake-openai.js';
-import { optionsRestorer, providerFor, rejectionOf } from './helpers.js';
+import { type ErrorDialect, fakeEmbedding } from '../support/fake-openai.js';
+import { providerFor, rejectionOf, useFakeServer } from './helpers.js';
 
-let fake: FakeOpenAI;
-let restoreOptions: () => void;
+const server = useFakeServer();
 
-beforeAll(async () => {
-  fake = await startFakeOpenAI();
-  restoreOptions = optionsRestorer(fake);
-});
-
-afterAll(async () => {
-  await fake.close();
-});
-
-beforeEach(() => {
-  fake.reset();
-  restoreOptions();
-});
-
-const LONG = 'this input is far longer than the five token limit of the fake server';
+const LONG = 'this input is far longer than the five token limit of the server.fake server';
 
 describe('context-length errors', () => {
   const dialects: Array<{
@@ -53,8 +33,8 @@ describe('context-length errors', () => {
   it.for(dialects)(
     'the $dialect dialect yields InputRejectedError(context_length) with index $index and limit $limitTokens',
     async ({ dialect, status, index, limitTokens }) => {
-      Object.assign(fake.options, { dialect, maxInputTokens: 5 });
-      const error = await rejectionOf(providerFor(fake).embed(['a', 'b', LONG, 'd']));
+      Object.assign(server.fake.options, { dialect, maxInputTokens: 5 });
+      const error = await rejectionOf(providerFor(server.fake).embed(['a', 'b', LONG, 'd']));
       expect(error).toBeInstanceOf(InputRejectedError);
       expect(error).toMatchObject({ reason: 'context_length', index, limitTokens, status });
     },
@@ -63,8 +43,8 @@ describe('context-length errors', () => {
 
 describe('errors no retry can fix', () => {
   it('a 429 insufficient_quota is fatal and says to add credit rather than retry', async () => {
-    fake.enqueueFault({ kind: 'insufficient-quota' });
-    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    server.fake.enqueueFault({ kind: 'insufficient-quota' });
+    const error = await rejectionOf(providerFor(server.fake).embed(['x']));
     expect(error).toBeInstanceOf(ProviderFatalError);
     expect(error).toMatchObject({ status: 429 });
     expect((error as Error).message).toMatch(/quota/);
@@ -72,15 +52,19 @@ describe('errors no retry can fix', () => {
   });
 
   it('a 401 for a wrong API key is fatal and names OPENAI_API_KEY', async () => {
-    fake.options.apiKey = 'the-right-key';
-    const error = await rejectionOf(providerFor(fake, { apiKey: 'a-wrong-key' }).embed(['x']));
+    server.fake.options.apiKey = 'the-right-key';
+    const error = await rejectionOf(
+      providerFor(server.fake, { apiKey: 'a-wrong-key' }).embed(['x']),
+    );
     expect(error).toBeInstanceOf(ProviderFatalError);
     expect(error).toMatchObject({ status: 401 });
     expect((error as Error).message).toContain('OPENAI_API_KEY');
   });
 
   it('a 404 for an unknown model is fatal and names the model', async () => {
-    const error = await rejectionOf(providerFor(fake, { model: 'no-such-model' }).embed(['x']));
+    const error = await rejectionOf(
+      providerFor(server.fake, { model: 'no-such-model' }).embed(['x']),
+    );
     expect(error).toBeInstanceOf(ProviderFatalError);
     expect(error).toMatchObject({ status: 404 });
     expect((error as Error).message).toContain("'no-such-model'");
@@ -96,31 +80,31 @@ describe('errors worth another attempt', () => {
   ])(
     'a 429 rate limit is transient and takes retryAfterMs from $header',
     async ({ fault, expected }) => {
-      fake.enqueueFault({ kind: 'rate-limit', ...fault });
-      const error = await rejectionOf(providerFor(fake).embed(['x']));
+      server.fake.enqueueFault({ kind: 'rate-limit', ...fault });
+      const error = await rejectionOf(providerFor(server.fake).embed(['x']));
       expect(error).toBeInstanceOf(ProviderTransientError);
       expect(error).toMatchObject({ status: 429, retryAfterMs: expected });
     },
   );
 
   it.for([500, 503])('a %i server error is transient', async (status) => {
-    fake.enqueueFault({ kind: 'server-error', status });
-    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    server.fake.enqueueFault({ kind: 'server-error', status });
+    const error = await rejectionOf(providerFor(server.fake).embed(['x']));
     expect(error).toBeInstanceOf(ProviderTransientError);
     expect(error).toMatchObject({ status, retryAfterMs: undefined });
   });
 
   it('a dropped connection is transient', async () => {
-    fake.enqueueFault({ kind: 'drop' });
-    const error = await rejectionOf(providerFor(fake).embed(['x']));
+    server.fake.enqueueFault({ kind: 'drop' });
+    const error = await rejectionOf(providerFor(server.fake).embed(['x']));
     expect(error).toBeInstanceOf(ProviderTransientError);
     expect((error as Error).message).toMatch(/connection error/);
   });
 
   it('a response slower than timeoutMs is a transient "timed out"', async () => {
-    fake.enqueueFault({ kind: 'hang', ms: 5_000 });
+    server.fake.enqueueFault({ kind: 'hang', ms: 5_000 });
     const started = performance.now();
-    const error = await rejectionOf(providerFor(fake, { timeoutMs: 200 }).embed(['x']));
+    const error = await rejectionOf(providerFor(server.fake, { timeoutMs: 200 }).embed(['x']));
     expect(error).toBeInstanceOf(ProviderTransientError);
     expect((error as Error).message).toMatch(/timed out/);
     expect(performance.now() - started).toBeLessThan(2_000);
@@ -129,12 +113,12 @@ describe('errors worth another attempt', () => {
 
 describe('other client errors', () => {
   it('a generic 400 with no context-length text rejects the input as rejected_input', async () => {
-    fake.enqueueFault({
+    server.fake.enqueueFault({
       kind: 'status',
       status: 400,
       body: { error: { message: 'bad things', type: 'invalid_request_error' } },
     });
-    const error = await rejectionOf(providerFor(fake).embed(['x', 'y']));
+    const error = await rejectionOf(providerFor(server.fake).embed(['x', 'y']));
     expect(error).toBeInstanceOf(InputRejectedError);
     expect(error).toMatchObject({
       reason: 'rejected_input',
@@ -150,29 +134,29 @@ describe('responses that break the contract', () => {
   const inputs = ['one', 'two', 'three'];
 
   it('a NaN in the first vector is an InvalidResponseError blaming index 0, never vectors', async () => {
-    fake.enqueueFault({ kind: 'nan' });
-    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    server.fake.enqueueFault({ kind: 'nan' });
+    const error = await rejectionOf(providerFor(server.fake).embed(inputs));
     expect(error).toBeInstanceOf(InvalidResponseError);
     expect(error).toMatchObject({ index: 0 });
   });
 
   it('one embedding too few is an InvalidResponseError blaming no single index', async () => {
-    fake.enqueueFault({ kind: 'wrong-count' });
-    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    server.fake.enqueueFault({ kind: 'wrong-count' });
+    const error = await rejectionOf(providerFor(server.fake).embed(inputs));
     expect(error).toBeInstanceOf(InvalidResponseError);
     expect(error).toMatchObject({ index: undefined });
   });
 
   it('a vector of the wrong dimension is an InvalidResponseError blaming index 0', async () => {
-    fake.enqueueFault({ kind: 'wrong-dimension' });
-    const error = await rejectionOf(providerFor(fake).embed(inputs));
+    server.fake.enqueueFault({ kind: 'wrong-dimension' });
+    const error = await rejectionOf(providerFor(server.fake).embed(inputs));
     expect(error).toBeInstanceOf(InvalidResponseError);
     expect(error).toMatchObject({ index: 0 });
   });
 
   it('with no dimension known beforehand, the odd vector out is still the one blamed', async () => {
-    fake.enqueueFault({ kind: 'wrong-dimension' });
-    const provider = providerFor(fake, { defaultDimensions: undefined });
+    server.fake.enqueueFault({ kind: 'wrong-dimension' });
+    const provider = providerFor(server.fake, { defaultDimensions: undefined });
     const error = await rejectionOf(provider.embed(inputs));
     expect(error).toBeInstanceOf(InvalidResponseError);
     expect(error).toMatchObject({ index: 0 });
@@ -183,9 +167,9 @@ describe('responses that break the contract', () => {
 
 describe('successful responses', () => {
   it('vectors are mapped by their index, not by position, when the server shuffles them', async () => {
-    fake.options.shuffle = true;
+    server.fake.options.shuffle = true;
     const texts = ['first', 'second', 'third', 'fourth'];
-    const { vectors, promptTokens } = await providerFor(fake).embed(texts);
+    const { vectors, promptTokens } = await providerFor(server.fake).embed(texts);
     expect(vectors).toHaveLength(texts.length);
     for (const [i, text] of texts.entries()) {
       expect(Array.from(vectors[i]!)).toEqual(Array.from(fakeEmbedding(text, 1536)));
@@ -194,7 +178,7 @@ describe('successful responses', () => {
   });
 
   it('dimensions: 256 is sent to the server and the vectors have 256 values', async () => {
-    const provider = providerFor(fake, { dimensions: 256 });
+    const provider = providerFor(server.fake, { dimensions: 256 });
     expect(provider.expectedDimensions).toBe(256);
     const texts = ['short', 'vectors'];
     const { vectors } = await provider.embed(texts);
@@ -205,7 +189,7 @@ describe('successful responses', () => {
   });
 
   it('the dimension is learnt from the first response when none is configured', async () => {
-    const provider = providerFor(fake, { defaultDimensions: undefined });
+    const provider = providerFor(server.fake, { defaultDimensions: undefined });
     expect(provider.expectedDimensions).toBeUndefined();
     await provider.embed(['learn']);
     expect(provider.expectedDimensions).toBe(1536);
@@ -287,16 +271,8 @@ describe('retryAfterMs', () => {
 });
 
 describe('errors about the request rather than an input', () => {
-  let fake: FakeOpenAI;
-  beforeAll(async () => {
-    fake = await startFakeOpenAI();
-  });
-  afterAll(async () => {
-    await fake.close();
-  });
-
   it('treats a 400 naming the dimensions parameter as fatal, since every input would fail alike', async () => {
-    fake.enqueueFault({
+    server.fake.enqueueFault({
       kind: 'status',
       status: 400,
       body: {
@@ -310,7 +286,7 @@ describe('errors about the request rather than an input', () => {
     });
     const provider = createOpenAIProvider({
       apiKey: 'test',
-      baseURL: fake.url,
+      baseURL: server.fake.url,
       model: 'text-embedding-ada-002',
       dimensions: 256,
       defaultDimensions: undefined,
@@ -323,14 +299,14 @@ describe('errors about the request rather than an input', () => {
   });
 
   it('does not mistake a 503 that quotes the context-length wording for an input problem', async () => {
-    fake.enqueueFault({
+    server.fake.enqueueFault({
       kind: 'status',
       status: 503,
       body: { error: { message: "upstream: This model's maximum context length is 8192 tokens" } },
     });
     const provider = createOpenAIProvider({
       apiKey: 'test',
-      baseURL: fake.url,
+      baseURL: server.fake.url,
       model: 'text-embedding-3-small',
       dimensions: undefined,
       defaultDimensions: 1536,

@@ -1,5 +1,10 @@
+import { afterAll, beforeAll, beforeEach } from 'vitest';
 import { createOpenAIProvider, type OpenAIProviderOptions } from '../../src/provider/client.js';
-import type { FakeOpenAI, FakeOpenAIOptions } from '../support/fake-openai.js';
+import {
+  type FakeOpenAI,
+  type FakeOpenAIOptions,
+  startFakeOpenAI,
+} from '../support/fake-openai.js';
 
 export const MODEL = 'text-embedding-3-small';
 
@@ -36,4 +41,22 @@ export function optionsRestorer(fake: FakeOpenAI): () => void {
     for (const key of Object.keys(opts)) delete opts[key];
     Object.assign(opts, structuredClone(initial) satisfies FakeOpenAIOptions);
   };
+}
+
+/** This file's fake server, with its stats and options put back before each test. */
+export function useFakeServer(): { readonly fake: FakeOpenAI } {
+  const handle = {} as { fake: FakeOpenAI };
+  let restoreOptions: () => void;
+  beforeAll(async () => {
+    handle.fake = await startFakeOpenAI();
+    restoreOptions = optionsRestorer(handle.fake);
+  });
+  afterAll(async () => {
+    await handle.fake?.close();
+  });
+  beforeEach(() => {
+    handle.fake.reset();
+    restoreOptions();
+  });
+  return handle;
 }

@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   InputRejectedError,
   ProviderFatalError,
@@ -7,31 +7,15 @@ import {
 } from '../../src/errors.js';
 import type { EmbeddingProvider } from '../../src/provider/client.js';
 import { type RetryPolicy, withRetries } from '../../src/provider/retry.js';
-import { type FakeOpenAI, startFakeOpenAI } from '../support/fake-openai.js';
-import { optionsRestorer, providerFor, rejectionOf } from './helpers.js';
+import { providerFor, rejectionOf, useFakeServer } from './helpers.js';
 
-let fake: FakeOpenAI;
-let restoreOptions: () => void;
-
-beforeAll(async () => {
-  fake = await startFakeOpenAI();
-  restoreOptions = optionsRestorer(fake);
-});
-
-afterAll(async () => {
-  await fake.close();
-});
-
-beforeEach(() => {
-  fake.reset();
-  restoreOptions();
-});
+const server = useFakeServer();
 
 /** Runs one embed under withRetries, recording every attempt and every retry. */
 function embedWithRetries(
   inputs: string[],
   policy: Partial<RetryPolicy> = {},
-  provider: EmbeddingProvider = providerFor(fake),
+  provider: EmbeddingProvider = providerFor(server.fake),
 ) {
   const calls = { attempts: 0, retries: [] as Array<{ attempt: number; delayMs: number }> };
   const promise = withRetries(
@@ -53,24 +37,28 @@ function embedWithRetries(
 
 describe('withRetries with the real provider', () => {
   it('two 500s then a success return the value after three attempts and two retries', async () => {
-    fake.enqueueFault({ kind: 'server-error' }, { kind: 'server-error', status: 503 });
+    server.fake.enqueueFault({ kind: 'server-error' }, { kind: 'server-error', status: 503 });
     const { promise, calls } = embedWithRetries(['hello']);
     const { value, attempts } = await promise;
     expect(value.vectors).toHaveLength(1);
     expect(attempts).toBe(3);
     expect(calls.retries.map((r) => r.attempt)).toEqual([1, 2]);
-    expect(fake.stats.requests).toBe(3);
+    expect(server.fake.stats.requests).toBe(3);
   });
 
   it('a dropped connection and a timeout are both retried to success', async () => {
-    fake.enqueueFault({ kind: 'drop' }, { kind: 'hang', ms: 5_000 });
-    const { promise } = embedWithRetries(['hello'], {}, providerFor(fake, { timeoutMs: 200 }));
+    server.fake.enqueueFault({ kind: 'drop' }, { kind: 'hang', ms: 5_000 });
+    const { promise } = embedWithRetries(
+      ['hello'],
+      {},
+      providerFor(server.fake, { timeoutMs: 200 }),
+    );
     const { attempts } = await promise;
     expect(attempts).toBe(3);
   });
 
   it('a 429 with retry-after-ms 300 waits about 300 ms before the next attempt', async () => {
-    fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 300 });
+    server.fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 300 });
     const started = performance.now();
     const { promise, calls } = embedWithRetries(['hello']);
     const { attempts } = await promise;
@@ -82,7 +70,7 @@ describe('withRetries with the real provider', () => {
   });
 
   it('a retry-after of an hour is capped by maxRetryWaitMs', async () => {
-    fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 3600 });
+    server.fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 3600 });
     const started = performance.now();
     const { promise, calls } = embedWithRetries(['hello'], { maxRetryWaitMs: 200 });
     const { attempts } = await promise;
@@ -92,40 +80,40 @@ describe('withRetries with the real provider', () => {
   });
 
   it('a 401 is fatal and is not retried', async () => {
-    fake.options.apiKey = 'the-right-key';
+    server.fake.options.apiKey = 'the-right-key';
     const { promise, calls } = embedWithRetries(
       ['hello'],
       {},
-      providerFor(fake, { apiKey: 'a-wrong-key' }),
+      providerFor(server.fake, { apiKey: 'a-wrong-key' }),
     );
     expect(await rejectionOf(promise)).toBeInstanceOf(ProviderFatalError);
     expect(calls.attempts).toBe(1);
     expect(calls.retries).toEqual([]);
-    expect(fake.stats.requests).toBe(1);
+    expect(server.fake.stats.requests).toBe(1);
   });
 
   it('a 429 insufficient_quota is fatal and is not retried', async () => {
-    fake.enqueueFault({ kind: 'insufficient-quota' });
+    server.fake.enqueueFault({ kind: 'insufficient-quota' });
     const { promise, calls } = embedWithRetries(['hello']);
     expect(await rejectionOf(promise)).toBeInstanceOf(ProviderFatalError);
     expect(calls.attempts).toBe(1);
     expect(calls.retries).toEqual([]);
-    expect(fake.stats.requests).toBe(1);
+    expect(server.fake.stats.requests).toBe(1);
   });
 
   it('an input over the context length is rejected without a retry', async () => {
-    fake.options.maxInputTokens = 5;
+    server.fake.options.maxInputTokens = 5;
     const { promise, calls } = embedWithRetries(['far too many tokens for a five token limit']);
     const error = await rejectionOf(promise);
     expect(error).toBeInstanceOf(InputRejectedError);
     expect(error).toMatchObject({ reason: 'context_length' });
     expect(calls.attempts).toBe(1);
-    expect(fake.stats.requests).toBe(1);
+    expect(server.fake.stats.requests).toBe(1);
   });
 
   it('maxRetries+1 transient failures end in RetriesExhaustedError counting every attempt', async () => {
     const maxRetries = 2;
-    fake.enqueueFault(
+    server.fake.enqueueFault(
       { kind: 'server-error' },
       { kind: 'server-error' },
       { kind: 'server-error' },
@@ -137,20 +125,20 @@ describe('withRetries with the real provider', () => {
     expect(error).toMatchObject({ attempts: maxRetries + 1 });
     expect((error as Error).cause).toBeInstanceOf(ProviderTransientError);
     expect(calls.retries).toHaveLength(maxRetries);
-    expect(fake.stats.requests).toBe(maxRetries + 1);
+    expect(server.fake.stats.requests).toBe(maxRetries + 1);
   });
 
   it('maxRetries 0 makes a single attempt and reports it as exhausted', async () => {
-    fake.enqueueFault({ kind: 'server-error' });
+    server.fake.enqueueFault({ kind: 'server-error' });
     const { promise } = embedWithRetries(['hello'], { maxRetries: 0 });
     const error = await rejectionOf(promise);
     expect(error).toBeInstanceOf(RetriesExhaustedError);
     expect(error).toMatchObject({ attempts: 1 });
-    expect(fake.stats.requests).toBe(1);
+    expect(server.fake.stats.requests).toBe(1);
   });
 
   it('aborting the signal during a backoff wait stops promptly without another request', async () => {
-    fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 60 });
+    server.fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 60 });
     const controller = new AbortController();
     const { promise, calls } = embedWithRetries(['hello'], {
       maxRetryWaitMs: 60_000,
@@ -164,7 +152,7 @@ describe('withRetries with the real provider', () => {
     expect(performance.now() - started).toBeLessThan(1_000);
     expect(error).toMatchObject({ name: 'AbortError' });
     expect(calls.attempts).toBe(1);
-    expect(fake.stats.requests).toBe(1);
+    expect(server.fake.stats.requests).toBe(1);
   });
 
   it('an already-aborted signal makes no request at all', async () => {
@@ -173,6 +161,6 @@ describe('withRetries with the real provider', () => {
     const { promise, calls } = embedWithRetries(['hello'], { signal: controller.signal });
     await rejectionOf(promise);
     expect(calls.attempts).toBe(0);
-    expect(fake.stats.requests).toBe(0);
+    expect(server.fake.stats.requests).toBe(0);
   });
 });

@@ -1,12 +1,19 @@
-import type { Kysely } from 'kysely';
+import { type Kysely, sql } from 'kysely';
+import { afterAll, beforeAll, beforeEach } from 'vitest';
 import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
-import type { EmbeddingColumnType } from '../../src/db/embedding-column.js';
+import type { Database } from '../../src/db/connect.js';
+import {
+  type EmbeddingColumnType,
+  readEmbeddingColumnType,
+} from '../../src/db/embedding-column.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { createOpenAIProvider } from '../../src/provider/client.js';
 import { knownModel } from '../../src/provider/models.js';
 import { upsertMessages } from '../../src/sql/seed.js';
 import { EmbedRun } from '../../src/worker/run.js';
+import { type BackendName, createTestDatabase, openMigrated, type TestDatabase } from './db.js';
+import { type FakeOpenAI, type FakeOpenAIOptions, startFakeOpenAI } from './fake-openai.js';
 
 export interface RunHarnessContext {
   db: Kysely<DB>;
@@ -66,4 +73,62 @@ export async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000)
     if (Date.now() > deadline) throw new Error('condition not met in time');
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/**
+ * The per-file fixture of worker tests: this file's own migrated database on
+ * `backend`, a fake server, and empty tables before each test. Returns
+ * getters, since the values exist only once beforeAll has run.
+ */
+export function useWorkerFixture(
+  backend: BackendName,
+  fakeDefaults: Partial<FakeOpenAIOptions> = {},
+) {
+  let target: TestDatabase;
+  let database: Database;
+  let columnType: EmbeddingColumnType;
+  let fake: FakeOpenAI;
+  beforeAll(async () => {
+    target = await createTestDatabase(backend);
+    database = await openMigrated(target.url);
+    columnType = await readEmbeddingColumnType(database.db);
+    fake = await startFakeOpenAI(fakeDefaults);
+  });
+  afterAll(async () => {
+    await fake?.close();
+    await database?.close();
+    await target?.drop();
+  });
+  beforeEach(async () => {
+    fake.reset();
+    // Options a test changed go back to this file's defaults.
+    Object.assign(fake.options, {
+      latencyMs: 0,
+      maxTpm: undefined,
+      maxTpmBurst: undefined,
+      dialect: 'openai',
+      maxInputTokens: 8192,
+      models: undefined,
+      shuffle: false,
+      ...fakeDefaults,
+    });
+    await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
+  });
+  return {
+    get database() {
+      return database;
+    },
+    get fake() {
+      return fake;
+    },
+    /** What makeRun needs, wired as the CLI wires it. */
+    ctx(): RunHarnessContext {
+      return {
+        db: database.db,
+        columnType,
+        copyFromBlob: database.copyFromBlob,
+        baseUrl: fake.url,
+      };
+    },
+  };
 }

@@ -3,22 +3,18 @@ import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'kysely';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
-import type { Database } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
 import { parseVector } from '../../src/db/vector.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends } from '../support/db.js';
 import {
   makeRun as makeRunWith,
   sampleTexts,
   seedMessages,
+  useWorkerFixture,
   waitFor,
 } from '../support/embed-run.js';
-import { type FakeOpenAI, fakeEmbedding, startFakeOpenAI } from '../support/fake-openai.js';
+import { fakeEmbedding } from '../support/fake-openai.js';
 
 // text-embedding-3-small, the default model.
 const DIMS = 1536;
@@ -26,47 +22,17 @@ const DIMS = 1536;
 const TOO_LONG = 'lorem ipsum dolor sit amet '.repeat(1800);
 
 describe.each(backends())('the embed run on %s', (backend) => {
-  let target: TestDatabase;
-  let database: Database;
-  let columnType: EmbeddingColumnType;
-  let fake: FakeOpenAI;
-
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-    columnType = await readEmbeddingColumnType(database.db);
-    fake = await startFakeOpenAI({ shuffle: true });
-  });
-  afterAll(async () => {
-    await fake?.close();
-    await database?.close();
-    await target?.drop();
-  });
-  beforeEach(async () => {
-    fake.reset();
-    Object.assign(fake.options, {
-      shuffle: true,
-      dialect: 'openai',
-      maxInputTokens: 8192,
-      latencyMs: 0,
-    });
-    await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
-  });
-
-  const ctx = () => ({
-    db: database.db,
-    columnType,
-    copyFromBlob: database.copyFromBlob,
-    baseUrl: fake.url,
-  });
+  const fx = useWorkerFixture(backend, { shuffle: true });
+  const ctx = () => fx.ctx();
   const makeRun = (flags: FlagValues = {}) => makeRunWith(ctx(), flags);
   const embed = (flags: FlagValues = {}) => makeRun(flags).run.run();
 
-  const seed = (contents: Array<string | [number, string]>) => seedMessages(database.db, contents);
+  const seed = (contents: Array<string | [number, string]>) =>
+    seedMessages(fx.database.db, contents);
   const texts = sampleTexts;
 
   async function storedRows() {
-    return database.db
+    return fx.database.db
       .selectFrom('message_embeddings')
       .select([
         'message_id',
@@ -80,7 +46,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
       .execute();
   }
   async function runRow(runId: string) {
-    return database.db
+    return fx.database.db
       .selectFrom('embedding_runs')
       .selectAll()
       .where('id', '=', runId)
@@ -111,16 +77,16 @@ describe.each(backends())('the embed run on %s', (backend) => {
     const outcome = await embed({ 'batch-size': '8' });
     expect(outcome.summary.embedded).toBe(100);
     expect(await storedRows()).toHaveLength(100);
-    expect(fake.stats.inputsEmbedded).toBe(100);
+    expect(fx.fake.stats.inputsEmbedded).toBe(100);
   });
 
   it('makes no API call and changes no row on a rerun over unchanged messages', async () => {
     await seed(texts(12));
     await embed();
     const before = await storedRows();
-    const requestsBefore = fake.stats.requests;
+    const requestsBefore = fx.fake.stats.requests;
     const outcome = await embed();
-    expect(fake.stats.requests).toBe(requestsBefore);
+    expect(fx.fake.stats.requests).toBe(requestsBefore);
     expect(outcome.summary).toMatchObject({ embedded: 0, skipped: 0, status: 'succeeded' });
     expect(outcome.summary.ineligible.upToDate).toBe(12);
     expect(await storedRows()).toEqual(before);
@@ -129,11 +95,11 @@ describe.each(backends())('the embed run on %s', (backend) => {
   it('re-embeds exactly the message whose content was edited', async () => {
     await seed(texts(12));
     await embed();
-    fake.reset();
+    fx.fake.reset();
     await seed([[5, 'an edited fifth message']]);
     const outcome = await embed();
     expect(outcome.summary.embedded).toBe(1);
-    expect([...fake.stats.seen.keys()]).toEqual(['an edited fifth message']);
+    expect([...fx.fake.stats.seen.keys()]).toEqual(['an edited fifth message']);
     const row = (await storedRows()).find((r) => r.message_id === '5');
     expect(parseVector(row!.embedding).map(Math.fround)).toEqual(
       Array.from(fakeEmbedding('an edited fifth message', DIMS)),
@@ -143,10 +109,10 @@ describe.each(backends())('the embed run on %s', (backend) => {
   it('re-embeds unchanged messages with --force', async () => {
     await seed(texts(6));
     await embed();
-    fake.reset();
+    fx.fake.reset();
     const outcome = await embed({ force: true });
     expect(outcome.summary.embedded).toBe(6);
-    expect(fake.stats.inputsEmbedded).toBe(6);
+    expect(fx.fake.stats.inputsEmbedded).toBe(6);
     expect(await storedRows()).toHaveLength(6);
   });
 
@@ -155,7 +121,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     const outcome = await embed();
     expect(outcome.summary.embedded).toBe(2);
     expect(outcome.summary.ineligible.blank).toBe(2);
-    expect(fake.stats.inputsEmbedded).toBe(2);
+    expect(fx.fake.stats.inputsEmbedded).toBe(2);
     const run = await runRow(outcome.summary.runId);
     expect(run.ineligible_blank).toBe(2);
   });
@@ -187,7 +153,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     );
     expect((await storedRows()).map((r) => r.message_id)).toEqual(['1', '2', '3', '4', '5']);
     // Counted before sending: the long input never cost an API call.
-    expect(fake.stats.seen.has(TOO_LONG)).toBe(false);
+    expect(fx.fake.stats.seen.has(TOO_LONG)).toBe(false);
     const run = await runRow(outcome.summary.runId);
     expect(run).toMatchObject({ status: 'failed', embedded: 5, cursor_id: '5' });
     expect(run.error).toContain('message 6');
@@ -206,7 +172,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
       skippedByReason: { context_length: 1 },
     });
     expect((await storedRows()).map((r) => r.message_id)).not.toContain('6');
-    const skips = await database.db.selectFrom('embedding_skips').selectAll().execute();
+    const skips = await fx.database.db.selectFrom('embedding_skips').selectAll().execute();
     expect(skips).toHaveLength(1);
     expect(skips[0]).toMatchObject({
       message_id: '6',
@@ -220,7 +186,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     'isolates an input the %s server refuses as too long and embeds its batch-mates',
     async (dialect) => {
       // An unknown model has no known limit, so only the server's answer tells.
-      Object.assign(fake.options, { dialect, maxInputTokens: 50, models: ['my-local-model'] });
+      Object.assign(fx.fake.options, { dialect, maxInputTokens: 50, models: ['my-local-model'] });
       const contents = texts(8);
       contents[2] = 'long '.repeat(80);
       await seed(contents);
@@ -229,7 +195,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
         model: 'my-local-model',
         'batch-size': '8',
       });
-      fake.options.models = undefined;
+      fx.fake.options.models = undefined;
       expect(outcome.summary).toMatchObject({
         embedded: 7,
         skipped: 1,
@@ -239,14 +205,14 @@ describe.each(backends())('the embed run on %s', (backend) => {
       expect(rows.map((r) => r.message_id)).toEqual(['1', '2', '4', '5', '6', '7', '8']);
       if (dialect === 'openai') {
         // The index in the message names the culprit: one failed request, one retry without it.
-        expect(fake.stats.requests).toBe(2);
+        expect(fx.fake.stats.requests).toBe(2);
       }
     },
   );
 
   it('retries a transient failure and records the attempts on the batch', async () => {
     await seed(texts(4));
-    fake.enqueueFault(
+    fx.fake.enqueueFault(
       { kind: 'server-error', status: 503 },
       { kind: 'rate-limit', retryAfterMs: 10 },
     );
@@ -257,7 +223,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
       retries: 2,
       requests: 3,
     });
-    const batch = await database.db
+    const batch = await fx.database.db
       .selectFrom('embedding_batches')
       .selectAll()
       .executeTakeFirstOrThrow();
@@ -266,12 +232,12 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
   it('fails a strict run when retries run out, and skips the batch with a reason in partial mode', async () => {
     await seed(texts(4));
-    fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
+    fx.fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
     const strict = await embed({ 'max-retries': '2' });
     expect(strict.exitCode).toBe(1);
     expect(strict.error?.message).toMatch(/retries_exhausted/);
 
-    fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
+    fx.fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
     const partial = await embed({ 'max-retries': '2', 'allow-partial': true });
     expect(partial.summary).toMatchObject({
       status: 'partial',
@@ -300,22 +266,22 @@ describe.each(backends())('the embed run on %s', (backend) => {
     ],
   ] as const)('aborts at once on %s, even in partial mode', async ([, fault]) => {
     await seed(texts(8));
-    fake.enqueueFault(fault);
+    fx.fake.enqueueFault(fault);
     const outcome = await embed({ 'allow-partial': true, concurrency: '1' });
     expect(outcome.exitCode).toBe(1);
     expect(outcome.summary.status).toBe('failed');
-    expect(fake.stats.requests).toBe(1);
+    expect(fx.fake.stats.requests).toBe(1);
     expect(await storedRows()).toHaveLength(0);
   });
 
   it('on a fatal error keeps what the other batches in flight already got, and stops', async () => {
     await seed(texts(40));
-    fake.enqueueFault({ kind: 'insufficient-quota' });
+    fx.fake.enqueueFault({ kind: 'insufficient-quota' });
     const outcome = await embed({ 'allow-partial': true, concurrency: '4' });
     expect(outcome.exitCode).toBe(1);
     expect(outcome.summary.status).toBe('failed');
     // At most the three other batches in flight went out; nothing after the failure.
-    expect(fake.stats.requests).toBeLessThanOrEqual(4);
+    expect(fx.fake.stats.requests).toBeLessThanOrEqual(4);
     const rows = await storedRows();
     expect(rows.length).toBeLessThanOrEqual(12);
     expect((await runRow(outcome.summary.runId)).embedded).toBe(rows.length);
@@ -323,7 +289,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
   it('never stores a vector with a non-finite value, and skips only the input it belongs to', async () => {
     await seed(texts(4));
-    fake.enqueueFault({ kind: 'nan' });
+    fx.fake.enqueueFault({ kind: 'nan' });
     const outcome = await embed({ 'allow-partial': true });
     const rows = await storedRows();
     for (const row of rows) expect(parseVector(row.embedding).every(Number.isFinite)).toBe(true);
@@ -336,7 +302,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
   it('rejects a response with the wrong count and recovers the batch by splitting it', async () => {
     await seed(texts(4));
-    fake.enqueueFault({ kind: 'wrong-count' });
+    fx.fake.enqueueFault({ kind: 'wrong-count' });
     const outcome = await embed();
     expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 4 });
   });
@@ -374,7 +340,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     const outcome = await embed({ 'allow-partial': true, 'batch-size': '7' });
     const { rows } = await sql<{ embedded: number; skipped: number; n: number }>`
       select sum(b.embedded)::int as embedded, sum(b.skipped)::int as skipped, count(*)::int as n
-      from embedding_batches b where b.run_id = ${outcome.summary.runId}`.execute(database.db);
+      from embedding_batches b where b.run_id = ${outcome.summary.runId}`.execute(fx.database.db);
     const run = await runRow(outcome.summary.runId);
     expect(rows[0]).toEqual({ embedded: 29, skipped: 1, n: 5 });
     expect(run).toMatchObject({
@@ -392,7 +358,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     const outcome = await embed();
     const view = await sql<Record<string, unknown>>`
       select * from embedding_progress where run_id = ${outcome.summary.runId}`.execute(
-      database.db,
+      fx.database.db,
     );
     expect(view.rows[0]).toMatchObject({
       status: 'succeeded',
@@ -406,7 +372,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
   it('on stop lets the batch in flight commit, marks the run interrupted, and tolerates a second stop', async () => {
     await seed(texts(40));
-    fake.options.latencyMs = 100;
+    fx.fake.options.latencyMs = 100;
     const { run } = makeRun();
     const finished = run.run();
     await waitFor(async () => (await storedRows()).length > 0);
