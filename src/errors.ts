@@ -118,6 +118,11 @@ export class InterruptedError extends PgembedError {
   }
 }
 
+/** Anything thrown, as an Error. */
+export function asError(value: unknown): Error {
+  return value instanceof Error ? value : new Error(String(value));
+}
+
 /** First line of any error, for the one-line messages the CLI prints. */
 export function oneLine(error: unknown): string {
   const text = error instanceof Error ? error.message : String(error);

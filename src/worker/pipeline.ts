@@ -1,0 +1,242 @@
+import pLimit, { type LimitFunction } from 'p-limit';
+import { asError, StrictModeError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
+import { type EligibleMessage, fetchEligiblePage } from '../sql/messages.js';
+import { AdaptiveConcurrency } from './adaptive-concurrency.js';
+import {
+  type BatchOutcome,
+  type BatchSettings,
+  cutAtFirstFailure,
+  type Failure,
+  type PreparedBatch,
+  prepareBatch,
+  sendBatch,
+} from './batch.js';
+import { commitBatch } from './commit.js';
+import { createRateGate } from './rate-gate.js';
+import type { RunDeps } from './run.js';
+import type { RunTotals } from './summary.js';
+import type { CommitWatermark } from './watermark.js';
+
+/** What the pipeline needs from its run. */
+export interface PipelineContext {
+  deps: RunDeps;
+  runId: string;
+  target: { provider: string; model: string; force: boolean };
+  /** Updated as batches commit; the run's summary reads them. */
+  totals: RunTotals;
+  log: Logger;
+  watermark: CommitWatermark;
+  /** The signal that stopped the run, once one has. */
+  stopped: () => NodeJS.Signals | undefined;
+  /** Aborted on stop: cuts retry waits, never an answered request. */
+  abortSignal: AbortSignal;
+}
+
+/**
+ * The batch pipeline: a reader pages eligible messages with the keyset
+ * cursor and prepares them one batch ahead; up to --concurrency batches are
+ * sent at once; each commits in its own transaction as it finishes.
+ */
+export async function runPipeline(ctx: PipelineContext): Promise<void> {
+  const { target, log, watermark } = ctx;
+  const { db, config } = ctx.deps;
+  const limit = pLimit(config.concurrency);
+  const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
+  const gate = createRateGate(config);
+  const inFlight = new Set<Promise<void>>();
+  // The failure that ends the run: the one in the earliest batch wins.
+  let failure: { seq: number; error: Error } | undefined;
+  const fail = (seq: number, error: unknown) => {
+    if (!failure || seq < failure.seq) failure = { seq, error: asError(error) };
+  };
+  const settings: BatchSettings = {
+    provider: ctx.deps.provider,
+    maxInputTokens: config.effectiveMaxInputTokens,
+    truncate: config.truncate,
+    maxRequestInputs: config.maxRequestInputs,
+    maxRequestTokens: config.maxRequestTokens,
+    beforeAttempt: (tokens) => gate.acquire(tokens),
+    onSent: () => adaptive.onSuccess(),
+    retry: {
+      maxRetries: config.maxRetries,
+      maxRetryWaitMs: config.maxRetryWaitMs,
+      signal: ctx.abortSignal,
+      onRetry: ({ error, attempt, delayMs }) => {
+        if (error.status === 429) adaptive.onRateLimited();
+        log.warn({ attempt, delay_ms: delayMs, err: error.message }, 'retrying request');
+      },
+    },
+  };
+
+  let readCursor: string | null = null;
+  let taken = 0;
+  let seq = 0;
+  let lastPage = false;
+  while (!ctx.stopped() && !failure && !lastPage) {
+    if (config.limit !== undefined && taken >= config.limit) break;
+    // Backpressure: one batch read and tokenized ahead of the free send slots,
+    // so reading, tokenizing, sending and committing overlap, while memory
+    // holds at most `concurrency` + 1 batches however large the table is.
+    while (inFlight.size > adaptive.current) await Promise.race(inFlight);
+    if (ctx.stopped() || failure) break;
+    const pageSize = Math.min(config.batchSize, (config.limit ?? Number.POSITIVE_INFINITY) - taken);
+    const page = await fetchEligiblePage(db, target, readCursor, pageSize);
+    if (page.length === 0) break;
+    taken += page.length;
+    readCursor = (page[page.length - 1] as EligibleMessage).id;
+
+    let prepared = prepareBatch(page, settings);
+    if (!config.allowPartial && prepared.failed.length > 0) {
+      // Strict mode knows the run ends here: send nothing after the culprit.
+      prepared = cutAtFirstFailure(prepared);
+      lastPage = true;
+    }
+    const batchSeq = ++seq;
+    watermark.register(batchSeq, readCursor);
+    const task: Promise<void> = processBatch(
+      ctx,
+      batchSeq,
+      prepared,
+      settings,
+      limit,
+      () => failure,
+      fail,
+    )
+      .catch((error: unknown) => fail(batchSeq, error))
+      .finally(() => inFlight.delete(task));
+    inFlight.add(task);
+  }
+  await Promise.all(inFlight);
+  if (failure) throw failure.error;
+}
+
+/**
+ * Sends one batch when a send slot is free, then commits what it got in its
+ * own transaction, outside the slot, so the next request need not wait for
+ * this commit.
+ */
+async function processBatch(
+  ctx: PipelineContext,
+  seq: number,
+  prepared: PreparedBatch,
+  settings: BatchSettings,
+  sendSlots: LimitFunction,
+  currentFailure: () => { seq: number; error: Error } | undefined,
+  recordFailure: (seq: number, error: unknown) => void,
+): Promise<void> {
+  const { runId, watermark, totals, log } = ctx;
+  const { db, config, columnType } = ctx.deps;
+  const blog = log.child({ batch: seq });
+  let latencyMs = 0;
+  const outcome = await sendSlots(async () => {
+    // Read ahead but not yet sent: after a stop or a failure, it never is.
+    if (ctx.stopped() || currentFailure()) return undefined;
+    const startedAt = Date.now();
+    try {
+      const sent = await sendBatch(prepared, settings);
+      latencyMs = Date.now() - startedAt;
+      return sent;
+    } catch (error) {
+      // Recorded before the slot is freed: p-limit starts the next queued
+      // batch at once, and it must see this failure and not send.
+      recordFailure(seq, error);
+      throw error;
+    }
+  });
+  if (!outcome) return;
+  const page = prepared.messages;
+
+  // Strict mode: keep what precedes the first failure, then stop, so the
+  // committed set is the eligible prefix before that message.
+  const firstFailure = config.allowPartial ? undefined : outcome.failed[0];
+  const earlier = currentFailure();
+  if (earlier && earlier.seq < seq && earlier.error instanceof StrictModeError) {
+    blog.debug('discarded: a strict-mode failure precedes this batch');
+    return;
+  }
+  const kept = firstFailure
+    ? outcome.embedded.filter((e) => e.position < firstFailure.position)
+    : outcome.embedded;
+  const skipped = firstFailure ? [] : outcome.failed;
+
+  if (kept.length > 0 || skipped.length > 0) {
+    const lastHandled = firstFailure ? page[firstFailure.position - 1] : page[page.length - 1];
+    const batch = {
+      runId,
+      provider: config.provider,
+      model: config.model,
+      batchNo: seq,
+      firstMessageId: page[0]?.id as string,
+      lastMessageId: lastHandled?.id as string,
+      size: kept.length + skipped.length,
+      tokens: kept.reduce((sum, e) => sum + e.tokens, 0),
+      attempts: outcome.attempts,
+      requests: outcome.attempts,
+      retries: outcome.attempts - outcome.sends,
+      latencyMs,
+      cursorId: firstFailure
+        ? watermark.cursorWith(seq, lastHandled?.id ?? null)
+        : watermark.cursorWith(seq),
+    };
+    await commitBatch(
+      db,
+      columnType,
+      ctx.deps.copyFromBlob,
+      batch,
+      kept.map(toRow),
+      skipped.map(toSkip),
+    );
+    totals.batches += 1;
+    totals.embedded += kept.length;
+    totals.skipped += skipped.length;
+    totals.truncated += kept.filter((e) => e.truncated).length;
+    totals.tokens += batch.tokens;
+    totals.requests += batch.requests;
+    totals.retries += batch.retries;
+    blog.debug(
+      {
+        first_id: batch.firstMessageId,
+        last_id: batch.lastMessageId,
+        embedded: kept.length,
+        skipped: skipped.length,
+        attempts: outcome.attempts,
+        latency_ms: latencyMs,
+      },
+      'batch committed',
+    );
+  }
+  watermark.commit(
+    seq,
+    firstFailure ? (kept.length ? kept[kept.length - 1]?.message.id : null) : undefined,
+  );
+  for (const failure of skipped) {
+    blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
+  }
+  if (firstFailure) throw strictError(firstFailure);
+}
+
+function strictError(failure: Failure): StrictModeError {
+  const how =
+    failure.reason === 'context_length'
+      ? `rerun with --allow-partial to skip it (recorded in embedding_skips), or --truncate to embed its first ${failure.limitTokens ?? 'N'} tokens`
+      : 'rerun with --allow-partial to skip it (recorded in embedding_skips)';
+  return new StrictModeError(
+    `message ${failure.message.id} cannot be embedded (${failure.reason}): ${failure.detail}; ${how}`,
+  );
+}
+
+function toRow(e: BatchOutcome['embedded'][number]): EmbeddedRow {
+  return {
+    messageId: e.message.id,
+    vector: e.vector,
+    sha256Hex: e.message.sha256Hex,
+    inputTokens: e.tokens,
+    truncated: e.truncated,
+  };
+}
+
+function toSkip(f: Failure): SkippedRow {
+  return { messageId: f.message.id, reason: f.reason, detail: f.detail, inputTokens: f.tokens };
+}
