@@ -153,15 +153,17 @@ export async function sendBatch(
 }
 
 /** Splits inputs into requests within the per-request input and token caps. */
-function requestParts(inputs: Input[], settings: BatchSettings): Input[][] {
-  const parts: Input[][] = [];
-  let part: Input[] = [];
+export function requestParts<T extends { tokens: number }>(
+  inputs: T[],
+  caps: Pick<BatchSettings, 'maxRequestInputs' | 'maxRequestTokens'>,
+): T[][] {
+  const parts: T[][] = [];
+  let part: T[] = [];
   let tokens = 0;
   for (const input of inputs) {
     if (
       part.length > 0 &&
-      (part.length >= settings.maxRequestInputs ||
-        tokens + input.tokens > settings.maxRequestTokens)
+      (part.length >= caps.maxRequestInputs || tokens + input.tokens > caps.maxRequestTokens)
     ) {
       parts.push(part);
       part = [];

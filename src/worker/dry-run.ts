@@ -2,8 +2,8 @@ import { type Kysely, sql } from 'kysely';
 import type { EmbedConfig } from '../config.js';
 import type { DB } from '../db/schema.js';
 import { knownModel } from '../provider/models.js';
-import { tokenCount } from '../provider/tokens.js';
 import { countMessages, fetchEligiblePage } from '../sql/messages.js';
+import { prepareBatch, requestParts } from './batch.js';
 
 export interface DryRunReport {
   provider: string;
@@ -11,7 +11,7 @@ export interface DryRunReport {
   eligible: number;
   blank: number;
   upToDate: number;
-  /** Exact tokens that would be sent (truncated inputs count their kept part). */
+  /** Exact tokens that would be sent (truncated inputs count their kept part, re-counted as the run does). */
   tokens: number;
   requests: number;
   maxInputTokens: number | null;
@@ -53,51 +53,32 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
     usdPerMillionTokens: null,
     estimatedCostUsd: null,
   };
-  // Requests as the worker forms them: fixed-size batches, each split within
-  // the per-request caps; inputs over the limit are never sent.
-  let batchFill = 0;
-  let part = { inputs: 0, tokens: 0 };
-  const closePart = () => {
-    if (part.inputs > 0) report.requests++;
-    part = { inputs: 0, tokens: 0 };
-  };
-
+  // Pages hold whole batches, so batches fall where the run's would; each is
+  // prepared and split into requests by the worker's own code.
+  const pageRows = config.batchSize * Math.max(1, Math.floor(PAGE_ROWS / config.batchSize));
+  const settings = { maxInputTokens: limit, truncate: config.truncate };
   let cursor: string | null = null;
   while (config.limit === undefined || report.eligible < config.limit) {
-    const size = Math.min(PAGE_ROWS, (config.limit ?? Number.POSITIVE_INFINITY) - report.eligible);
+    const size = Math.min(pageRows, (config.limit ?? Number.POSITIVE_INFINITY) - report.eligible);
     const page = await fetchEligiblePage(db, target, cursor, size);
     if (page.length === 0) break;
     cursor = page[page.length - 1]?.id ?? cursor;
-    for (const message of page) {
-      report.eligible++;
-      if (batchFill === config.batchSize) {
-        closePart();
-        batchFill = 0;
-      }
-      batchFill++;
-      let tokens = tokenCount(message.content);
-      if (limit !== undefined && tokens > limit) {
-        if (!config.truncate) {
-          report.overLimit.count++;
-          if (report.overLimit.firstIds.length < FIRST_IDS)
-            report.overLimit.firstIds.push(message.id);
-          continue;
+    report.eligible += page.length;
+    for (let i = 0; i < page.length; i += config.batchSize) {
+      const prepared = prepareBatch(page.slice(i, i + config.batchSize), settings);
+      for (const failed of prepared.failed) {
+        report.overLimit.count++;
+        if (report.overLimit.firstIds.length < FIRST_IDS) {
+          report.overLimit.firstIds.push(failed.message.id);
         }
-        report.truncated++;
-        tokens = limit;
       }
-      if (
-        part.inputs > 0 &&
-        (part.inputs >= config.maxRequestInputs || part.tokens + tokens > config.maxRequestTokens)
-      ) {
-        closePart();
+      for (const input of prepared.toSend) {
+        report.tokens += input.tokens;
+        if (input.truncated) report.truncated++;
       }
-      part.inputs++;
-      part.tokens += tokens;
-      report.tokens += tokens;
+      report.requests += requestParts(prepared.toSend, config).length;
     }
   }
-  closePart();
 
   const price = config.pricePerMillionTokens ?? knownModel(config.model)?.usdPerMillionTokens;
   if (price !== undefined) {
