@@ -28,9 +28,9 @@ export interface BatchRecord {
   lastMessageId: string;
   size: number;
   tokens: number;
+  /** HTTP requests made for the batch, retries included. */
   attempts: number;
   retries: number;
-  requests: number;
   latencyMs: number;
   /** Every eligible message up to here is handled; the run's resume point. Null: no change. */
   cursorId: string | null;
@@ -141,7 +141,7 @@ export async function advanceRun(
       skipped: eb('skipped', '+', counts.skipped),
       truncated: eb('truncated', '+', counts.truncated),
       tokens: eb('tokens', '+', batch.tokens),
-      requests: eb('requests', '+', batch.requests),
+      requests: eb('requests', '+', batch.attempts),
       retries: eb('retries', '+', batch.retries),
       batches: eb('batches', '+', 1),
       heartbeat_at: sql`now()`,

@@ -160,6 +160,8 @@ async function processBatch(
     ? outcome.embedded.filter((e) => e.position < firstFailure.position)
     : outcome.embedded;
   const skipped = firstFailure ? [] : outcome.failed;
+  // Strict mode commits a prefix: where it ends (null: nothing before the culprit).
+  const prefixEnd = firstFailure ? (page[firstFailure.position - 1]?.id ?? null) : undefined;
 
   if (kept.length > 0 || skipped.length > 0) {
     const lastHandled = firstFailure ? page[firstFailure.position - 1] : page[page.length - 1];
@@ -173,12 +175,9 @@ async function processBatch(
       size: kept.length + skipped.length,
       tokens: kept.reduce((sum, e) => sum + e.tokens, 0),
       attempts: outcome.attempts,
-      requests: outcome.attempts,
       retries: outcome.attempts - outcome.sends,
       latencyMs,
-      cursorId: firstFailure
-        ? watermark.cursorWith(seq, lastHandled?.id ?? null)
-        : watermark.cursorWith(seq),
+      cursorId: watermark.cursorWith(seq, prefixEnd),
     };
     await commitBatch(
       db,
@@ -193,7 +192,7 @@ async function processBatch(
     totals.skipped += skipped.length;
     totals.truncated += kept.filter((e) => e.truncated).length;
     totals.tokens += batch.tokens;
-    totals.requests += batch.requests;
+    totals.requests += batch.attempts;
     totals.retries += batch.retries;
     blog.debug(
       {
@@ -207,10 +206,7 @@ async function processBatch(
       'batch committed',
     );
   }
-  watermark.commit(
-    seq,
-    firstFailure ? (kept.length ? kept[kept.length - 1]?.message.id : null) : undefined,
-  );
+  watermark.commit(seq, prefixEnd);
   for (const failure of skipped) {
     blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
   }
