@@ -9,7 +9,7 @@ import { knownModel } from '../provider/models.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
-import { runCli } from './main.js';
+import { runCli, warnLoudly } from './main.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
@@ -42,10 +42,7 @@ await runCli(async (argv) => {
       ? (
           await migrateToLatest(database, {
             forcedColumnType: config.embeddingColumnType,
-            warn: (message) => {
-              logger.warn(message);
-              process.stderr.write(`pgembed: ${message}\n`);
-            },
+            warn: warnLoudly(logger),
           })
         ).embeddingColumnType
       : await readEmbeddingColumnType(database.db).catch((error) => {

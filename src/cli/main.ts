@@ -1,5 +1,6 @@
 import { config as loadDotenv } from 'dotenv';
 import { oneLine, PgembedError } from '../errors.js';
+import type { Logger } from '../log.js';
 
 /**
  * Runs a CLI command: loads .env (without overriding the real environment),
@@ -27,4 +28,15 @@ export async function runCli(main: (argv: string[]) => Promise<number>): Promise
   }
   // Exit now: an idle keep-alive socket must not hold a finished job open.
   process.exit(code);
+}
+
+/**
+ * For warnings a person must see once (the real[] fallback at migration): in
+ * the log, and on stderr, where the human summary also goes.
+ */
+export function warnLoudly(logger: Logger): (message: string) => void {
+  return (message) => {
+    logger.warn(message);
+    process.stderr.write(`pgembed: ${message}\n`);
+  };
 }

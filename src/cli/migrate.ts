@@ -3,7 +3,7 @@ import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { createLogger } from '../log.js';
 import { helpText, parseFlags } from './args.js';
-import { runCli } from './main.js';
+import { runCli, warnLoudly } from './main.js';
 
 const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
 
@@ -19,10 +19,7 @@ await runCli(async (argv) => {
   try {
     const result = await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
-      warn: (message) => {
-        logger.warn(message);
-        process.stderr.write(`pgembed: ${message}\n`);
-      },
+      warn: warnLoudly(logger),
     });
     logger.info(
       {

@@ -6,7 +6,7 @@ import { createLogger } from '../log.js';
 import { jsonLines, type SeedMessage, spamAssassin } from '../seed/sources.js';
 import { upsertMessages } from '../sql/seed.js';
 import { helpText, parseFlags } from './args.js';
-import { runCli } from './main.js';
+import { runCli, warnLoudly } from './main.js';
 
 const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
 const EXTRA = {
@@ -39,7 +39,7 @@ await runCli(async (argv) => {
   try {
     await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
-      warn: (message) => process.stderr.write(`pgembed: ${message}\n`),
+      warn: warnLoudly(logger),
     });
     const source: Iterable<SeedMessage> | AsyncIterable<SeedMessage> = corpus
       ? spamAssassin(limit ? Number(limit) : undefined)
