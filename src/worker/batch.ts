@@ -70,8 +70,6 @@ export interface BatchOutcome {
   attempts: number;
   /** Requests that were not retries: 1, or more when a batch was split. */
   sends: number;
-  /** Tokens of everything embedded. */
-  tokens: number;
 }
 
 /**
@@ -132,7 +130,6 @@ export async function sendBatch(
     failed: [...prepared.failed],
     attempts: 0,
     sends: 0,
-    tokens: 0,
   };
   const preFailed = outcome.failed.length;
   for (const part of requestParts(prepared.toSend, settings)) {
@@ -200,7 +197,6 @@ async function sendIsolating(
         tokens: input.tokens,
         truncated: input.truncated,
       });
-      outcome.tokens += input.tokens;
     });
   } catch (error) {
     if (error instanceof RetriesExhaustedError) {
@@ -210,10 +206,10 @@ async function sendIsolating(
     if (!(error instanceof InputRejectedError || error instanceof InvalidResponseError))
       throw error;
 
+    const reason = error instanceof InputRejectedError ? error.reason : 'invalid_response';
     const [only] = inputs;
     if (only && inputs.length === 1) {
       const limit = error instanceof InputRejectedError ? error.limitTokens : undefined;
-      const reason = error instanceof InputRejectedError ? error.reason : 'invalid_response';
       // The server knew a limit we did not: with --truncate, try once more within it.
       if (reason === 'context_length' && settings.truncate && limit && !retriedTruncated) {
         return sendIsolating([truncated(only, limit)], settings, outcome, true);
@@ -223,13 +219,7 @@ async function sendIsolating(
     }
     const culprit = error.index !== undefined ? inputs[error.index] : undefined;
     if (culprit) {
-      outcome.failed.push(
-        failure(
-          culprit,
-          error instanceof InputRejectedError ? error.reason : 'invalid_response',
-          error,
-        ),
-      );
+      outcome.failed.push(failure(culprit, reason, error));
       await sendIsolating(
         inputs.filter((i) => i !== culprit),
         settings,
