@@ -1,12 +1,12 @@
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import pg from 'pg';
 import { openDatabase } from '../src/db/connect.js';
 import { migrateToLatest } from '../src/db/migrator.js';
 import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
 import { upsertMessages } from '../src/sql/seed.js';
 import { type CliResult, logRecords, startCli } from '../test/support/cli.js';
+import { withAdminClient } from '../test/support/db.js';
 
 export type Backend = 'pglite' | 'postgres';
 
@@ -89,13 +89,7 @@ function withDatabase(serverUrl: string, name: string): string {
 }
 
 async function admin(serverUrl: string, statement: string): Promise<void> {
-  const client = new pg.Client({ connectionString: serverUrl });
-  await client.connect();
-  try {
-    await client.query(statement);
-  } finally {
-    await client.end();
-  }
+  await withAdminClient(serverUrl, (client) => client.query(statement));
 }
 
 export interface WorkerResult {

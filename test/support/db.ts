@@ -50,7 +50,11 @@ export async function createTestDatabase(backend: BackendName): Promise<TestData
   };
 }
 
-async function withAdminClient<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
+/** Runs `fn` on a one-off connection to the server's admin database. */
+export async function withAdminClient<T>(
+  url: string,
+  fn: (client: pg.Client) => Promise<T>,
+): Promise<T> {
   const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {
