@@ -108,6 +108,15 @@ export class StrictModeError extends PgembedError {
   readonly code = 'STRICT_SKIP';
 }
 
+/**
+ * This run's lease on a range lapsed and another worker took the range over
+ * (this worker stalled for longer than --lease-ms). The batch rolls back and
+ * the worker leaves the range to its new owner; the run goes on.
+ */
+export class LeaseLostError extends PgembedError {
+  readonly code = 'LEASE_LOST';
+}
+
 /** A signal stopped the run; exit 130 for SIGINT, 143 for SIGTERM. */
 export class InterruptedError extends PgembedError {
   readonly code = 'INTERRUPTED';

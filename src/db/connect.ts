@@ -115,8 +115,16 @@ async function openPostgres(
     // Fail a dead host in 10 s rather than the OS's 2-minute TCP timeout.
     connectionTimeoutMillis: 10_000,
     application_name: 'pgembed',
+    // A peer that vanished without a FIN/RST (a network blip) is found by
+    // keepalive probes instead of a query that waits forever.
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 10_000,
   });
   pool.on('error', (error) => options.onIdleError?.(error));
+  // pg emits 'error' on a checked-out client whose connection drops (after
+  // failing its query); with no listener that would crash the process
+  // instead of letting the query's caller retry on a new connection.
+  pool.on('connect', (client) => client.on('error', () => {}));
   try {
     const client = await pool.connect();
     client.release();

@@ -32,7 +32,14 @@ export interface MessageEmbeddingsTable {
   embedded_at: Generated<Timestamp>;
 }
 
-export type RunStatus = 'running' | 'succeeded' | 'partial' | 'failed' | 'interrupted';
+export type RunStatus =
+  | 'running'
+  | 'succeeded'
+  | 'partial'
+  | 'failed'
+  | 'interrupted'
+  /** Set by the worker that took over its lease: no heartbeat for longer than the lease. */
+  | 'abandoned';
 
 export interface EmbeddingRunsTable {
   id: Generated<string>;
@@ -45,7 +52,7 @@ export interface EmbeddingRunsTable {
   started_at: Generated<Timestamp>;
   finished_at: Timestamp | null;
   heartbeat_at: Generated<Timestamp>;
-  /** Keyset cursor: every eligible message with id <= cursor_id has been handled by this run. */
+  /** The highest range cursor this run committed; the resume points are embedding_ranges.cursor_id. */
   cursor_id: ColumnType<string | null, string | number | null | undefined, string | number | null>;
   /** Eligible messages this run set out to handle (capped by --limit), counted at start. */
   planned: Counter;
@@ -59,6 +66,7 @@ export interface EmbeddingRunsTable {
   batches: Counter;
   error: string | null;
   summary: ColumnType<unknown, string | undefined, string>;
+  sweep_id: ColumnType<string | null, string | null | undefined, string | null>;
 }
 
 export interface EmbeddingBatchesTable {
@@ -86,10 +94,48 @@ export interface EmbeddingSkipsTable {
   created_at: Generated<Timestamp>;
 }
 
+export interface EmbeddingSweepsTable {
+  id: Generated<string>;
+  provider: string;
+  model: string;
+  force: boolean;
+  planned: number;
+  ranges: number;
+  created_by_run: string | null;
+  created_at: Generated<Timestamp>;
+  finished_at: Timestamp | null;
+}
+
+export type RangeState = 'pending' | 'leased' | 'done';
+
+type NullableId = ColumnType<string | null, string | null | undefined, string | null>;
+
+export interface EmbeddingRangesTable {
+  sweep_id: BigintId;
+  range_no: number;
+  /** Exclusive lower bound; null: from the first id. */
+  lo_id: NullableId;
+  /** Inclusive upper bound; null: to the last id, including ids inserted later. */
+  hi_id: NullableId;
+  planned: number;
+  state: ColumnType<RangeState, RangeState | undefined, RangeState>;
+  cursor_id: NullableId;
+  lease_owner: NullableId;
+  lease_expires_at: Timestamp | null;
+  heartbeat_at: Timestamp | null;
+  leases: Counter;
+  takeovers: Counter;
+  embedded: Counter;
+  skipped: Counter;
+  done_at: Timestamp | null;
+}
+
 export interface DB {
   messages: MessagesTable;
   message_embeddings: MessageEmbeddingsTable;
   embedding_runs: EmbeddingRunsTable;
   embedding_batches: EmbeddingBatchesTable;
   embedding_skips: EmbeddingSkipsTable;
+  embedding_sweeps: EmbeddingSweepsTable;
+  embedding_ranges: EmbeddingRangesTable;
 }

@@ -100,13 +100,17 @@ export async function insertSkips(
     .execute();
 }
 
-/** The durable progress row of one committed batch. */
+/**
+ * The durable progress row of one committed batch. False when the row is
+ * already there: a COMMIT whose answer was lost with the connection did
+ * commit, and redoing the batch must not count it twice.
+ */
 export async function insertBatch(
   trx: Transaction<DB>,
   batch: BatchRecord,
   counts: { embedded: number; skipped: number },
-): Promise<void> {
-  await trx
+): Promise<boolean> {
+  const inserted = await trx
     .insertInto('embedding_batches')
     .values({
       run_id: batch.runId,
@@ -120,7 +124,10 @@ export async function insertBatch(
       attempts: batch.attempts,
       latency_ms: batch.latencyMs,
     })
-    .execute();
+    .onConflict((oc) => oc.columns(['run_id', 'batch_no']).doNothing())
+    .returning('batch_no')
+    .executeTakeFirst();
+  return inserted !== undefined;
 }
 
 /**

@@ -15,17 +15,26 @@ export interface EmbeddingTarget {
   force: boolean;
 }
 
+/** A keyset window over message ids: (after, upTo]; null means unbounded. */
+export interface IdWindow {
+  after: string | null;
+  upTo: string | null;
+}
+
+const WHOLE_TABLE: IdWindow = { after: null, upTo: null };
+
 // A message needs embedding when it has a non-blank character and no embedding
-// for this (provider, model) was made from its current content. `afterId`
+// for this (provider, model) was made from its current content. The window
 // bounds the embeddings side too: without it the planner's anti-join re-reads
 // every embedding below the cursor on every page, O(n^2) over a run (42 s for
 // the 6,000-email corpus on PGlite).
-function eligibleFilter(target: EmbeddingTarget, afterId: string | null = null) {
-  const bound = afterId === null ? sql`` : sql`and e.message_id > ${afterId}`;
+function eligibleFilter(target: EmbeddingTarget, window: IdWindow = WHOLE_TABLE) {
+  const after = window.after === null ? sql`` : sql`and e.message_id > ${window.after}`;
+  const upTo = window.upTo === null ? sql`` : sql`and e.message_id <= ${window.upTo}`;
   const upToDate = sql<boolean>`exists (
     select 1 from message_embeddings e
     where e.provider = ${target.provider} and e.model = ${target.model}
-      and e.message_id = m.id ${bound}
+      and e.message_id = m.id ${after} ${upTo}
       and e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))`;
   // Parenthesised: callers splice it into larger expressions, `not` included.
   return target.force
@@ -33,26 +42,62 @@ function eligibleFilter(target: EmbeddingTarget, afterId: string | null = null) 
     : sql<boolean>`(m.content ~ '\\S' and not ${upToDate})`;
 }
 
+function windowFilter(window: IdWindow) {
+  const after = window.after === null ? sql`true` : sql`m.id > ${window.after}`;
+  const upTo = window.upTo === null ? sql`true` : sql`m.id <= ${window.upTo}`;
+  return sql<boolean>`(${after} and ${upTo})`;
+}
+
 /**
- * The next page of eligible messages after `afterId`. Keyset, never OFFSET:
- * the eligible set shrinks as pages are embedded, so an offset into it skips
- * rows (the run that stalled at ~3,000 of 6,000). `id > $last order by id`
- * walks the primary key and cannot skip.
+ * The next page of eligible messages in `window`. Keyset, never OFFSET: the
+ * eligible set shrinks as pages are embedded, so an offset into it skips rows
+ * (the run that stalled at ~3,000 of 6,000). `id > $last order by id` walks
+ * the primary key and cannot skip.
  */
 export async function fetchEligiblePage(
   db: Kysely<DB>,
   target: EmbeddingTarget,
-  afterId: string | null,
+  window: IdWindow,
   limit: number,
+  options: { notSkippedByRun?: string } = {},
 ): Promise<EligibleMessage[]> {
-  const after = afterId === null ? sql`true` : sql`m.id > ${afterId}`;
+  // A run that makes a second pass (see run.ts) does not retry what it skipped.
+  const notSkipped =
+    options.notSkippedByRun === undefined
+      ? sql`true`
+      : sql`not exists (select 1 from embedding_skips s
+                        where s.run_id = ${options.notSkippedByRun} and s.message_id = m.id)`;
   const { rows } = await sql<EligibleMessage>`
     select m.id::text as id, m.content,
            encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex"
     from messages m
-    where ${after} and ${eligibleFilter(target, afterId)}
+    where ${windowFilter(window)} and ${eligibleFilter(target, window)} and ${notSkipped}
     order by m.id
     limit ${limit}`.execute(db);
+  return rows;
+}
+
+export interface EligibleTile {
+  /** Last eligible id of the tile; ranges end here. */
+  hiId: string;
+  eligible: number;
+}
+
+/**
+ * Eligible ids cut into tiles of `size`, in id order: one scan, for planning
+ * a sweep's ranges so each holds about the same work whatever the gaps.
+ */
+export async function eligibleTiles(
+  db: Kysely<DB>,
+  target: EmbeddingTarget,
+  size: number,
+): Promise<EligibleTile[]> {
+  const { rows } = await sql<EligibleTile>`
+    select max(id)::text as "hiId", count(*)::int as eligible
+    from (select m.id, (row_number() over (order by m.id) - 1) / ${size} as tile
+          from messages m where ${eligibleFilter(target)}) t
+    group by tile
+    order by tile`.execute(db);
   return rows;
 }
 

@@ -29,6 +29,15 @@ export async function insertRun(
   return String(row.id);
 }
 
+/** Which sweep the run works on, for the progress view. */
+export async function setRunSweep(db: Kysely<DB>, runId: string, sweepId: string): Promise<void> {
+  await db
+    .updateTable('embedding_runs')
+    .set({ sweep_id: sweepId })
+    .where('id', '=', runId)
+    .execute();
+}
+
 /** Heartbeat between batches, so psql can tell a slow run from a dead one. */
 export async function touchRun(db: Kysely<DB>, runId: string): Promise<void> {
   await db

@@ -1,5 +1,5 @@
 import pLimit, { type LimitFunction } from 'p-limit';
-import { asError, StrictModeError } from '../errors.js';
+import { asError, LeaseLostError, StrictModeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
 import { type EligibleMessage, fetchEligiblePage } from '../sql/messages.js';
@@ -14,38 +14,65 @@ import {
   sendBatch,
 } from './batch.js';
 import { commitBatch } from './commit.js';
+import { RangeLeases, type RangeWalk } from './range-leases.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
 import type { RunTotals } from './summary.js';
-import type { CommitWatermark } from './watermark.js';
 
 /** What the pipeline needs from its run. */
 export interface PipelineContext {
   deps: RunDeps;
   runId: string;
+  sweepId: string;
   target: { provider: string; model: string; force: boolean };
   /** Updated as batches commit; the run's summary reads them. */
   totals: RunTotals;
   log: Logger;
-  watermark: CommitWatermark;
   /** The signal that stopped the run, once one has. */
   stopped: () => NodeJS.Signals | undefined;
-  /** Aborted on stop: cuts retry waits, never an answered request. */
+  /** Aborted on stop: cuts retry waits and waits for ranges, never an answered request. */
   abortSignal: AbortSignal;
+  /** Redoes database work lost with a connection, up to --db-retry-ms. */
+  dbRetry: <T>(what: string, fn: () => Promise<T>) => Promise<T>;
+  /** Most messages to read in this pass (what --limit leaves); undefined: no cap. */
+  limit: number | undefined;
+}
+
+export interface PipelineResult {
+  /** The highest committed range cursor, for the run row. */
+  cursorId: string | null;
+  /** Eligible messages read. */
+  taken: number;
+  /** What ended the pass early, if anything did. */
+  error: Error | undefined;
 }
 
 /**
- * The batch pipeline: a reader pages eligible messages with the keyset
- * cursor and prepares them one batch ahead; up to --concurrency batches are
- * sent at once; each commits in its own transaction as it finishes.
+ * The batch pipeline: a reader leases ranges of the sweep, pages eligible
+ * messages in each with its keyset cursor and prepares them one batch ahead;
+ * up to --concurrency batches are sent at once; each commits in its own
+ * transaction as it finishes, moving its range's cursor.
  */
-export async function runPipeline(ctx: PipelineContext): Promise<void> {
-  const { target, log, watermark } = ctx;
+export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult> {
+  const { target, log } = ctx;
   const { db, config } = ctx.deps;
   const limit = pLimit(config.concurrency);
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
   const gate = createRateGate(config);
+  const leases = new RangeLeases({
+    db,
+    sweepId: ctx.sweepId,
+    runId: ctx.runId,
+    leaseMs: config.leaseMs,
+    log,
+    dbRetry: ctx.dbRetry,
+    abortSignal: ctx.abortSignal,
+  });
   const inFlight = new Set<Promise<void>>();
+  const track = (task: Promise<void>) => {
+    inFlight.add(task);
+    void task.finally(() => inFlight.delete(task));
+  };
   // The failure that ends the run: the one in the earliest batch wins.
   let failure: { seq: number; error: Error } | undefined;
   const fail = (seq: number, error: unknown) => {
@@ -69,47 +96,90 @@ export async function runPipeline(ctx: PipelineContext): Promise<void> {
       },
     },
   };
+  const finish = (walk: RangeWalk) =>
+    track(leases.finishWhenSettled(walk).catch((error: unknown) => fail(seq + 1, error)));
 
-  let readCursor: string | null = null;
+  let walk: RangeWalk | undefined;
   let taken = 0;
   let seq = 0;
   let lastPage = false;
-  while (!ctx.stopped() && !failure && !lastPage) {
-    if (config.limit !== undefined && taken >= config.limit) break;
-    // Backpressure: one batch read and tokenized ahead of the free send slots,
-    // so reading, tokenizing, sending and committing overlap, while memory
-    // holds at most `concurrency` + 1 batches however large the table is.
-    while (inFlight.size > adaptive.current) await Promise.race(inFlight);
-    if (ctx.stopped() || failure) break;
-    const pageSize = Math.min(config.batchSize, (config.limit ?? Number.POSITIVE_INFINITY) - taken);
-    const page = await fetchEligiblePage(db, target, readCursor, pageSize);
-    if (page.length === 0) break;
-    taken += page.length;
-    readCursor = (page[page.length - 1] as EligibleMessage).id;
-
-    let prepared = prepareBatch(page, settings);
-    if (!config.allowPartial && prepared.failed.length > 0) {
-      // Strict mode knows the run ends here: send nothing after the culprit.
-      prepared = cutAtFirstFailure(prepared);
-      lastPage = true;
+  try {
+    while (!ctx.stopped() && !failure && !lastPage) {
+      if (ctx.limit !== undefined && taken >= ctx.limit) break;
+      // Backpressure: one batch read and tokenized ahead of the free send slots,
+      // so reading, tokenizing, sending and committing overlap, while memory
+      // holds at most `concurrency` + 1 batches however large the table is.
+      while (inFlight.size > adaptive.current) await Promise.race(inFlight);
+      if (ctx.stopped() || failure) break;
+      if (!walk?.readable) {
+        walk = await leases.next();
+        if (!walk) break;
+      }
+      const current = walk;
+      const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
+      const page = await ctx.dbRetry('read a page', () =>
+        fetchEligiblePage(
+          db,
+          target,
+          { after: current.readCursor, upTo: current.lease.hiId },
+          pageSize,
+          { notSkippedByRun: ctx.runId },
+        ),
+      );
+      // A short page is the range's last: no need to read an empty one to know.
+      const lastOfRange = page.length < pageSize;
+      if (page.length > 0) {
+        taken += page.length;
+        let prepared = prepareBatch(page, settings);
+        if (!config.allowPartial && prepared.failed.length > 0) {
+          // Strict mode knows the run ends here: send nothing after the culprit.
+          prepared = cutAtFirstFailure(prepared);
+          lastPage = true;
+        }
+        const batchSeq = ++seq;
+        const rangeSeq = current.register((page[page.length - 1] as EligibleMessage).id);
+        const task: Promise<void> = processBatch(ctx, {
+          seq: batchSeq,
+          walk: current,
+          rangeSeq,
+          prepared,
+          settings,
+          sendSlots: limit,
+          currentFailure: () => failure,
+          recordFailure: fail,
+        }).then(
+          (committed) => {
+            if (!committed) current.incomplete = true;
+          },
+          (error: unknown) => {
+            current.incomplete = true;
+            fail(batchSeq, error);
+          },
+        );
+        current.tasks.add(task);
+        track(task);
+      }
+      if (lastOfRange) finish(current);
     }
-    const batchSeq = ++seq;
-    watermark.register(batchSeq, readCursor);
-    const task: Promise<void> = processBatch(
-      ctx,
-      batchSeq,
-      prepared,
-      settings,
-      limit,
-      () => failure,
-      fail,
-    )
-      .catch((error: unknown) => fail(batchSeq, error))
-      .finally(() => inFlight.delete(task));
-    inFlight.add(task);
+    await Promise.all(inFlight);
+  } finally {
+    // Whatever ended the loop: settle what is in flight, then hand back the
+    // ranges not walked to the end so other workers take them at once.
+    await Promise.allSettled(inFlight);
+    await leases.releaseAll();
   }
-  await Promise.all(inFlight);
-  if (failure) throw failure.error;
+  return { cursorId: leases.highestCursor(), taken, error: failure?.error };
+}
+
+interface BatchJob {
+  seq: number;
+  walk: RangeWalk;
+  rangeSeq: number;
+  prepared: PreparedBatch;
+  settings: BatchSettings;
+  sendSlots: LimitFunction;
+  currentFailure: () => { seq: number; error: Error } | undefined;
+  recordFailure: (seq: number, error: unknown) => void;
 }
 
 /**
@@ -117,18 +187,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<void> {
  * own transaction, outside the slot, so the next request need not wait for
  * this commit.
  */
-async function processBatch(
-  ctx: PipelineContext,
-  seq: number,
-  prepared: PreparedBatch,
-  settings: BatchSettings,
-  sendSlots: LimitFunction,
-  currentFailure: () => { seq: number; error: Error } | undefined,
-  recordFailure: (seq: number, error: unknown) => void,
-): Promise<void> {
-  const { runId, watermark, totals, log } = ctx;
+async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolean> {
+  const { seq, walk, rangeSeq, prepared, settings, sendSlots, currentFailure, recordFailure } = job;
+  const { runId, totals, log } = ctx;
   const { db, config, columnType } = ctx.deps;
-  const blog = log.child({ batch: seq });
+  const watermark = walk.watermark;
+  const blog = log.child({ batch: seq, range_no: walk.key.rangeNo });
   let latencyMs = 0;
   const outcome = await sendSlots(async () => {
     // Read ahead but not yet sent: after a stop or a failure, it never is.
@@ -145,7 +209,7 @@ async function processBatch(
       throw error;
     }
   });
-  if (!outcome) return;
+  if (!outcome) return false;
   const page = prepared.messages;
 
   // Strict mode: keep what precedes the first failure, then stop, so the
@@ -154,7 +218,7 @@ async function processBatch(
   const earlier = currentFailure();
   if (earlier && earlier.seq < seq && earlier.error instanceof StrictModeError) {
     blog.debug('discarded: a strict-mode failure precedes this batch');
-    return;
+    return false;
   }
   const kept = firstFailure
     ? outcome.embedded.filter((e) => e.position < firstFailure.position)
@@ -177,16 +241,27 @@ async function processBatch(
       attempts: outcome.attempts,
       retries: outcome.attempts - outcome.sends,
       latencyMs,
-      cursorId: watermark.cursorWith(seq, prefixEnd),
+      cursorId: watermark.cursorWith(rangeSeq, prefixEnd),
     };
-    await commitBatch(
+    const to = {
       db,
       columnType,
-      ctx.deps.copyFromBlob,
-      batch,
-      kept.map(toRow),
-      skipped.map(toSkip),
-    );
+      copyFromBlob: ctx.deps.copyFromBlob,
+      range: walk.key,
+      leaseMs: config.leaseMs,
+    };
+    try {
+      await ctx.dbRetry('commit a batch', () =>
+        commitBatch(to, batch, kept.map(toRow), skipped.map(toSkip)),
+      );
+    } catch (error) {
+      if (!(error instanceof LeaseLostError)) throw error;
+      // Another worker owns the range now and redoes this batch from the
+      // committed cursor; this worker leaves the range to it.
+      walk.lost = true;
+      blog.warn({ err: error.message }, 'lease lost; leaving the range to its new owner');
+      return false;
+    }
     totals.batches += 1;
     totals.embedded += kept.length;
     totals.skipped += skipped.length;
@@ -206,11 +281,12 @@ async function processBatch(
       'batch committed',
     );
   }
-  watermark.commit(seq, prefixEnd);
+  watermark.commit(rangeSeq, prefixEnd);
   for (const failure of skipped) {
     blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
   }
   if (firstFailure) throw strictError(firstFailure);
+  return true;
 }
 
 function strictError(failure: Failure): StrictModeError {

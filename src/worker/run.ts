@@ -2,15 +2,17 @@ import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
 import { redactUrl } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { countMessages } from '../sql/messages.js';
-import { finishRun, insertRun, skipsByReason, touchRun } from '../sql/runs.js';
+import { openSweep, renewLeases } from '../sql/ranges.js';
+import { finishRun, insertRun, setRunSweep, skipsByReason, touchRun } from '../sql/runs.js';
 import { runPipeline } from './pipeline.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
-import { CommitWatermark } from './watermark.js';
+import { highestId } from './watermark.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
@@ -66,8 +68,22 @@ export class EmbedRun {
       blank: census.blank,
     });
     const log = logger.child({ run_id: runId });
+    const dbRetry = <T>(what: string, fn: () => Promise<T>) =>
+      withDbRetry(what, fn, { retryMs: config.dbRetryMs, log });
+    const sweep = await dbRetry('open a sweep', () =>
+      openSweep(db, target, { rangeSize: config.rangeSize, runId }),
+    );
+    await dbRetry('record the sweep', () => setRunSweep(db, runId, sweep.id));
     log.info(
-      { planned, blank: census.blank, up_to_date: census.upToDate, model: config.model },
+      {
+        planned,
+        blank: census.blank,
+        up_to_date: census.upToDate,
+        model: config.model,
+        sweep_id: sweep.id,
+        sweep_ranges: sweep.ranges,
+        sweep: sweep.created ? 'planned' : 'joined',
+      },
       'run started',
     );
 
@@ -94,28 +110,68 @@ export class EmbedRun {
         },
         'progress',
       );
-      touchRun(db, runId).catch((error) => log.warn({ err: error }, 'heartbeat failed'));
     }, this.deps.progressIntervalMs ?? 5000);
     progress.unref();
+    // The run's heartbeat and its leases' renewal: a third of the lease, so
+    // two beats can fail (a blip) before another worker may take a range.
+    const heartbeat = setInterval(
+      () => {
+        Promise.all([touchRun(db, runId), renewLeases(db, runId, config.leaseMs)]).catch(
+          (error: unknown) => log.warn({ err: oneLine(error) }, 'heartbeat failed'),
+        );
+      },
+      Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3),
+    );
+    heartbeat.unref();
 
     let error: PgembedError | Error | undefined;
-    const watermark = new CommitWatermark();
+    const cursors: Array<string | null> = [];
     try {
-      await runPipeline({
-        deps: this.deps,
-        runId,
-        target,
-        totals,
-        log,
-        watermark,
-        stopped: () => this.#stopSignal,
-        abortSignal: this.#abort.signal,
-      });
+      let current = sweep;
+      let limitLeft = config.limit;
+      for (;;) {
+        const pass = await runPipeline({
+          deps: this.deps,
+          runId,
+          sweepId: current.id,
+          target,
+          totals,
+          log,
+          stopped: () => this.#stopSignal,
+          abortSignal: this.#abort.signal,
+          dbRetry,
+          limit: limitLeft,
+        });
+        cursors.push(pass.cursorId);
+        if (pass.error) throw pass.error;
+        if (this.#stopSignal || current.fresh) break;
+        if (limitLeft !== undefined) limitLeft -= pass.taken;
+        if (limitLeft !== undefined && limitLeft <= 0) break;
+        // It joined a sweep planned before it started, now finished: messages
+        // in ranges done before it joined may have changed since. One more
+        // pass, over a sweep planned now.
+        const next = await dbRetry('open a sweep', () =>
+          openSweep(db, target, { rangeSize: config.rangeSize, runId }),
+        );
+        if (next.id === current.id) break; // still open: other workers are finishing it
+        await dbRetry('record the sweep', () => setRunSweep(db, runId, next.id));
+        log.info(
+          {
+            sweep_id: next.id,
+            sweep_ranges: next.ranges,
+            sweep: next.created ? 'planned' : 'joined',
+          },
+          'joined sweep finished; one more pass over a fresh one',
+        );
+        current = next;
+      }
     } catch (caught) {
       error = this.#stopSignal ? new InterruptedError(this.#stopSignal) : asError(caught);
     } finally {
       clearInterval(progress);
+      clearInterval(heartbeat);
     }
+    const cursorId = highestId(cursors);
     if (!error && this.#stopSignal) error = new InterruptedError(this.#stopSignal);
 
     const status = error
@@ -125,7 +181,14 @@ export class EmbedRun {
       : totals.skipped > 0
         ? 'partial'
         : 'succeeded';
-    const skippedIds = await skipsByReason(db, runId);
+    // With the database gone for good, the summary still goes out and the
+    // exit code is still 1; the run row is marked abandoned by whoever takes over.
+    const skippedIds = await dbRetry('read the skips', () => skipsByReason(db, runId)).catch(
+      (caught: unknown) => {
+        log.warn({ err: oneLine(caught) }, 'could not read the skips');
+        return {} as Record<string, string[]>;
+      },
+    );
     const elapsedMs = Date.now() - startedAt;
     const summary: RunSummary = {
       runId,
@@ -145,7 +208,11 @@ export class EmbedRun {
       error: error ? oneLine(error) : null,
     };
     // Concurrent commits each wrote the cursor they could see; settle it now.
-    await finishRun(db, runId, status, { ...summary }, summary.error, watermark.cursor);
+    await dbRetry('finish the run', () =>
+      finishRun(db, runId, status, { ...summary }, summary.error, cursorId),
+    ).catch((caught: unknown) =>
+      log.error({ err: oneLine(caught) }, 'could not record the end of the run'),
+    );
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
     log.info(
@@ -175,6 +242,8 @@ function runOptions(config: EmbedConfig): Record<string, unknown> {
     timeout_ms: config.timeoutMs,
     max_input_tokens: config.effectiveMaxInputTokens ?? null,
     truncate: config.truncate,
+    lease_ms: config.leaseMs,
+    range_size: config.rangeSize,
     base_url: config.openaiBaseUrl ? redactUrl(config.openaiBaseUrl) : null,
   };
 }

@@ -7,11 +7,19 @@ export class CommitWatermark {
   readonly #lastIds = new Map<number, string>();
   readonly #committed = new Set<number>();
   #next = 1;
-  #cursor: string | null = null;
+  #cursor: string | null;
+  #registered = 0;
+  #prefixOnly = false;
+
+  /** `start`: where reading began (a resumed range's committed cursor). */
+  constructor(start: string | null = null) {
+    this.#cursor = start;
+  }
 
   /** Batch `seq` (1, 2, …, in read order) covers messages up to `lastId`. */
   register(seq: number, lastId: string): void {
     this.#lastIds.set(seq, lastId);
+    this.#registered = Math.max(this.#registered, seq);
   }
 
   /**
@@ -33,6 +41,7 @@ export class CommitWatermark {
   /** `lastId` when only a prefix of the batch committed (strict mode). */
   commit(seq: number, lastId?: string | null): void {
     if (lastId !== undefined) {
+      this.#prefixOnly = true;
       if (lastId === null) return; // nothing of it committed: the cursor stops before it
       this.#lastIds.set(seq, lastId);
     }
@@ -48,4 +57,18 @@ export class CommitWatermark {
   get cursor(): string | null {
     return this.#cursor;
   }
+
+  /** Every registered batch committed in full: what was read is all handled. */
+  get complete(): boolean {
+    return !this.#prefixOnly && this.#next === this.#registered + 1;
+  }
+}
+
+/** The highest of some ids (bigint text), null when there are none. */
+export function highestId(ids: Iterable<string | null>): string | null {
+  let highest: bigint | null = null;
+  for (const id of ids) {
+    if (id !== null && (highest === null || BigInt(id) > highest)) highest = BigInt(id);
+  }
+  return highest === null ? null : String(highest);
 }

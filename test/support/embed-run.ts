@@ -112,7 +112,9 @@ export function useWorkerFixture(
       shuffle: false,
       ...fakeDefaults,
     });
-    await sql`truncate messages, message_embeddings, embedding_runs cascade`.execute(database.db);
+    await sql`truncate messages, message_embeddings, embedding_runs, embedding_sweeps cascade`.execute(
+      database.db,
+    );
   });
   return {
     get database() {

@@ -62,7 +62,9 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     await embed({ 'batch-size': '8', 'max-request-inputs': '3' });
     expect(fx.fake.stats.requestSizes).toEqual([3, 3, 2]);
 
-    await sql`truncate message_embeddings, embedding_runs cascade`.execute(fx.database.db);
+    await sql`truncate message_embeddings, embedding_runs, embedding_sweeps cascade`.execute(
+      fx.database.db,
+    );
     fx.fake.reset();
     await embed({ 'batch-size': '8', 'max-request-tokens': String(2 * perInput + 1) });
     expect(fx.fake.stats.requestSizes).toEqual([2, 2, 2, 2]);
@@ -79,7 +81,9 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     expect(fx.fake.stats.rateLimited).toBeGreaterThan(0);
     expect(unpaced.summary.retries).toBe(fx.fake.stats.rateLimited);
 
-    await sql`truncate message_embeddings, embedding_runs cascade`.execute(fx.database.db);
+    await sql`truncate message_embeddings, embedding_runs, embedding_sweeps cascade`.execute(
+      fx.database.db,
+    );
     fx.fake.reset(); // a full server bucket again
     const paced = await embed({ 'batch-size': '10', 'max-tpm': '60000' });
     expect(paced.summary).toMatchObject({ status: 'succeeded', embedded: 120 });

@@ -39,9 +39,18 @@ describe.each(backends())('the dry run on %s', (backend) => {
       };
       // Part of it is already embedded, so the dry run must leave those out too.
       await makeRun(ctx, { limit: '5' }).run.run();
+      // The dry run predicts a run that plans a fresh sweep, not one that
+      // joins the half-done sweep this limited run left open.
+      await database.db.deleteFrom('embedding_sweeps').execute();
       fake.reset();
 
-      const flags = { 'batch-size': '4', 'allow-partial': true, 'max-request-inputs': '3' };
+      // Ranges of 7 eligible messages cut batches of 4 short, as the run does.
+      const flags = {
+        'batch-size': '4',
+        'allow-partial': true,
+        'max-request-inputs': '3',
+        'range-size': '7',
+      };
       const config = buildEmbedConfig(flags, { OPENAI_BASE_URL: fake.url });
       const runsBefore = await database.db.selectFrom('embedding_runs').selectAll().execute();
       const report = await dryRun(database.db, config);

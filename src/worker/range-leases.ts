@@ -1,0 +1,196 @@
+import type { Kysely } from 'kysely';
+import type { DB } from '../db/schema.js';
+import type { Logger } from '../log.js';
+import {
+  claimRange,
+  closeSweepIfDone,
+  finishRange,
+  type LeasedRange,
+  type RangeKey,
+  releaseRange,
+  sweepState,
+} from '../sql/ranges.js';
+import { CommitWatermark, highestId } from './watermark.js';
+
+/** One leased range as this run walks it. */
+export class RangeWalk {
+  readonly key: RangeKey;
+  /** Where the next page starts: the committed cursor at first, then the last id read. */
+  readCursor: string | null;
+  /** Committed progress inside the range; its cursor is what a taker resumes from. */
+  readonly watermark: CommitWatermark;
+  /** Batches read from this range and not yet settled. */
+  readonly tasks = new Set<Promise<void>>();
+  #seq = 0;
+  /** The last page has been read. */
+  exhausted = false;
+  /** The lease lapsed and another worker took the range: leave it. */
+  lost = false;
+  /** A batch did not commit in full (stop, failure, strict prefix): the range is not done. */
+  incomplete = false;
+  done = false;
+
+  constructor(
+    readonly lease: LeasedRange,
+    runId: string,
+  ) {
+    this.key = { sweepId: lease.sweepId, rangeNo: lease.rangeNo, runId };
+    this.readCursor = lease.cursorId;
+    this.watermark = new CommitWatermark(lease.cursorId);
+  }
+
+  /** Registers a page read from this range; returns its sequence number in the range. */
+  register(lastId: string): number {
+    this.#seq++;
+    this.watermark.register(this.#seq, lastId);
+    this.readCursor = lastId;
+    return this.#seq;
+  }
+
+  get readable(): boolean {
+    return !this.exhausted && !this.lost;
+  }
+}
+
+export interface RangeLeasesOptions {
+  db: Kysely<DB>;
+  sweepId: string;
+  runId: string;
+  leaseMs: number;
+  log: Logger;
+  /** Every database call goes through this: it redoes work lost with a connection. */
+  dbRetry: <T>(what: string, fn: () => Promise<T>) => Promise<T>;
+  /** Aborted on stop: ends a wait for other workers' ranges. */
+  abortSignal: AbortSignal;
+}
+
+/**
+ * The ranges this run holds: claims the next one (waiting while every
+ * remaining range is leased by a live worker, so a dead one's lease is taken
+ * over when it lapses), marks walked ranges done, hands the rest back.
+ */
+export class RangeLeases {
+  readonly #held = new Map<number, RangeWalk>();
+  readonly #walked: RangeWalk[] = [];
+  #waitingLogged = false;
+
+  constructor(private readonly options: RangeLeasesOptions) {}
+
+  /** The next range to read, or undefined when the sweep is done or the run stops. */
+  async next(): Promise<RangeWalk | undefined> {
+    const { db, sweepId, runId, leaseMs, log, dbRetry, abortSignal } = this.options;
+    // Poll often enough that a released range is picked up within a second.
+    const pollMs = Math.min(1000, leaseMs / 4);
+    while (!abortSignal.aborted) {
+      const lease = await dbRetry('claim a range', () =>
+        claimRange(db, { sweepId, runId, leaseMs }),
+      );
+      if (lease) {
+        const walk = new RangeWalk(lease, runId);
+        this.#held.set(lease.rangeNo, walk);
+        this.#walked.push(walk);
+        this.#waitingLogged = false;
+        log.info(
+          {
+            range_no: lease.rangeNo,
+            after_id: lease.cursorId,
+            up_to_id: lease.hiId,
+            taken_from_run: lease.takenFrom,
+          },
+          lease.takenFrom ? 'range taken over from a lapsed lease' : 'range leased',
+        );
+        return walk;
+      }
+      const state = await dbRetry('read the sweep', () => sweepState(db, sweepId, runId));
+      if (state.done === state.total) {
+        await dbRetry('close the sweep', () => closeSweepIfDone(db, sweepId));
+        return undefined;
+      }
+      // Nothing to claim and nobody else holds a range: what is left is this
+      // run's own, finishing in flight (the last one done closes the sweep).
+      if (state.claimable === 0 && state.heldByOthers === 0) return undefined;
+      if (!this.#waitingLogged && state.heldByOthers > 0) {
+        this.#waitingLogged = true;
+        log.info(
+          { held_by_others: state.heldByOthers, lease_ms: leaseMs },
+          'every remaining range is leased by another worker; waiting to take over any that lapse',
+        );
+      }
+      await sleep(pollMs, abortSignal);
+    }
+    return undefined;
+  }
+
+  /**
+   * Once every batch read from `walk` has settled, marks it done if they all
+   * committed in full; otherwise it is handed back by releaseAll.
+   */
+  async finishWhenSettled(walk: RangeWalk): Promise<void> {
+    walk.exhausted = true;
+    await Promise.allSettled([...walk.tasks]);
+    if (walk.lost || walk.incomplete || !walk.watermark.complete) return;
+    const { db, dbRetry, log } = this.options;
+    const finished = await dbRetry('finish a range', () =>
+      finishRange(db, walk.key, walk.watermark.cursor),
+    );
+    if (finished) {
+      walk.done = true;
+      this.#held.delete(walk.key.rangeNo);
+      log.debug({ range_no: walk.key.rangeNo, cursor_id: walk.watermark.cursor }, 'range done');
+    } else {
+      walk.lost = true;
+      log.warn(
+        { range_no: walk.key.rangeNo },
+        'range was taken over before it could be marked done',
+      );
+    }
+  }
+
+  /** The highest committed cursor of any range this run walked: the run row's cursor_id. */
+  highestCursor(): string | null {
+    // A walk that committed nothing still has the cursor it resumed from.
+    return highestId(
+      this.#walked
+        .filter((w) => w.watermark.cursor !== w.lease.cursorId)
+        .map((w) => w.watermark.cursor),
+    );
+  }
+
+  /**
+   * Hands back every range still held, at its committed cursor, so another
+   * worker takes it at once instead of waiting for the lease to lapse.
+   * Best effort: with the database gone, the leases lapse instead.
+   */
+  async releaseAll(): Promise<void> {
+    const { db, dbRetry, log } = this.options;
+    for (const walk of this.#held.values()) {
+      if (walk.done || walk.lost) continue;
+      try {
+        await dbRetry('release a range', () => releaseRange(db, walk.key, walk.watermark.cursor));
+        log.info(
+          { range_no: walk.key.rangeNo, cursor_id: walk.watermark.cursor },
+          'range released',
+        );
+      } catch (error) {
+        log.warn(
+          { range_no: walk.key.rangeNo, err: error },
+          'could not release a range; its lease will lapse',
+        );
+      }
+    }
+    this.#held.clear();
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    }
+    signal.addEventListener('abort', done, { once: true });
+  });
+}
