@@ -8,12 +8,6 @@ export interface Sweep {
   ranges: number;
   /** True when this run planned it; false when it joined one in progress. */
   created: boolean;
-  /**
-   * Planned after the run started. A run that joins an older sweep makes one
-   * more pass over a fresh one, for messages that changed in ranges done
-   * before it joined.
-   */
-  fresh: boolean;
 }
 
 export interface LeasedRange {
@@ -53,21 +47,14 @@ export async function openSweep(
     const key = `pgembed sweep ${target.provider} ${target.model} ${target.force}`;
     await sql`select pg_advisory_xact_lock(hashtextextended(${key}, 0))`.execute(trx);
     const open = await trx
-      .selectFrom('embedding_sweeps as s')
-      .select([
-        's.id',
-        's.planned',
-        's.ranges',
-        sql<boolean>`s.created_at >= (select started_at from embedding_runs where id = ${options.runId})`.as(
-          'fresh',
-        ),
-      ])
+      .selectFrom('embedding_sweeps')
+      .select(['id', 'planned', 'ranges'])
       .where('provider', '=', target.provider)
       .where('model', '=', target.model)
       .where('force', '=', target.force)
       .where('finished_at', 'is', null)
       .executeTakeFirst();
-    if (open) return { ...open, id: String(open.id), created: false, fresh: open.fresh === true };
+    if (open) return { ...open, id: String(open.id), created: false };
 
     const tiles = await eligibleTiles(trx, target, options.rangeSize);
     const planned = tiles.reduce((sum, t) => sum + t.eligible, 0);
@@ -104,7 +91,7 @@ export async function openSweep(
         )
         .execute();
     }
-    return { id: sweepId, planned, ranges: ranges.length, created: true, fresh: true };
+    return { id: sweepId, planned, ranges: ranges.length, created: true };
   });
 }
 
@@ -298,4 +285,22 @@ export async function sweepState(
                        or (state = 'leased' and lease_expires_at < now()))::int as claimable
     from embedding_ranges where sweep_id = ${sweepId}`.execute(db);
   return rows[0] ?? { total: 0, done: 0, heldByOthers: 0, claimable: 0 };
+}
+
+/**
+ * True when a range of the sweep was done before the run started: messages
+ * there may have changed since, unseen by this run, so it makes one more
+ * pass over a new sweep before it may say everything is embedded.
+ */
+export async function sweepPredatesRun(
+  db: Kysely<DB>,
+  sweepId: string,
+  runId: string,
+): Promise<boolean> {
+  const { rows } = await sql<{ predates: boolean }>`
+    select exists (
+      select 1 from embedding_ranges g, embedding_runs r
+      where g.sweep_id = ${sweepId} and r.id = ${runId} and g.done_at < r.started_at
+    ) as predates`.execute(db);
+  return rows[0]?.predates === true;
 }

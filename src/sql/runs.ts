@@ -29,6 +29,22 @@ export async function insertRun(
   return String(row.id);
 }
 
+/**
+ * Marks runs abandoned whose heartbeat is older than their own lease (a
+ * killed worker cannot say it ended), so psql never shows a ghost as running.
+ * A run that was only slow sets its real status when it finishes.
+ */
+export async function markAbandonedRuns(db: Kysely<DB>): Promise<number> {
+  const result = await sql`
+    update embedding_runs set status = 'abandoned', finished_at = now(),
+      error = 'no heartbeat for longer than its lease: the worker died'
+    where status = 'running'
+      and heartbeat_at < now() - coalesce((options->>'lease_ms')::int, 30000) * interval '1 millisecond'`.execute(
+    db,
+  );
+  return Number(result.numAffectedRows ?? 0);
+}
+
 /** Which sweep the run works on, for the progress view. */
 export async function setRunSweep(db: Kysely<DB>, runId: string, sweepId: string): Promise<void> {
   await db

@@ -8,8 +8,15 @@ import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { countMessages } from '../sql/messages.js';
-import { openSweep, renewLeases } from '../sql/ranges.js';
-import { finishRun, insertRun, setRunSweep, skipsByReason, touchRun } from '../sql/runs.js';
+import { openSweep, renewLeases, sweepPredatesRun } from '../sql/ranges.js';
+import {
+  finishRun,
+  insertRun,
+  markAbandonedRuns,
+  setRunSweep,
+  skipsByReason,
+  touchRun,
+} from '../sql/runs.js';
 import { runPipeline } from './pipeline.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
 import { highestId } from './watermark.js';
@@ -70,6 +77,8 @@ export class EmbedRun {
     const log = logger.child({ run_id: runId });
     const dbRetry = <T>(what: string, fn: () => Promise<T>) =>
       withDbRetry(what, fn, { retryMs: config.dbRetryMs, log });
+    const abandoned = await dbRetry('mark abandoned runs', () => markAbandonedRuns(db));
+    if (abandoned > 0) log.warn({ runs: abandoned }, 'marked runs without a heartbeat abandoned');
     const sweep = await dbRetry('open a sweep', () =>
       openSweep(db, target, { rangeSize: config.rangeSize, runId }),
     );
@@ -144,12 +153,15 @@ export class EmbedRun {
         });
         cursors.push(pass.cursorId);
         if (pass.error) throw pass.error;
-        if (this.#stopSignal || current.fresh) break;
+        if (this.#stopSignal) break;
         if (limitLeft !== undefined) limitLeft -= pass.taken;
         if (limitLeft !== undefined && limitLeft <= 0) break;
-        // It joined a sweep planned before it started, now finished: messages
-        // in ranges done before it joined may have changed since. One more
-        // pass, over a sweep planned now.
+        // It joined a sweep with ranges done before it started: messages
+        // there may have changed since. One more pass, over a sweep planned now.
+        const predates = await dbRetry('check the sweep', () =>
+          sweepPredatesRun(db, current.id, runId),
+        );
+        if (!predates) break;
         const next = await dbRetry('open a sweep', () =>
           openSweep(db, target, { rangeSize: config.rangeSize, runId }),
         );
@@ -161,7 +173,7 @@ export class EmbedRun {
             sweep_ranges: next.ranges,
             sweep: next.created ? 'planned' : 'joined',
           },
-          'joined sweep finished; one more pass over a fresh one',
+          'the joined sweep had ranges done before this run started; one more pass over a new sweep',
         );
         current = next;
       }
@@ -213,6 +225,9 @@ export class EmbedRun {
     ).catch((caught: unknown) =>
       log.error({ err: oneLine(caught) }, 'could not record the end of the run'),
     );
+    // Again at the end: a worker killed before it held any lease is found
+    // here, not only by the next run to start.
+    await markAbandonedRuns(db).catch(() => 0);
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
     log.info(

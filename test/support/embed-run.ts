@@ -120,6 +120,10 @@ export function useWorkerFixture(
     get database() {
       return database;
     },
+    /** DATABASE_URL of this file's database, for spawned workers. */
+    get url() {
+      return target.url;
+    },
     get fake() {
       return fake;
     },

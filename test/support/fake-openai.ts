@@ -52,6 +52,8 @@ export interface FakeOpenAI {
     tokensEmbedded: number;
     rateLimited: number;
     seen: Map<string, number>;
+    /** `seen`, per model: workers on different models must each send every input once. */
+    seenByModel: Map<string, Map<string, number>>;
     requestSizes: number[];
     /** Requests being handled now, and the most at any one time. */
     inFlight: number;
@@ -277,6 +279,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     tokensEmbedded: 0,
     rateLimited: 0,
     seen: new Map(),
+    seenByModel: new Map(),
     requestSizes: [],
     inFlight: 0,
     maxInFlight: 0,
@@ -505,6 +508,9 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.inputsEmbedded += inputs.length;
       stats.tokensEmbedded += promptTokens;
       for (const text of inputs) stats.seen.set(text, (stats.seen.get(text) ?? 0) + 1);
+      const perModel = stats.seenByModel.get(model) ?? new Map<string, number>();
+      stats.seenByModel.set(model, perModel);
+      for (const text of inputs) perModel.set(text, (perModel.get(text) ?? 0) + 1);
     }
     return send(res, {
       status: 200,
@@ -581,6 +587,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.tokensEmbedded = 0;
       stats.rateLimited = 0;
       stats.seen.clear();
+      stats.seenByModel.clear();
       stats.requestSizes.length = 0;
       stats.maxInFlight = stats.inFlight;
       // A full bucket from now on, not from the next request: a client that
