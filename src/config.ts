@@ -1,7 +1,7 @@
 import { parseDatabaseUrl } from './db/connect.js';
 import { EMBEDDING_COLUMN_TYPES } from './db/embedding-column.js';
 import { ConfigError } from './errors.js';
-import { knownModel } from './provider/models.js';
+import { knownModel, LOCAL_MODEL, LOCAL_PROVIDER } from './provider/models.js';
 
 /**
  * Every setting, once: its flag, its environment variable, its default and its
@@ -138,15 +138,13 @@ export const SETTINGS = {
     env: 'PGEMBED_PROVIDER',
     flag: 'provider',
     kind: 'string',
-    default: 'openai',
-    help: 'provider label stored in every row',
+    help: "'local' for the bundled offline model (the default when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set); any other name is a label for the OpenAI-compatible server, stored in every row (default 'openai')",
   },
   model: {
     env: 'PGEMBED_MODEL',
     flag: 'model',
     kind: 'string',
-    default: 'text-embedding-3-small',
-    help: 'embedding model',
+    help: `embedding model (default: text-embedding-3-small; ${LOCAL_MODEL} with --provider local)`,
   },
   dimensions: {
     env: 'PGEMBED_DIMENSIONS',
@@ -343,7 +341,14 @@ export const EMBED_SETTINGS = [
   'logLevel',
 ] as const satisfies readonly SettingName[];
 
-export type EmbedConfig = Pick<Settings, (typeof EMBED_SETTINGS)[number]> & {
+export type EmbedConfig = Omit<
+  Pick<Settings, (typeof EMBED_SETTINGS)[number]>,
+  'provider' | 'model'
+> & {
+  readonly provider: string;
+  readonly model: string;
+  /** True when --provider was not given and no OpenAI key or URL was set: the local model. */
+  readonly localByDefault: boolean;
   /** maxInputTokens after the model's known limit is applied; undefined: rely on the provider. */
   readonly effectiveMaxInputTokens: number | undefined;
 };
@@ -352,20 +357,59 @@ export type EmbedConfig = Pick<Settings, (typeof EMBED_SETTINGS)[number]> & {
 export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): EmbedConfig {
   const settings = resolveSettings(EMBED_SETTINGS, flags, env);
   parseDatabaseUrl(settings.databaseUrl); // fail on a bad scheme before any work
+  const target = resolveTarget(settings);
+  if (target.provider !== LOCAL_PROVIDER && !settings.dryRun) {
+    checkOpenAISettings(settings);
+  }
+  const model = knownModel(target.model);
+  return Object.freeze({
+    ...settings,
+    ...target,
+    effectiveMaxInputTokens: settings.maxInputTokens ?? model?.maxInputTokens,
+  });
+}
+
+/**
+ * Provider and model: `local` (the bundled model) when asked for, or when
+ * nothing points at an OpenAI-compatible server, so a newcomer needs no key.
+ */
+export function resolveTarget(settings: {
+  provider?: string | undefined;
+  model?: string | undefined;
+  openaiApiKey?: string | undefined;
+  openaiBaseUrl?: string | undefined;
+  dimensions?: number | undefined;
+}): { provider: string; model: string; localByDefault: boolean } {
+  const localByDefault =
+    settings.provider === undefined && !settings.openaiApiKey && !settings.openaiBaseUrl;
+  const provider = settings.provider ?? (localByDefault ? LOCAL_PROVIDER : 'openai');
+  if (provider !== LOCAL_PROVIDER) {
+    return { provider, model: settings.model ?? 'text-embedding-3-small', localByDefault };
+  }
+  if (settings.model !== undefined && settings.model !== LOCAL_MODEL) {
+    throw new ConfigError(
+      `--model ${settings.model} is not available with --provider local, which has only ${LOCAL_MODEL}; for other models set OPENAI_BASE_URL or OPENAI_API_KEY`,
+    );
+  }
+  if (settings.dimensions !== undefined && settings.dimensions !== 512) {
+    throw new ConfigError(`--dimensions ${settings.dimensions}: the local model has 512 only`);
+  }
+  return { provider, model: LOCAL_MODEL, localByDefault };
+}
+
+function checkOpenAISettings(settings: {
+  openaiApiKey?: string | undefined;
+  openaiBaseUrl?: string | undefined;
+}): void {
   if (settings.openaiBaseUrl) {
     try {
       new URL(settings.openaiBaseUrl);
     } catch {
       throw new ConfigError(`OPENAI_BASE_URL is not a URL: '${settings.openaiBaseUrl}'`);
     }
-  } else if (!settings.openaiApiKey && !settings.dryRun) {
+  } else if (!settings.openaiApiKey) {
     throw new ConfigError(
-      'OPENAI_API_KEY is not set: export it (or put it in .env), or point OPENAI_BASE_URL at an OpenAI-compatible server',
+      'OPENAI_API_KEY is not set: export it (or put it in .env), point OPENAI_BASE_URL at an OpenAI-compatible server, or use --provider local',
     );
   }
-  const model = knownModel(settings.model);
-  return Object.freeze({
-    ...settings,
-    effectiveMaxInputTokens: settings.maxInputTokens ?? model?.maxInputTokens,
-  });
 }

@@ -65,8 +65,33 @@ describe('configuration', () => {
     expect(attempt).toThrow(message);
   });
 
-  it('asks for OPENAI_API_KEY when no base URL points elsewhere', () => {
-    expect(() => buildEmbedConfig({}, {})).toThrow(/^OPENAI_API_KEY is not set/);
-    expect(buildEmbedConfig({}, { OPENAI_API_KEY: 'sk-x' }).openaiApiKey).toBe('sk-x');
+  it('uses the local model when neither OPENAI_API_KEY nor OPENAI_BASE_URL is set', () => {
+    expect(buildEmbedConfig({}, {})).toMatchObject({
+      provider: 'local',
+      model: 'universal-sentence-encoder-lite',
+      localByDefault: true,
+      effectiveMaxInputTokens: 2048,
+    });
+    expect(buildEmbedConfig({}, { OPENAI_API_KEY: 'sk-x' })).toMatchObject({
+      provider: 'openai',
+      model: 'text-embedding-3-small',
+      localByDefault: false,
+    });
+    expect(buildEmbedConfig({}, { OPENAI_BASE_URL: 'http://localhost:11434/v1' }).provider).toBe(
+      'openai',
+    );
+  });
+
+  it('asks for OPENAI_API_KEY when an OpenAI provider is named without a key or base URL', () => {
+    expect(() => buildEmbedConfig({ provider: 'openai' }, {})).toThrow(
+      /^OPENAI_API_KEY is not set/,
+    );
+  });
+
+  it('refuses a model or dimension the local model does not have, naming the setting', () => {
+    expect(() =>
+      buildEmbedConfig({ provider: 'local', model: 'text-embedding-3-small' }, {}),
+    ).toThrow(/^--model text-embedding-3-small is not available with --provider local/);
+    expect(() => buildEmbedConfig({ dimensions: '256' }, {})).toThrow(/^--dimensions 256/);
   });
 });

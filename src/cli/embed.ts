@@ -4,8 +4,8 @@ import { readEmbeddingColumnType } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { MigrationError } from '../errors.js';
 import { createLogger } from '../log.js';
-import { createOpenAIProvider } from '../provider/client.js';
-import { knownModel } from '../provider/models.js';
+import { createProvider } from '../provider/create.js';
+import { LOCAL_PROVIDER } from '../provider/models.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
@@ -25,6 +25,12 @@ await runCli(async (argv) => {
   }
   const config = buildEmbedConfig(args.flags, process.env);
   const logger = createLogger(config.logLevel);
+  if (config.localByDefault) {
+    logger.info(
+      { provider: config.provider, model: config.model },
+      `neither OPENAI_API_KEY nor OPENAI_BASE_URL is set: embedding offline with the bundled local model ${config.model} (512 dimensions); set one of them for OpenAI or a compatible server`,
+    );
+  }
   const database = await openDatabase(config.databaseUrl, {
     // Each batch in flight commits on its own connection, plus one for reads.
     poolMax: config.dbPoolSize ?? config.concurrency + 1,
@@ -51,19 +57,15 @@ await runCli(async (argv) => {
             { cause: error },
           );
         });
-    const provider = createOpenAIProvider({
-      apiKey: config.openaiApiKey,
-      baseURL: config.openaiBaseUrl,
-      model: config.model,
-      dimensions: config.dimensions,
-      defaultDimensions: knownModel(config.model)?.dimensions,
-      timeoutMs: config.timeoutMs,
-    });
+    const provider = await createProvider(config);
     logger.info(
       {
         provider: config.provider,
         model: config.model,
-        base_url: redactUrl(config.openaiBaseUrl ?? 'https://api.openai.com/v1'),
+        base_url:
+          config.provider === LOCAL_PROVIDER
+            ? null
+            : redactUrl(config.openaiBaseUrl ?? 'https://api.openai.com/v1'),
         database: database.describe,
         embedding_column: columnType,
         mode: config.allowPartial ? 'partial' : 'strict',

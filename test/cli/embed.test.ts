@@ -125,9 +125,11 @@ describe('embed settings', () => {
     expect(result.stderr + result.stdout).not.toContain('SECRET789');
   });
 
-  it('names OPENAI_API_KEY when it is missing and no base URL is set', async () => {
+  it('names OPENAI_API_KEY when --provider openai has no key and no base URL', async () => {
     const dataDir = join(scratch, 'no-key');
-    const result = await runCli('embed', [], { DATABASE_URL: `pglite:${dataDir}` });
+    const result = await runCli('embed', ['--provider', 'openai'], {
+      DATABASE_URL: `pglite:${dataDir}`,
+    });
     expectOneLineError(result, /^pgembed: OPENAI_API_KEY is not set/);
     expect(existsSync(dataDir)).toBe(false);
   });
