@@ -213,6 +213,31 @@ export const SETTINGS = {
     default: true,
     help: 'apply pending migrations before embedding (--no-migrate to skip)',
   },
+  json: {
+    env: 'PGEMBED_JSON',
+    flag: 'json',
+    kind: 'bool',
+    default: false,
+    help: 'print JSON instead of text (status, search)',
+  },
+  statusRuns: {
+    env: 'PGEMBED_STATUS_RUNS',
+    flag: 'runs',
+    kind: 'int',
+    min: 1,
+    default: 10,
+    help: 'how many runs status lists, latest first',
+  },
+  searchK: {
+    env: 'PGEMBED_SEARCH_K',
+    flag: 'k',
+    short: 'k',
+    kind: 'int',
+    min: 1,
+    max: 1000,
+    default: 10,
+    help: 'how many nearest messages search prints',
+  },
   logLevel: {
     env: 'LOG_LEVEL',
     flag: 'log-level',
@@ -226,6 +251,8 @@ export const SETTINGS = {
 interface SettingDefinition {
   env: string;
   flag?: string;
+  /** One-letter alias: `-k 10`. */
+  short?: string;
   negatedFlag?: string;
   kind: 'string' | 'int' | 'number' | 'bool' | 'enum';
   values?: readonly string[];
@@ -397,7 +424,7 @@ export function resolveTarget(settings: {
   return { provider, model: LOCAL_MODEL, localByDefault };
 }
 
-function checkOpenAISettings(settings: {
+export function checkOpenAISettings(settings: {
   openaiApiKey?: string | undefined;
   openaiBaseUrl?: string | undefined;
 }): void {

@@ -18,13 +18,19 @@ export function parseFlags(
   extra: Record<string, { type: 'string' | 'boolean' }> = {},
   options: { positionals?: boolean } = {},
 ): ParsedArgs {
-  const spec: Record<string, { type: 'string' | 'boolean' }> = {
+  const spec: Record<string, { type: 'string' | 'boolean'; short?: string }> = {
     help: { type: 'boolean' },
     ...extra,
   };
   for (const name of settings) {
-    const def: { flag?: string; negatedFlag?: string; kind: string } = SETTINGS[name];
-    if (def.flag) spec[def.flag] = { type: def.kind === 'bool' ? 'boolean' : 'string' };
+    const def: { flag?: string; short?: string; negatedFlag?: string; kind: string } =
+      SETTINGS[name];
+    if (def.flag) {
+      spec[def.flag] = {
+        type: def.kind === 'bool' ? 'boolean' : 'string',
+        ...(def.short ? { short: def.short } : {}),
+      };
+    }
     if (def.negatedFlag) spec[def.negatedFlag] = { type: 'boolean' };
   }
   try {
@@ -65,6 +71,7 @@ export function helpText(
   for (const name of settings) {
     const def: {
       flag?: string;
+      short?: string;
       negatedFlag?: string;
       env: string;
       help: string;
@@ -73,7 +80,7 @@ export function helpText(
     } = SETTINGS[name];
     const arg =
       def.kind === 'bool' ? '' : def.kind === 'int' || def.kind === 'number' ? ' <n>' : ' <value>';
-    const flag = def.flag ? `--${def.flag}${arg}` : '';
+    const flag = def.flag ? `${def.short ? `-${def.short}, ` : ''}--${def.flag}${arg}` : '';
     const negated = def.negatedFlag ? `, --${def.negatedFlag}` : '';
     const dflt =
       def.default !== undefined && def.kind !== 'bool' ? ` [default: ${def.default}]` : '';

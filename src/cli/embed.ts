@@ -6,6 +6,7 @@ import { MigrationError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
+import { terminalProgressBar } from '../report/progress-bar.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
@@ -24,7 +25,11 @@ await runCli(async (argv) => {
     return 0;
   }
   const config = buildEmbedConfig(args.flags, process.env);
-  const logger = createLogger(config.logLevel);
+  // On a terminal a progress bar shows the run; info lines would only break
+  // it up, so they are left out unless a log level was asked for.
+  const showBar = process.stderr.isTTY === true && !config.dryRun;
+  const levelAsked = args.flags['log-level'] !== undefined || !!process.env.LOG_LEVEL;
+  const logger = createLogger(showBar && !levelAsked ? 'warn' : config.logLevel);
   if (config.localByDefault) {
     logger.info(
       { provider: config.provider, model: config.model },
@@ -81,6 +86,7 @@ await runCli(async (argv) => {
       config,
       logger,
       report: (text) => process.stderr.write(`${text}\n`),
+      progressDisplay: showBar ? terminalProgressBar() : undefined,
     });
     let signals = 0;
     const onSignal = (signal: NodeJS.Signals) => {

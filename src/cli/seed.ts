@@ -3,7 +3,7 @@ import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { ConfigError } from '../errors.js';
 import { createLogger } from '../log.js';
-import { jsonLines, type SeedMessage, spamAssassin } from '../seed/sources.js';
+import { jsonLines, type SeedMessage, spamAssassin, spamAssassinText } from '../seed/sources.js';
 import { upsertMessages } from '../sql/seed.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli, warnLoudly } from './main.js';
@@ -22,15 +22,15 @@ await runCli(async (argv) => {
   if (args.help) {
     const usage = 'npm run seed -- --corpus spamassassin [--limit N] | --jsonl FILE';
     process.stdout.write(
-      `${helpText(usage, SETTINGS, ['  --corpus spamassassin   the 6,046-email SpamAssassin corpus, ids 1..6046', '  --jsonl FILE            one {"id", "content", "role"?, "conversation_id"?} per line', '  --limit N               only the first N corpus messages', ''])}\n`,
+      `${helpText(usage, SETTINGS, ['  --corpus spamassassin   the 6,046-email SpamAssassin corpus, ids 1..6046', '  --corpus spamassassin-text  the same emails as Subject and body, headers dropped', '  --jsonl FILE            one {"id", "content", "role"?, "conversation_id"?} per line', '  --limit N               only the first N corpus messages', ''])}\n`,
     );
     return 0;
   }
   const { corpus, jsonl, limit } = args.flags as Record<string, string | undefined>;
   if (!corpus === !jsonl)
     throw new ConfigError('seed needs exactly one of --corpus spamassassin or --jsonl FILE');
-  if (corpus && corpus !== 'spamassassin')
-    throw new ConfigError(`--corpus must be spamassassin, got '${corpus}'`);
+  if (corpus && corpus !== 'spamassassin' && corpus !== 'spamassassin-text')
+    throw new ConfigError(`--corpus must be spamassassin or spamassassin-text, got '${corpus}'`);
   if (limit !== undefined && !/^[1-9]\d*$/.test(limit))
     throw new ConfigError(`--limit must be a whole number of 1 or more, got '${limit}'`);
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
@@ -41,9 +41,13 @@ await runCli(async (argv) => {
       forcedColumnType: settings.embeddingColumnType,
       warn: warnLoudly(logger),
     });
-    const source: Iterable<SeedMessage> | AsyncIterable<SeedMessage> = corpus
-      ? spamAssassin(limit ? Number(limit) : undefined)
-      : jsonLines(jsonl as string);
+    const corpusLimit = limit ? Number(limit) : undefined;
+    const source: Iterable<SeedMessage> | AsyncIterable<SeedMessage> =
+      corpus === 'spamassassin-text'
+        ? spamAssassinText(corpusLimit)
+        : corpus
+          ? spamAssassin(corpusLimit)
+          : jsonLines(jsonl as string);
     let read = 0;
     let changed = 0;
     let chunk: SeedMessage[] = [];

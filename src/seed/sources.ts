@@ -28,6 +28,22 @@ export function* spamAssassin(limit = Number.POSITIVE_INFINITY): Generator<SeedM
   }
 }
 
+/**
+ * The same emails as a reader sees them: the Subject line and the body, the
+ * transport headers dropped. Headers fill the first thousands of tokens of
+ * most emails and say nothing of what an email is about, so this is the
+ * corpus the demo embeds and searches.
+ */
+export function* spamAssassinText(limit = Number.POSITIVE_INFINITY): Generator<SeedMessage> {
+  for (const message of spamAssassin(limit)) {
+    const split = message.content.search(/\r?\n\r?\n/);
+    const headers = split === -1 ? message.content : message.content.slice(0, split);
+    const body = split === -1 ? '' : message.content.slice(split).trim();
+    const subject = /^Subject:[ \t]*(.*)$/im.exec(headers)?.[1]?.trim() ?? '';
+    yield { id: message.id, content: subject ? `Subject: ${subject}\n\n${body}` : body };
+  }
+}
+
 /** One JSON object per line: {"id": 1, "content": "…", "role"?: …, "conversation_id"?: …}. */
 export async function* jsonLines(file: string): AsyncGenerator<SeedMessage> {
   const lines = createInterface({

@@ -7,6 +7,7 @@ import type { DB } from '../db/schema.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
+import type { ProgressDisplay } from '../report/progress-bar.js';
 import { countMessages } from '../sql/messages.js';
 import { openSweep, renewLeases, sweepPredatesRun } from '../sql/ranges.js';
 import {
@@ -33,6 +34,8 @@ export interface RunDeps {
   report?: (text: string) => void;
   /** How often to log progress and beat the heart between batches. */
   progressIntervalMs?: number;
+  /** A terminal progress bar; when given, it replaces the periodic progress log lines. */
+  progressDisplay?: ProgressDisplay | undefined;
 }
 
 export interface RunOutcome {
@@ -106,20 +109,29 @@ export class EmbedRun {
       retries: 0,
       batches: 0,
     };
-    const progress = setInterval(() => {
-      const done = totals.embedded + totals.skipped;
-      const rate = done / ((Date.now() - startedAt) / 1000);
-      log.info(
-        {
-          ...totals,
-          planned,
-          percent: planned ? +((100 * done) / planned).toFixed(1) : 100,
-          rate: +rate.toFixed(1),
-          eta_s: rate ? Math.round((planned - done) / rate) : null,
-        },
-        'progress',
-      );
-    }, this.deps.progressIntervalMs ?? 5000);
+    const display = this.deps.progressDisplay;
+    display?.start(planned);
+    const progress = setInterval(
+      () => {
+        const done = totals.embedded + totals.skipped;
+        const rate = done / ((Date.now() - startedAt) / 1000);
+        if (display) {
+          display.update(done, { ...totals, ratePerSecond: rate });
+          return;
+        }
+        log.info(
+          {
+            ...totals,
+            planned,
+            percent: planned ? +((100 * done) / planned).toFixed(1) : 100,
+            rate: +rate.toFixed(1),
+            eta_s: rate ? Math.round((planned - done) / rate) : null,
+          },
+          'progress',
+        );
+      },
+      display ? 250 : (this.deps.progressIntervalMs ?? 5000),
+    );
     progress.unref();
     // The run's heartbeat and its leases' renewal: a third of the lease, so
     // two beats can fail (a blip) before another worker may take a range.
@@ -182,6 +194,11 @@ export class EmbedRun {
     } finally {
       clearInterval(progress);
       clearInterval(heartbeat);
+      display?.update(totals.embedded + totals.skipped, {
+        ...totals,
+        ratePerSecond: (totals.embedded + totals.skipped) / ((Date.now() - startedAt) / 1000),
+      });
+      display?.stop();
     }
     const cursorId = highestId(cursors);
     if (!error && this.#stopSignal) error = new InterruptedError(this.#stopSignal);

@@ -1,8 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SETTINGS } from '../../src/config.js';
 
-export type CliScript = 'embed' | 'seed' | 'migrate';
+export type CliScript = 'embed' | 'seed' | 'migrate' | 'status' | 'search' | 'demo';
 
 export interface CliResult {
   /** Exit code, or null when a signal killed the process. */
@@ -17,6 +18,8 @@ export interface CliOptions {
   onStdoutLine?: (line: string) => void;
   /** The child is SIGKILLed and the result rejects after this long. */
   timeoutMs?: number;
+  /** Working directory (default: the repository root). */
+  cwd?: string;
 }
 
 export interface RunningCli {
@@ -51,8 +54,10 @@ export function startCli(
   env: Record<string, string>,
   options: CliOptions = {},
 ): RunningCli {
-  const child = spawn(process.execPath, ['--import', 'tsx', `src/cli/${script}.ts`, ...args], {
-    cwd: repoRoot,
+  const entry = join(repoRoot, 'src', 'cli', `${script}.ts`);
+  // Resolved here, not by name: a child in another directory could not find it.
+  const child = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), entry, ...args], {
+    cwd: options.cwd ?? repoRoot,
     env: childEnv(env),
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -11,7 +11,7 @@ import { createLogger } from '../../src/log.js';
 import { createOpenAIProvider } from '../../src/provider/client.js';
 import { knownModel } from '../../src/provider/models.js';
 import { upsertMessages } from '../../src/sql/seed.js';
-import { EmbedRun } from '../../src/worker/run.js';
+import { EmbedRun, type RunDeps } from '../../src/worker/run.js';
 import { type BackendName, createTestDatabase, openMigrated, type TestDatabase } from './db.js';
 import { type FakeOpenAI, type FakeOpenAIOptions, startFakeOpenAI } from './fake-openai.js';
 
@@ -28,7 +28,11 @@ export interface RunHarnessContext {
  * An in-process EmbedRun wired as the CLI wires it, against the fake server.
  * Defaults keep tests quick: batches of 4, retry waits of at most 20 ms.
  */
-export function makeRun(ctx: RunHarnessContext, flags: FlagValues = {}) {
+export function makeRun(
+  ctx: RunHarnessContext,
+  flags: FlagValues = {},
+  extra: Partial<Pick<RunDeps, 'progressDisplay' | 'logger'>> = {},
+) {
   const config = buildEmbedConfig(
     { 'batch-size': '4', 'max-retry-wait-ms': '20', ...flags },
     { OPENAI_BASE_URL: ctx.baseUrl },
@@ -48,8 +52,9 @@ export function makeRun(ctx: RunHarnessContext, flags: FlagValues = {}) {
     copyFromBlob: ctx.copyFromBlob,
     provider,
     config,
-    logger: createLogger('silent'),
+    logger: extra.logger ?? createLogger('silent'),
     report: (text) => reports.push(text),
+    progressDisplay: extra.progressDisplay,
   });
   return { run, reports };
 }

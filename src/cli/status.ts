@@ -1,0 +1,39 @@
+import { resolveSettings } from '../config.js';
+import { openDatabase } from '../db/connect.js';
+import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { MigrationError } from '../errors.js';
+import { formatStatus } from '../report/status.js';
+import { coverage, latestRuns, openSweeps } from '../sql/status.js';
+import { helpText, parseFlags } from './args.js';
+import { runCli } from './main.js';
+
+const SETTINGS = ['databaseUrl', 'json', 'statusRuns'] as const;
+
+await runCli(async (argv) => {
+  const args = parseFlags(argv, SETTINGS);
+  if (args.help) {
+    process.stdout.write(`${helpText('npm run status [-- --json]', SETTINGS)}\n`);
+    return 0;
+  }
+  const settings = resolveSettings(SETTINGS, args.flags, process.env);
+  const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
+  try {
+    await readEmbeddingColumnType(database.db).catch((error) => {
+      throw new MigrationError(
+        'the database has no pgembed tables yet: run `npm run migrate` or `npm run embed`',
+        { cause: error },
+      );
+    });
+    const report = {
+      coverage: await coverage(database.db),
+      sweeps: await openSweeps(database.db),
+      runs: await latestRuns(database.db, settings.statusRuns),
+    };
+    process.stdout.write(
+      `${settings.json ? JSON.stringify(report, null, 2) : formatStatus(report)}\n`,
+    );
+  } finally {
+    await database.close();
+  }
+  return 0;
+});

@@ -1,0 +1,55 @@
+import type { CoverageRow, OpenSweepRow, RunStatusRow } from '../sql/status.js';
+
+export interface StatusReport {
+  coverage: CoverageRow[];
+  sweeps: OpenSweepRow[];
+  runs: RunStatusRow[];
+}
+
+const n = (x: number) => x.toLocaleString('en-US');
+
+function duration(seconds: number): string {
+  if (seconds < 90) return `${seconds} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+/** The operator's view in plain text: coverage per model, open sweeps, latest runs. */
+export function formatStatus(report: StatusReport): string {
+  const lines: string[] = ['coverage (up to date / eligible, per provider/model):'];
+  if (report.coverage.length === 0) lines.push('  nothing embedded yet: npm run embed');
+  for (const c of report.coverage) {
+    const percent = c.eligible ? ((100 * c.upToDate) / c.eligible).toFixed(1) : '100.0';
+    lines.push(
+      `  ${c.provider}/${c.model}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}`,
+    );
+  }
+  if (report.sweeps.length > 0) {
+    lines.push('', 'open sweeps (work shared by workers):');
+    for (const s of report.sweeps) {
+      lines.push(
+        `  sweep ${s.sweepId} ${s.provider}/${s.model}: ${s.percent}%, ranges ${s.rangesDone} done, ${s.rangesLeased} leased by ${s.workers} worker(s), ${s.rangesExpired} lapsed, of ${s.ranges}`,
+      );
+    }
+  }
+  lines.push('', 'runs (latest first):');
+  if (report.runs.length === 0) lines.push('  none yet');
+  for (const r of report.runs) {
+    const rate = r.messagesPerSecond === null ? '' : `, ${r.messagesPerSecond} msg/s`;
+    const live =
+      r.status === 'running'
+        ? `, ETA ${r.etaSeconds === null ? 'unknown' : duration(r.etaSeconds)}, heartbeat ${duration(r.heartbeatAgeSeconds)} ago`
+        : '';
+    lines.push(
+      `  run ${r.runId} ${r.status.padEnd(11)} ${r.provider}/${r.model}: embedded ${n(r.embedded)}, skipped ${n(r.skipped)} of ${n(r.planned)} (${r.percent}%)${rate}${live}; started ${r.startedAt.slice(0, 19)} on ${r.host}`,
+    );
+    const reasons = Object.entries(r.skippedByReason);
+    if (reasons.length > 0) {
+      lines.push(
+        `      skipped: ${reasons.map(([reason, count]) => `${reason} ${n(count)}`).join(', ')}`,
+      );
+    }
+    if (r.error) lines.push(`      error: ${r.error}`);
+  }
+  return lines.join('\n');
+}

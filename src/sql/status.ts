@@ -1,0 +1,102 @@
+import { type Kysely, sql } from 'kysely';
+import type { DB } from '../db/schema.js';
+
+export interface RunStatusRow {
+  runId: string;
+  provider: string;
+  model: string;
+  status: string;
+  planned: number;
+  embedded: number;
+  skipped: number;
+  percent: number;
+  messagesPerSecond: number | null;
+  /** Seconds to go at the run's rate so far; running runs only. */
+  etaSeconds: number | null;
+  heartbeatAgeSeconds: number;
+  startedAt: string;
+  finishedAt: string | null;
+  host: string;
+  error: string | null;
+  skippedByReason: Record<string, number>;
+}
+
+export interface CoverageRow {
+  provider: string;
+  model: string;
+  /** Non-blank messages: what every model should cover. */
+  eligible: number;
+  /** Embedded from the message's current content. */
+  upToDate: number;
+  /** Embedded from content that has changed since. */
+  stale: number;
+  /** Eligible messages with no embedding at all for this model. */
+  missing: number;
+}
+
+/** The latest runs, as the progress view shows them, with their skips by reason. */
+export async function latestRuns(db: Kysely<DB>, limit: number): Promise<RunStatusRow[]> {
+  const { rows } = await sql<Omit<RunStatusRow, 'skippedByReason'>>`
+    select run_id::text as "runId", provider, model, status, planned, embedded, skipped,
+      percent::float8 as percent, messages_per_s::float8 as "messagesPerSecond",
+      round(extract(epoch from eta))::int as "etaSeconds",
+      round(extract(epoch from heartbeat_age))::int as "heartbeatAgeSeconds",
+      started_at::text as "startedAt", finished_at::text as "finishedAt", host, error
+    from embedding_progress
+    order by run_id desc
+    limit ${limit}`.execute(db);
+  if (rows.length === 0) return [];
+  const skips = await sql<{ runId: string; reason: string; n: number }>`
+    select run_id::text as "runId", reason, count(*)::int as n from embedding_skips
+    where run_id in (${sql.join(rows.map((r) => r.runId))})
+    group by 1, 2`.execute(db);
+  return rows.map((row) => ({
+    ...row,
+    skippedByReason: Object.fromEntries(
+      skips.rows.filter((s) => s.runId === row.runId).map((s) => [s.reason, s.n]),
+    ),
+  }));
+}
+
+/**
+ * Per (provider, model): how much of the table its embeddings cover. One
+ * scan of messages hashing each content, as a run's census does.
+ */
+export async function coverage(db: Kysely<DB>): Promise<CoverageRow[]> {
+  const { rows } = await sql<CoverageRow>`
+    with eligible as (select count(*)::int as n from messages where content ~ '\\S'),
+    per_model as (
+      select e.provider, e.model,
+        count(*) filter (where e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))::int as up_to_date,
+        count(*) filter (where e.content_sha256 <> sha256(convert_to(m.content, 'UTF8')))::int as stale
+      from message_embeddings e join messages m on m.id = e.message_id
+      where m.content ~ '\\S'
+      group by 1, 2)
+    select p.provider, p.model, eligible.n as eligible, p.up_to_date as "upToDate", p.stale,
+      greatest(eligible.n - p.up_to_date - p.stale, 0) as missing
+    from per_model p, eligible
+    order by p.provider, p.model`.execute(db);
+  return rows;
+}
+
+export interface OpenSweepRow {
+  sweepId: string;
+  provider: string;
+  model: string;
+  ranges: number;
+  rangesDone: number;
+  rangesLeased: number;
+  rangesExpired: number;
+  percent: number;
+  workers: number;
+}
+
+/** Sweeps still open: the fleet's shared work in progress. */
+export async function openSweeps(db: Kysely<DB>): Promise<OpenSweepRow[]> {
+  const { rows } = await sql<OpenSweepRow>`
+    select sweep_id::text as "sweepId", provider, model, ranges, ranges_done as "rangesDone",
+      ranges_leased as "rangesLeased", ranges_expired as "rangesExpired",
+      percent::float8 as percent, workers
+    from embedding_sweep_progress where status = 'open' order by sweep_id`.execute(db);
+  return rows;
+}
