@@ -2,19 +2,9 @@ import { type Kysely, sql } from 'kysely';
 import type { MigrationContext } from '../src/db/migrator.js';
 
 export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<void> {
-  // The default source. `if not exists` so an application that already has a
-  // messages(id, content) table keeps it; everything but id and content is
-  // nullable or defaulted, so `insert into messages (id, content)` always works.
-  await db.schema
-    .createTable('messages')
-    .ifNotExists()
-    .addColumn('id', 'bigint', (c) => c.primaryKey())
-    .addColumn('content', 'text', (c) => c.notNull())
-    .addColumn('role', 'text')
-    .addColumn('conversation_id', 'text')
-    .addColumn('created_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
-    .addColumn('updated_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
-    .execute();
+  if (ctx.source.table === 'messages') await createMessages(db);
+  // Every message id column has the source's id type: bigint or uuid.
+  const idType = sql.raw(await ctx.idType(db));
 
   // No fixed dimension: several models share the table. HNSW indexes are per
   // model, on an expression cast to that model's dimension (see README).
@@ -23,7 +13,7 @@ export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<vo
     .createTable('message_embeddings')
     .addColumn('provider', 'text', (c) => c.notNull())
     .addColumn('model', 'text', (c) => c.notNull())
-    .addColumn('message_id', 'bigint', (c) => c.notNull())
+    .addColumn('message_id', idType, (c) => c.notNull())
     .addColumn('embedding', sql.raw(embeddingType), (c) => c.notNull())
     .addColumn('dimensions', 'integer', (c) => c.notNull())
     .addColumn('content_sha256', 'bytea', (c) => c.notNull())
@@ -51,7 +41,7 @@ export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<vo
     .addColumn('started_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
     .addColumn('finished_at', 'timestamptz')
     .addColumn('heartbeat_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
-    .addColumn('cursor_id', 'bigint')
+    .addColumn('cursor_id', idType)
     .addColumn('planned', 'integer', (c) => c.notNull().defaultTo(0))
     .addColumn('embedded', 'integer', (c) => c.notNull().defaultTo(0))
     .addColumn('skipped', 'integer', (c) => c.notNull().defaultTo(0))
@@ -76,8 +66,8 @@ export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<vo
       c.notNull().references('embedding_runs.id').onDelete('cascade'),
     )
     .addColumn('batch_no', 'integer', (c) => c.notNull())
-    .addColumn('first_message_id', 'bigint', (c) => c.notNull())
-    .addColumn('last_message_id', 'bigint', (c) => c.notNull())
+    .addColumn('first_message_id', idType, (c) => c.notNull())
+    .addColumn('last_message_id', idType, (c) => c.notNull())
     .addColumn('size', 'integer', (c) => c.notNull())
     .addColumn('embedded', 'integer', (c) => c.notNull())
     .addColumn('skipped', 'integer', (c) => c.notNull())
@@ -95,7 +85,7 @@ export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<vo
     )
     .addColumn('provider', 'text', (c) => c.notNull())
     .addColumn('model', 'text', (c) => c.notNull())
-    .addColumn('message_id', 'bigint', (c) => c.notNull())
+    .addColumn('message_id', idType, (c) => c.notNull())
     .addColumn('reason', 'text', (c) => c.notNull())
     .addColumn('detail', 'text', (c) => c.notNull())
     .addColumn('input_tokens', 'integer')
@@ -106,5 +96,24 @@ export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<vo
     .createIndex('embedding_skips_model_message_idx')
     .on('embedding_skips')
     .columns(['provider', 'model', 'message_id'])
+    .execute();
+}
+
+/**
+ * The default source. `if not exists` so an application that already has a
+ * messages(id, content) table keeps it; everything but id and content is
+ * nullable or defaulted, so `insert into messages (id, content)` always works.
+ * Not created when --source names the application's own table.
+ */
+async function createMessages(db: Kysely<unknown>): Promise<void> {
+  await db.schema
+    .createTable('messages')
+    .ifNotExists()
+    .addColumn('id', 'bigint', (c) => c.primaryKey())
+    .addColumn('content', 'text', (c) => c.notNull())
+    .addColumn('role', 'text')
+    .addColumn('conversation_id', 'text')
+    .addColumn('created_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
+    .addColumn('updated_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
     .execute();
 }

@@ -1,4 +1,5 @@
 import { type Kysely, sql } from 'kysely';
+import type { MigrationContext } from '../src/db/migrator.js';
 import { up as progressViewV2 } from './0002_progress_view.js';
 
 /**
@@ -11,7 +12,8 @@ import { up as progressViewV2 } from './0002_progress_view.js';
  * while it works, and marks the range done. A lease that lapses (kill -9, a
  * lost machine) is taken over from the committed cursor.
  */
-export async function up(db: Kysely<unknown>): Promise<void> {
+export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<void> {
+  const idType = sql.raw(await ctx.idType(db));
   await db.schema
     .createTable('embedding_sweeps')
     .addColumn('id', 'bigint', (c) => c.primaryKey().generatedAlwaysAsIdentity())
@@ -37,14 +39,14 @@ export async function up(db: Kysely<unknown>): Promise<void> {
     .addColumn('range_no', 'integer', (c) => c.notNull())
     // (lo_id, hi_id]: null lo is the start of the table, null hi its end, so
     // the ranges cover every id, including ids inserted after planning.
-    .addColumn('lo_id', 'bigint')
-    .addColumn('hi_id', 'bigint')
+    .addColumn('lo_id', idType)
+    .addColumn('hi_id', idType)
     .addColumn('planned', 'integer', (c) => c.notNull())
     .addColumn('state', 'text', (c) =>
       c.notNull().defaultTo('pending').check(sql`state in ('pending', 'leased', 'done')`),
     )
     // Every eligible message in (lo_id, cursor_id] is handled; a taker resumes after it.
-    .addColumn('cursor_id', 'bigint')
+    .addColumn('cursor_id', idType)
     .addColumn('lease_owner', 'bigint')
     .addColumn('lease_expires_at', 'timestamptz')
     .addColumn('heartbeat_at', 'timestamptz')

@@ -1,5 +1,6 @@
 import { parseDatabaseUrl } from './db/connect.js';
 import { EMBEDDING_COLUMN_TYPES } from './db/embedding-column.js';
+import { type MessageSource, parseSource } from './db/source.js';
 import { ConfigError } from './errors.js';
 import { knownModel, LOCAL_MODEL, LOCAL_PROVIDER } from './provider/models.js';
 
@@ -13,6 +14,27 @@ export const SETTINGS = {
     env: 'DATABASE_URL',
     kind: 'string',
     help: 'postgres://user:pass@host:5432/db, or pglite:<dir> / pglite:memory (default: pglite:./.data/pglite)',
+  },
+  source: {
+    env: 'PGEMBED_SOURCE',
+    flag: 'source',
+    kind: 'string',
+    default: 'messages',
+    help: "the table or view holding the messages ('table' or 'schema.table')",
+  },
+  idColumn: {
+    env: 'PGEMBED_ID_COLUMN',
+    flag: 'id-column',
+    kind: 'string',
+    default: 'id',
+    help: "the source's id column: an integer type or uuid, unique",
+  },
+  textColumn: {
+    env: 'PGEMBED_TEXT_COLUMN',
+    flag: 'text-column',
+    kind: 'string',
+    default: 'content',
+    help: "the source's text column (text or varchar)",
   },
   embeddingColumnType: {
     env: 'EMBEDDING_COLUMN_TYPE',
@@ -335,8 +357,12 @@ function parseValue(def: SettingDefinition, raw: string | boolean, source: strin
   return raw;
 }
 
+/** Where the messages are: every command that reads them takes these. */
+export const SOURCE_SETTINGS = ['source', 'idColumn', 'textColumn'] as const;
+
 export const EMBED_SETTINGS = [
   'databaseUrl',
+  ...SOURCE_SETTINGS,
   'embeddingColumnType',
   'openaiApiKey',
   'openaiBaseUrl',
@@ -376,6 +402,7 @@ export type EmbedConfig = Omit<
   readonly model: string;
   /** True when --provider was not given and no OpenAI key or URL was set: the local model. */
   readonly localByDefault: boolean;
+  readonly messageSource: MessageSource;
   /** maxInputTokens after the model's known limit is applied; undefined: rely on the provider. */
   readonly effectiveMaxInputTokens: number | undefined;
 };
@@ -389,9 +416,11 @@ export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): Emb
     checkOpenAISettings(settings);
   }
   const model = knownModel(target.model);
+  const messageSource = parseSource(settings);
   return Object.freeze({
     ...settings,
     ...target,
+    messageSource,
     effectiveMaxInputTokens: settings.maxInputTokens ?? model?.maxInputTokens,
   });
 }

@@ -2,7 +2,8 @@ import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
 import { openDatabase, redactUrl } from '../db/connect.js';
 import { readEmbeddingColumnType } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
-import { MigrationError } from '../errors.js';
+import { inspectSource, readIdType } from '../db/source.js';
+import { ConfigError, MigrationError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
@@ -43,6 +44,7 @@ await runCli(async (argv) => {
   });
   try {
     if (config.dryRun) {
+      await inspectSource(database.db, config.messageSource);
       // Touches nothing: no migration, no run row, no API call.
       const report = await dryRun(database.db, config);
       logger.info({ ...report }, 'dry run');
@@ -54,6 +56,7 @@ await runCli(async (argv) => {
           await migrateToLatest(database, {
             forcedColumnType: config.embeddingColumnType,
             warn: warnLoudly(logger),
+            source: config.messageSource,
           })
         ).embeddingColumnType
       : await readEmbeddingColumnType(database.db).catch((error) => {
@@ -62,6 +65,15 @@ await runCli(async (argv) => {
             { cause: error },
           );
         });
+    // The source must exist with usable columns before anything is embedded
+    // (a missing one already failed the migration, which inspects it too).
+    const idType = await inspectSource(database.db, config.messageSource);
+    const storedIdType = await readIdType(database.db);
+    if (storedIdType !== idType) {
+      throw new ConfigError(
+        `--id-column ${config.messageSource.idColumn} of ${config.messageSource.table} is ${idType}, but this database's embeddings are keyed by ${storedIdType}: one database (or schema) holds one id type; use another for this source`,
+      );
+    }
     const provider = await createProvider(config);
     logger.info(
       {
@@ -81,6 +93,7 @@ await runCli(async (argv) => {
     const run = new EmbedRun({
       db: database.db,
       columnType,
+      idType,
       copyFromBlob: database.copyFromBlob,
       provider,
       config,

@@ -1,11 +1,12 @@
-import { resolveSettings } from '../config.js';
+import { resolveSettings, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
+import { parseSource } from '../db/source.js';
 import { createLogger } from '../log.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli, warnLoudly } from './main.js';
 
-const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
+const SETTINGS = ['databaseUrl', ...SOURCE_SETTINGS, 'embeddingColumnType', 'logLevel'] as const;
 
 await runCli(async (argv) => {
   const args = parseFlags(argv, SETTINGS);
@@ -20,6 +21,7 @@ await runCli(async (argv) => {
     const result = await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
       warn: warnLoudly(logger),
+      source: parseSource(settings),
     });
     logger.info(
       {

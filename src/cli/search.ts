@@ -1,6 +1,7 @@
-import { checkOpenAISettings, resolveSettings, resolveTarget } from '../config.js';
+import { checkOpenAISettings, resolveSettings, resolveTarget, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { inspectSource, parseSource } from '../db/source.js';
 import { ConfigError, MigrationError } from '../errors.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
@@ -10,6 +11,7 @@ import { runCli } from './main.js';
 
 const SETTINGS = [
   'databaseUrl',
+  ...SOURCE_SETTINGS,
   'openaiApiKey',
   'openaiBaseUrl',
   'provider',
@@ -34,6 +36,7 @@ await runCli(async (argv) => {
   // The same provider and model the embed job would use with these settings.
   const target = resolveTarget(settings);
   if (target.provider !== LOCAL_PROVIDER) checkOpenAISettings(settings);
+  const source = parseSource(settings);
   const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
   try {
     const columnType = await readEmbeddingColumnType(database.db).catch((error) => {
@@ -50,9 +53,10 @@ await runCli(async (argv) => {
     const provider = await createProvider({ ...settings, ...target });
     const [vector] = (await provider.embed([query])).vectors;
     if (!vector) throw new Error('the provider returned no vector for the query');
+    await inspectSource(database.db, source);
     const hits = await nearestMessages(
       database.db,
-      { ...target, columnType },
+      { ...target, columnType, source },
       vector,
       settings.searchK,
     );

@@ -1,13 +1,14 @@
-import { resolveSettings } from '../config.js';
+import { resolveSettings, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { parseSource } from '../db/source.js';
 import { MigrationError } from '../errors.js';
 import { formatStatus } from '../report/status.js';
 import { coverage, latestRuns, openSweeps } from '../sql/status.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli } from './main.js';
 
-const SETTINGS = ['databaseUrl', 'json', 'statusRuns'] as const;
+const SETTINGS = ['databaseUrl', ...SOURCE_SETTINGS, 'json', 'statusRuns'] as const;
 
 await runCli(async (argv) => {
   const args = parseFlags(argv, SETTINGS);
@@ -16,6 +17,7 @@ await runCli(async (argv) => {
     return 0;
   }
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
+  const source = parseSource(settings);
   const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
   try {
     await readEmbeddingColumnType(database.db).catch((error) => {
@@ -25,7 +27,7 @@ await runCli(async (argv) => {
       );
     });
     const report = {
-      coverage: await coverage(database.db),
+      coverage: await coverage(database.db, source),
       sweeps: await openSweeps(database.db),
       runs: await latestRuns(database.db, settings.statusRuns),
     };

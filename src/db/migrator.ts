@@ -1,17 +1,22 @@
 import { readdir } from 'node:fs/promises';
-import { type Kysely, type Migration, type MigrationProvider, Migrator } from 'kysely';
-import { MigrationError, oneLine } from '../errors.js';
+import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
+import { MigrationError, oneLine, PgembedError } from '../errors.js';
 import type { Database } from './connect.js';
 import {
   type EmbeddingColumnType,
   readEmbeddingColumnType,
   resolveEmbeddingColumnType,
 } from './embedding-column.js';
+import { DEFAULT_SOURCE, type IdType, inspectSource, type MessageSource } from './source.js';
 
 /** What a migration file may use besides `db`. */
 export interface MigrationContext {
   /** Decides vector / halfvec / real[] for the embedding column; warns once on fallback. */
   embeddingColumnType(db: Kysely<unknown>): Promise<EmbeddingColumnType>;
+  /** Where the messages are; pgembed creates `messages` only when that is the source. */
+  source: MessageSource;
+  /** The source's id type, which every message_id column follows. */
+  idType(db: Kysely<unknown>): Promise<IdType>;
 }
 
 interface MigrationModule {
@@ -47,6 +52,8 @@ export interface MigrateOptions {
   /** EMBEDDING_COLUMN_TYPE; undefined means pick the best the server has. */
   forcedColumnType?: EmbeddingColumnType | undefined;
   warn: (message: string) => void;
+  /** The messages' table or view; default pgembed's own `messages`. */
+  source?: MessageSource | undefined;
 }
 
 export interface MigrateResult {
@@ -63,8 +70,15 @@ export async function migrateToLatest(
   database: Database,
   options: MigrateOptions,
 ): Promise<MigrateResult> {
+  const source = options.source ?? DEFAULT_SOURCE;
   const ctx: MigrationContext = {
     embeddingColumnType: (db) => resolveEmbeddingColumnType(db, options),
+    source,
+    // pgembed's own messages table, not created yet, will have bigint ids.
+    idType: async (db) =>
+      source === DEFAULT_SOURCE && !(await relationExists(db, 'messages'))
+        ? 'bigint'
+        : inspectSource(db, source),
   };
   const migrator = new Migrator({
     db: database.db,
@@ -72,7 +86,8 @@ export async function migrateToLatest(
   });
   const { error, results } = await migrator.migrateToLatest();
   if (error) {
-    if (error instanceof MigrationError) throw error;
+    // Ours already say what is wrong (a forced type, a --source that does not exist).
+    if (error instanceof PgembedError) throw error;
     const failed = results?.find((r) => r.status === 'Error')?.migrationName;
     throw new MigrationError(
       `migration ${failed ?? '(setup)'} failed on ${database.describe}: ${oneLine(error)}`,
@@ -89,4 +104,10 @@ export async function migrateToLatest(
     applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),
     embeddingColumnType: actual,
   };
+}
+
+async function relationExists(db: Kysely<unknown>, name: string): Promise<boolean> {
+  const { rows } = await sql<{ exists: boolean }>`
+    select to_regclass(${name}) is not null as exists`.execute(db);
+  return rows[0]?.exists === true;
 }

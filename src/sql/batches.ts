@@ -143,7 +143,7 @@ export async function advanceRun(
   await trx
     .updateTable('embedding_runs')
     .set((eb) => ({
-      cursor_id: sql`greatest(cursor_id, ${batch.cursorId}::bigint)`,
+      cursor_id: sql`greatest(cursor_id, ${batch.cursorId})`,
       embedded: eb('embedded', '+', counts.embedded),
       skipped: eb('skipped', '+', counts.skipped),
       truncated: eb('truncated', '+', counts.truncated),

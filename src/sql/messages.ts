@@ -1,5 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
+import { type MessageSource, sourceRelation } from '../db/source.js';
 
 export interface EligibleMessage {
   id: string;
@@ -11,6 +12,8 @@ export interface EligibleMessage {
 export interface EmbeddingTarget {
   provider: string;
   model: string;
+  /** The table or view the messages come from (see db/source.ts). */
+  source: MessageSource;
   /** Re-embed even when an embedding of the same content exists. */
   force: boolean;
 }
@@ -70,7 +73,7 @@ export async function fetchEligiblePage(
   const { rows } = await sql<EligibleMessage>`
     select m.id::text as id, m.content,
            encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex"
-    from messages m
+    from ${sourceRelation(target.source)} m
     where ${windowFilter(window)} and ${eligibleFilter(target, window)} and ${notSkipped}
     order by m.id
     limit ${limit}`.execute(db);
@@ -92,13 +95,20 @@ export async function eligibleTiles(
   target: EmbeddingTarget,
   size: number,
 ): Promise<EligibleTile[]> {
-  const { rows } = await sql<EligibleTile>`
-    select max(id)::text as "hiId", count(*)::int as eligible
-    from (select m.id, (row_number() over (order by m.id) - 1) / ${size} as tile
-          from messages m where ${eligibleFilter(target)}) t
-    group by tile
-    order by tile`.execute(db);
-  return rows;
+  // Each tile ends at its size-th id (or the last one): max() has no uuid form.
+  const { rows } = await sql<{ hiId: string; rowNo: string }>`
+    select id::text as "hiId", rn::text as "rowNo"
+    from (select m.id, row_number() over (order by m.id) as rn, count(*) over () as total
+          from ${sourceRelation(target.source)} m where ${eligibleFilter(target)}) t
+    where rn % ${size} = 0 or rn = total
+    order by rn`.execute(db);
+  let previous = 0;
+  return rows.map((row) => {
+    const rn = Number(row.rowNo);
+    const tile = { hiId: row.hiId, eligible: rn - previous };
+    previous = rn;
+    return tile;
+  });
 }
 
 export interface MessageCensus {
@@ -126,6 +136,6 @@ export async function countMessages(
       count(*) filter (where ${eligibleFilter(target)})::int as eligible,
       count(*) filter (where m.content !~ '\\S')::int as blank,
       ${upToDate}::int as "upToDate"
-    from messages m`.execute(db);
+    from ${sourceRelation(target.source)} m`.execute(db);
   return rows[0] ?? { eligible: 0, blank: 0, upToDate: 0 };
 }

@@ -170,7 +170,7 @@ export async function advanceRange(
     .updateTable('embedding_ranges')
     .set((eb) => ({
       // greatest(): batches commit out of order; greatest ignores a null.
-      cursor_id: sql`greatest(cursor_id, ${change.cursorId}::bigint)`,
+      cursor_id: sql`greatest(cursor_id, ${change.cursorId})`,
       embedded: eb('embedded', '+', change.embedded),
       skipped: eb('skipped', '+', change.skipped),
       lease_expires_at: sql`now() + ${leaseInterval(change.leaseMs)}`,
@@ -212,7 +212,7 @@ export async function finishRange(
       .set({
         state: 'done',
         done_at: sql`now()`,
-        cursor_id: sql`greatest(cursor_id, ${cursorId}::bigint)`,
+        cursor_id: sql`greatest(cursor_id, ${cursorId})`,
         lease_expires_at: null,
       })
       .where('sweep_id', '=', range.sweepId)
@@ -252,7 +252,7 @@ export async function releaseRange(
       state: 'pending',
       lease_owner: null,
       lease_expires_at: null,
-      cursor_id: sql`greatest(cursor_id, ${cursorId}::bigint)`,
+      cursor_id: sql`greatest(cursor_id, ${cursorId})`,
     })
     .where('sweep_id', '=', range.sweepId)
     .where('range_no', '=', range.rangeNo)

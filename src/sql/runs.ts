@@ -75,7 +75,7 @@ export async function finishRun(
     .updateTable('embedding_runs')
     .set({
       status,
-      cursor_id: sql`greatest(cursor_id, ${cursorId}::bigint)`,
+      cursor_id: sql`greatest(cursor_id, ${cursorId})`,
       finished_at: sql`now()`,
       heartbeat_at: sql`now()`,
       summary: JSON.stringify(summary),

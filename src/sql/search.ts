@@ -1,6 +1,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
+import { type MessageSource, sourceRelation } from '../db/source.js';
 import { vectorLiteral } from '../db/vector.js';
 
 export interface SearchHit {
@@ -19,7 +20,12 @@ export interface SearchHit {
  */
 export async function nearestMessages(
   db: Kysely<DB>,
-  target: { provider: string; model: string; columnType: EmbeddingColumnType },
+  target: {
+    provider: string;
+    model: string;
+    columnType: EmbeddingColumnType;
+    source: MessageSource;
+  },
   query: Float32Array,
   k: number,
 ): Promise<SearchHit[]> {
@@ -32,7 +38,7 @@ export async function nearestMessages(
   const { rows } = await sql<SearchHit>`
     select e.message_id::text as "messageId", (1 - (${distance}))::float8 as similarity,
       m.content
-    from message_embeddings e join messages m on m.id = e.message_id
+    from message_embeddings e join ${sourceRelation(target.source)} m on m.id = e.message_id
     where e.provider = ${target.provider} and e.model = ${target.model}
       and e.dimensions = ${query.length}
     order by ${distance}

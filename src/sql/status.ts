@@ -1,5 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
+import { type MessageSource, sourceRelation } from '../db/source.js';
 
 export interface RunStatusRow {
   runId: string;
@@ -62,14 +63,15 @@ export async function latestRuns(db: Kysely<DB>, limit: number): Promise<RunStat
  * Per (provider, model): how much of the table its embeddings cover. One
  * scan of messages hashing each content, as a run's census does.
  */
-export async function coverage(db: Kysely<DB>): Promise<CoverageRow[]> {
+export async function coverage(db: Kysely<DB>, source: MessageSource): Promise<CoverageRow[]> {
   const { rows } = await sql<CoverageRow>`
-    with eligible as (select count(*)::int as n from messages where content ~ '\\S'),
+    with eligible as (select count(*)::int as n from ${sourceRelation(source)} m
+                      where m.content ~ '\\S'),
     per_model as (
       select e.provider, e.model,
         count(*) filter (where e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))::int as up_to_date,
         count(*) filter (where e.content_sha256 <> sha256(convert_to(m.content, 'UTF8')))::int as stale
-      from message_embeddings e join messages m on m.id = e.message_id
+      from message_embeddings e join ${sourceRelation(source)} m on m.id = e.message_id
       where m.content ~ '\\S'
       group by 1, 2)
     select p.provider, p.model, eligible.n as eligible, p.up_to_date as "upToDate", p.stale,

@@ -1,6 +1,7 @@
 import type { Kysely } from 'kysely';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
+import type { IdType } from '../db/source.js';
 import { LeaseLostError } from '../errors.js';
 import {
   advanceRun,
@@ -20,6 +21,8 @@ export interface CommitTarget {
   copyFromBlob: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
   range: RangeKey;
   leaseMs: number;
+  /** The binary COPY stage writes int8 ids; uuid ids take the multi-row upsert. */
+  idType: IdType;
 }
 
 /**
@@ -55,9 +58,9 @@ export async function commitBatch(
         `lease on range ${to.range.rangeNo} of sweep ${to.range.sweepId} lapsed and was taken over; batch ${batch.batchNo} rolled back`,
       );
     }
-    // Binary COPY where the backend offers it (PGlite) and the type has a
-    // binary form we write (halfvec does not); else one multi-row upsert.
-    if (copyFromBlob && columnType !== 'halfvec') {
+    // Binary COPY where the backend offers it (PGlite) and the types have a
+    // binary form we write (not halfvec, not uuid ids); else one multi-row upsert.
+    if (copyFromBlob && columnType !== 'halfvec' && to.idType === 'bigint') {
       await upsertEmbeddingsViaCopy(trx, copyFromBlob, { ...target, columnType }, embedded);
     } else {
       await upsertEmbeddings(trx, target, embedded);

@@ -36,6 +36,7 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
     provider: config.provider,
     model: config.model,
     force: config.force || !migrated,
+    source: config.messageSource,
   };
   const census = await countMessages(db, target, { migrated });
   const limit = config.effectiveMaxInputTokens;

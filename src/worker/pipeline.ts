@@ -2,7 +2,7 @@ import pLimit, { type LimitFunction } from 'p-limit';
 import { asError, LeaseLostError, StrictModeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
-import { type EligibleMessage, fetchEligiblePage } from '../sql/messages.js';
+import { type EligibleMessage, type EmbeddingTarget, fetchEligiblePage } from '../sql/messages.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
 import {
   type BatchOutcome,
@@ -24,7 +24,7 @@ export interface PipelineContext {
   deps: RunDeps;
   runId: string;
   sweepId: string;
-  target: { provider: string; model: string; force: boolean };
+  target: EmbeddingTarget;
   /** Updated as batches commit; the run's summary reads them. */
   totals: RunTotals;
   log: Logger;
@@ -249,6 +249,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
       copyFromBlob: ctx.deps.copyFromBlob,
       range: walk.key,
       leaseMs: config.leaseMs,
+      idType: ctx.deps.idType ?? 'bigint',
     };
     try {
       await ctx.dbRetry('commit a batch', () =>

@@ -4,6 +4,7 @@ import { redactUrl } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
+import type { IdType } from '../db/source.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
@@ -25,6 +26,8 @@ import { highestId } from './watermark.js';
 export interface RunDeps {
   db: Kysely<DB>;
   columnType: EmbeddingColumnType;
+  /** The source's id type; default bigint. */
+  idType?: IdType | undefined;
   /** The backend's binary COPY, when it has one (see Database.copyFromBlob). */
   copyFromBlob?: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
   provider: EmbeddingProvider;
@@ -67,7 +70,12 @@ export class EmbedRun {
 
   async run(): Promise<RunOutcome> {
     const { db, config, logger } = this.deps;
-    const target = { provider: config.provider, model: config.model, force: config.force };
+    const target = {
+      provider: config.provider,
+      model: config.model,
+      force: config.force,
+      source: config.messageSource,
+    };
     const census = await countMessages(db, target);
     const planned = Math.min(census.eligible, config.limit ?? Number.POSITIVE_INFINITY);
     const runId = await insertRun(db, {

@@ -1,3 +1,5 @@
+import { compareIds } from '../db/source.js';
+
 /**
  * Batches commit in whatever order they finish; the resume cursor may only
  * move to the last id of the longest run of committed batches from the start.
@@ -64,11 +66,11 @@ export class CommitWatermark {
   }
 }
 
-/** The highest of some ids (bigint text), null when there are none. */
+/** The highest of some ids (bigint or uuid text), null when there are none. */
 export function highestId(ids: Iterable<string | null>): string | null {
-  let highest: bigint | null = null;
+  let highest: string | null = null;
   for (const id of ids) {
-    if (id !== null && (highest === null || BigInt(id) > highest)) highest = BigInt(id);
+    if (id !== null && (highest === null || compareIds(id, highest) > 0)) highest = id;
   }
-  return highest === null ? null : String(highest);
+  return highest;
 }

@@ -1,11 +1,13 @@
 import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
+import { DEFAULT_SOURCE } from '../../src/db/source.js';
 import { LeaseLostError } from '../../src/errors.js';
 import {
   advanceRange,
   claimRange,
   finishRange,
   openSweep,
+  type RangeKey,
   releaseRange,
 } from '../../src/sql/ranges.js';
 import { insertRun } from '../../src/sql/runs.js';
@@ -13,7 +15,12 @@ import { commitBatch } from '../../src/worker/commit.js';
 import { backends } from '../support/db.js';
 import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
 
-const TARGET = { provider: 'openai', model: 'text-embedding-3-small', force: false };
+const TARGET = {
+  provider: 'openai',
+  model: 'text-embedding-3-small',
+  force: false,
+  source: DEFAULT_SOURCE,
+};
 
 describe.each(backends())('range leases on %s', (backend) => {
   const fx = useWorkerFixture(backend);
@@ -35,6 +42,40 @@ describe.each(backends())('range leases on %s', (backend) => {
       .where('sweep_id', '=', sweepId)
       .orderBy('range_no')
       .execute();
+
+  /** One committed batch of `ids` (tokens 5 each) for run `runId` in `range`, as the pipeline builds it. */
+  function batchFor(range: RangeKey, ids: string[], leaseMs: number) {
+    const batch = {
+      runId: range.runId,
+      provider: TARGET.provider,
+      model: TARGET.model,
+      batchNo: 1,
+      firstMessageId: ids[0] as string,
+      lastMessageId: ids.at(-1) as string,
+      size: ids.length,
+      tokens: 5 * ids.length,
+      attempts: 1,
+      retries: 0,
+      latencyMs: 1,
+      cursorId: ids.at(-1) as string,
+    };
+    const rows = ids.map((messageId) => ({
+      messageId,
+      vector: new Float32Array(1536).fill(0.2),
+      sha256Hex: 'ab'.repeat(32),
+      inputTokens: 5,
+      truncated: false,
+    }));
+    const to = {
+      db: db(),
+      columnType: fx.ctx().columnType,
+      copyFromBlob: fx.ctx().copyFromBlob,
+      range,
+      leaseMs,
+      idType: 'bigint' as const,
+    };
+    return { to, batch, rows };
+  }
 
   it('plans ranges of --range-size eligible messages that cover every id, and shares one open sweep', async () => {
     // Ids with a gap, and a blank message that is never eligible.
@@ -67,6 +108,22 @@ describe.each(backends())('range leases on %s', (backend) => {
       { rangeSize: 2, runId: runB },
     );
     expect(other.id).not.toBe(sweep.id);
+  });
+
+  it('chains ranges in id order, each starting where the one before ends, however many there are', async () => {
+    await seedMessages(db(), sampleTexts(25));
+    const run = await newRun();
+    const sweep = await openSweep(db(), TARGET, { rangeSize: 2, runId: run });
+    const planned = await ranges(sweep.id);
+    expect(planned).toHaveLength(13);
+    expect(planned.map((r) => r.hi)).toEqual([
+      ...Array.from({ length: 12 }, (_, i) => String(2 * (i + 1))),
+      null,
+    ]);
+    for (const [i, range] of planned.entries()) {
+      expect(range.lo).toBe(i === 0 ? null : planned[i - 1]?.hi);
+    }
+    expect(planned.reduce((sum, r) => sum + r.planned, 0)).toBe(25);
   });
 
   it('gives workers claiming at once different ranges, and hands a released range out again at once', async () => {
@@ -118,35 +175,8 @@ describe.each(backends())('range leases on %s', (backend) => {
     expect(deadRun.status).toBe('abandoned');
 
     // The dead worker comes back: its commit writes nothing, and it cannot finish the range.
-    const batch = {
-      runId: dead,
-      provider: TARGET.provider,
-      model: TARGET.model,
-      batchNo: 1,
-      firstMessageId: '3',
-      lastMessageId: '3',
-      size: 1,
-      tokens: 1,
-      attempts: 1,
-      retries: 0,
-      latencyMs: 1,
-      cursorId: '3',
-    };
-    const row = {
-      messageId: '3',
-      vector: new Float32Array(1536).fill(0.1),
-      sha256Hex: 'ab'.repeat(32),
-      inputTokens: 1,
-      truncated: false,
-    };
-    const to = {
-      db: db(),
-      columnType: fx.ctx().columnType,
-      copyFromBlob: fx.ctx().copyFromBlob,
-      range: key,
-      leaseMs: 1000,
-    };
-    await expect(commitBatch(to, batch, [row], [])).rejects.toBeInstanceOf(LeaseLostError);
+    const { to, batch, rows } = batchFor(key, ['3'], 1000);
+    await expect(commitBatch(to, batch, rows, [])).rejects.toBeInstanceOf(LeaseLostError);
     const stored = await db().selectFrom('message_embeddings').selectAll().execute();
     expect(stored).toHaveLength(0);
     expect(await finishRange(db(), key, '4')).toBe(false);
@@ -159,34 +189,7 @@ describe.each(backends())('range leases on %s', (backend) => {
     const sweep = await openSweep(db(), TARGET, { rangeSize: 10, runId: run });
     await claimRange(db(), { sweepId: sweep.id, runId: run, leaseMs: 60_000 });
     const key = { sweepId: sweep.id, rangeNo: 0, runId: run };
-    const batch = {
-      runId: run,
-      provider: TARGET.provider,
-      model: TARGET.model,
-      batchNo: 1,
-      firstMessageId: '1',
-      lastMessageId: '2',
-      size: 2,
-      tokens: 10,
-      attempts: 1,
-      retries: 0,
-      latencyMs: 1,
-      cursorId: '2',
-    };
-    const rows = ['1', '2'].map((messageId) => ({
-      messageId,
-      vector: new Float32Array(1536).fill(0.2),
-      sha256Hex: 'ab'.repeat(32),
-      inputTokens: 5,
-      truncated: false,
-    }));
-    const to = {
-      db: db(),
-      columnType: fx.ctx().columnType,
-      copyFromBlob: fx.ctx().copyFromBlob,
-      range: key,
-      leaseMs: 60_000,
-    };
+    const { to, batch, rows } = batchFor(key, ['1', '2'], 60_000);
     await commitBatch(to, batch, rows, []);
     await commitBatch(to, batch, rows, []);
     const runRow = await db()
