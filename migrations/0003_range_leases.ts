@@ -1,5 +1,5 @@
 import { type Kysely, sql } from 'kysely';
-import type { MigrationContext } from '../src/db/migrator.js';
+import { readIdType } from '../src/db/source.js';
 import { up as progressViewV2 } from './0002_progress_view.js';
 
 /**
@@ -12,8 +12,9 @@ import { up as progressViewV2 } from './0002_progress_view.js';
  * while it works, and marks the range done. A lease that lapses (kill -9, a
  * lost machine) is taken over from the committed cursor.
  */
-export async function up(db: Kysely<unknown>, ctx: MigrationContext): Promise<void> {
-  const idType = sql.raw(await ctx.idType(db));
+export async function up(db: Kysely<unknown>): Promise<void> {
+  // The id type message_embeddings already has (0001 took it from the source).
+  const idType = sql.raw(await readIdType(db));
   await db.schema
     .createTable('embedding_sweeps')
     .addColumn('id', 'bigint', (c) => c.primaryKey().generatedAlwaysAsIdentity())

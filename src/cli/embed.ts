@@ -32,10 +32,10 @@ await runCli(async (argv) => {
   const levelAsked = args.flags['log-level'] !== undefined || !!process.env.LOG_LEVEL;
   const logger = createLogger(showBar && !levelAsked ? 'warn' : config.logLevel);
   if (config.localByDefault) {
-    logger.info(
-      { provider: config.provider, model: config.model },
-      `neither OPENAI_API_KEY nor OPENAI_BASE_URL is set: embedding offline with the bundled local model ${config.model} (512 dimensions); set one of them for OpenAI or a compatible server`,
-    );
+    const notice = `neither OPENAI_API_KEY nor OPENAI_BASE_URL is set: embedding offline with the bundled local model ${config.model} (512 dimensions); set one of them for OpenAI or a compatible server`;
+    logger.info({ provider: config.provider, model: config.model }, notice);
+    // Behind a progress bar info lines are off; a newcomer must still see this.
+    if (showBar && !levelAsked) process.stderr.write(`pgembed: ${notice}\n`);
   }
   const database = await openDatabase(config.databaseUrl, {
     // Each batch in flight commits on its own connection, plus one for reads.

@@ -10,6 +10,8 @@ import { vectorsByIndex } from './validate.js';
  * directory. initModel() without a source would download them, so the
  * bundled `modelSource` is always passed.
  */
+const LOCAL_CHUNK = 8;
+
 export async function createLocalProvider(): Promise<EmbeddingProvider> {
   // Imported on first use: TensorFlow.js costs ~100 ms to load, for OpenAI runs too.
   const [{ initModel }, { modelSource }] = await Promise.all([
@@ -27,9 +29,15 @@ export async function createLocalProvider(): Promise<EmbeddingProvider> {
   return {
     expectedDimensions: 512,
     async embed(inputs) {
-      let raw: number[][];
+      const raw: number[][] = [];
       try {
-        raw = await model.embed(inputs);
+        // A few inputs at a time, yielding between them: the model runs on
+        // this thread (~0.1-0.3 s per input), and the heartbeat that keeps
+        // the leases must still run while a large batch is embedded.
+        for (let i = 0; i < inputs.length; i += LOCAL_CHUNK) {
+          raw.push(...(await model.embed(inputs.slice(i, i + LOCAL_CHUNK))));
+          await new Promise((resolve) => setImmediate(resolve));
+        }
       } catch (error) {
         throw new ProviderFatalError(
           `the local model ${LOCAL_MODEL} failed: ${(error as Error).message}`,

@@ -8,6 +8,12 @@ export interface Sweep {
   ranges: number;
   /** True when this run planned it; false when it joined one in progress. */
   created: boolean;
+  /**
+   * Joined with ranges already walked, done or part-way: messages behind
+   * those cursors may change unseen by this run, so it makes one more pass
+   * over a new sweep before it may say everything is embedded.
+   */
+  progressedBeforeJoin: boolean;
 }
 
 export interface LeasedRange {
@@ -54,7 +60,19 @@ export async function openSweep(
       .where('force', '=', target.force)
       .where('finished_at', 'is', null)
       .executeTakeFirst();
-    if (open) return { ...open, id: String(open.id), created: false };
+    if (open) {
+      const { rows } = await sql<{ progressed: boolean }>`
+        select exists (select 1 from embedding_ranges where sweep_id = ${open.id}
+                       and (state = 'done' or cursor_id is distinct from lo_id)) as progressed`.execute(
+        trx,
+      );
+      return {
+        ...open,
+        id: String(open.id),
+        created: false,
+        progressedBeforeJoin: rows[0]?.progressed === true,
+      };
+    }
 
     const tiles = await eligibleTiles(trx, target, options.rangeSize);
     const planned = tiles.reduce((sum, t) => sum + t.eligible, 0);
@@ -91,7 +109,13 @@ export async function openSweep(
         )
         .execute();
     }
-    return { id: sweepId, planned, ranges: ranges.length, created: true };
+    return {
+      id: sweepId,
+      planned,
+      ranges: ranges.length,
+      created: true,
+      progressedBeforeJoin: false,
+    };
   });
 }
 
@@ -103,8 +127,15 @@ export async function openSweep(
  */
 export async function claimRange(
   db: Kysely<DB>,
-  options: { sweepId: string; runId: string; leaseMs: number },
+  options: {
+    sweepId: string;
+    runId: string;
+    leaseMs: number;
+    /** Ranges this run is walking now, never handed out to it again. */
+    walking?: number[];
+  },
 ): Promise<LeasedRange | undefined> {
+  const walking = sql`array[${sql.join([-1, ...(options.walking ?? [])])}]::int[]`;
   return db.transaction().execute(async (trx) => {
     const { rows } = await sql<{
       rangeNo: number;
@@ -118,7 +149,12 @@ export async function claimRange(
         select sweep_id, range_no, state as previous_state, lease_owner as previous_owner
         from embedding_ranges
         where sweep_id = ${options.sweepId}
-          and (state = 'pending' or (state = 'leased' and lease_expires_at < now()))
+          and (state = 'pending'
+               or (state = 'leased' and lease_expires_at < now())
+               -- leased to this run but not walked: a claim whose answer was
+               -- lost with the connection, redone
+               or (state = 'leased' and lease_owner = ${options.runId}))
+          and not (lease_owner is not distinct from ${options.runId} and range_no = any(${walking}))
         order by range_no
         limit 1
         for update skip locked
@@ -129,7 +165,8 @@ export async function claimRange(
         lease_expires_at = now() + ${leaseInterval(options.leaseMs)},
         heartbeat_at = now(),
         leases = g.leases + 1,
-        takeovers = g.takeovers + (c.previous_state = 'leased')::int
+        takeovers = g.takeovers
+          + (c.previous_state = 'leased' and c.previous_owner <> ${options.runId})::int
       from candidate c
       where g.sweep_id = c.sweep_id and g.range_no = c.range_no
       returning g.range_no as "rangeNo", g.lo_id::text as "loId", g.hi_id::text as "hiId",
@@ -184,15 +221,23 @@ export async function advanceRange(
   return Number(result.numUpdatedRows) === 1;
 }
 
-/** Renews every lease the run holds; the run's heartbeat for its ranges. */
-export async function renewLeases(db: Kysely<DB>, runId: string, leaseMs: number): Promise<number> {
-  const result = await db
+/**
+ * Renews every lease the run still holds and says which: a range missing
+ * from the answer was taken over while this worker stalled.
+ */
+export async function renewLeases(
+  db: Kysely<DB>,
+  runId: string,
+  leaseMs: number,
+): Promise<Array<{ sweepId: string; rangeNo: number }>> {
+  const rows = await db
     .updateTable('embedding_ranges')
     .set({ lease_expires_at: sql`now() + ${leaseInterval(leaseMs)}`, heartbeat_at: sql`now()` })
     .where('lease_owner', '=', runId)
     .where('state', '=', 'leased')
-    .executeTakeFirst();
-  return Number(result.numUpdatedRows);
+    .returning(['sweep_id', 'range_no'])
+    .execute();
+  return rows.map((r) => ({ sweepId: String(r.sweep_id), rangeNo: r.range_no }));
 }
 
 /**
@@ -218,7 +263,8 @@ export async function finishRange(
       .where('sweep_id', '=', range.sweepId)
       .where('range_no', '=', range.rangeNo)
       .where('lease_owner', '=', range.runId)
-      .where('state', '=', 'leased')
+      // 'done' too: a redo after a COMMIT whose answer was lost finds it done.
+      .where('state', 'in', ['leased', 'done'])
       .executeTakeFirst();
     await closeSweepIfDone(trx, range.sweepId);
     return Number(result.numUpdatedRows) === 1;
@@ -285,22 +331,4 @@ export async function sweepState(
                        or (state = 'leased' and lease_expires_at < now()))::int as claimable
     from embedding_ranges where sweep_id = ${sweepId}`.execute(db);
   return rows[0] ?? { total: 0, done: 0, heldByOthers: 0, claimable: 0 };
-}
-
-/**
- * True when a range of the sweep was done before the run started: messages
- * there may have changed since, unseen by this run, so it makes one more
- * pass over a new sweep before it may say everything is embedded.
- */
-export async function sweepPredatesRun(
-  db: Kysely<DB>,
-  sweepId: string,
-  runId: string,
-): Promise<boolean> {
-  const { rows } = await sql<{ predates: boolean }>`
-    select exists (
-      select 1 from embedding_ranges g, embedding_runs r
-      where g.sweep_id = ${sweepId} and r.id = ${runId} and g.done_at < r.started_at
-    ) as predates`.execute(db);
-  return rows[0]?.predates === true;
 }

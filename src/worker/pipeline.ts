@@ -36,6 +36,11 @@ export interface PipelineContext {
   dbRetry: <T>(what: string, fn: () => Promise<T>) => Promise<T>;
   /** Most messages to read in this pass (what --limit leaves); undefined: no cap. */
   limit: number | undefined;
+  /**
+   * The run's batch numbers, shared by its passes: embedding_batches is keyed
+   * by (run_id, batch_no), and a redone commit recognises itself by that key.
+   */
+  batchNumbers: { last: number };
 }
 
 export interface PipelineResult {
@@ -68,6 +73,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     dbRetry: ctx.dbRetry,
     abortSignal: ctx.abortSignal,
   });
+  leases.startRenewal(Math.min(ctx.deps.progressIntervalMs ?? 5000, config.leaseMs / 3));
   const inFlight = new Set<Promise<void>>();
   const track = (task: Promise<void>) => {
     inFlight.add(task);
@@ -97,11 +103,14 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     },
   };
   const finish = (walk: RangeWalk) =>
-    track(leases.finishWhenSettled(walk).catch((error: unknown) => fail(seq + 1, error)));
+    track(
+      leases
+        .finishWhenSettled(walk)
+        .catch((error: unknown) => fail(ctx.batchNumbers.last + 1, error)),
+    );
 
   let walk: RangeWalk | undefined;
   let taken = 0;
-  let seq = 0;
   let lastPage = false;
   try {
     while (!ctx.stopped() && !failure && !lastPage) {
@@ -136,7 +145,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
           prepared = cutAtFirstFailure(prepared);
           lastPage = true;
         }
-        const batchSeq = ++seq;
+        const batchSeq = ++ctx.batchNumbers.last;
         const rangeSeq = current.register((page[page.length - 1] as EligibleMessage).id);
         const task: Promise<void> = processBatch(ctx, {
           seq: batchSeq,
@@ -166,6 +175,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     // Whatever ended the loop: settle what is in flight, then hand back the
     // ranges not walked to the end so other workers take them at once.
     await Promise.allSettled(inFlight);
+    leases.stopRenewal();
     await leases.releaseAll();
   }
   return { cursorId: leases.highestCursor(), taken, error: failure?.error };

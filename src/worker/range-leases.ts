@@ -1,5 +1,6 @@
 import type { Kysely } from 'kysely';
 import type { DB } from '../db/schema.js';
+import { oneLine } from '../errors.js';
 import type { Logger } from '../log.js';
 import {
   claimRange,
@@ -8,6 +9,7 @@ import {
   type LeasedRange,
   type RangeKey,
   releaseRange,
+  renewLeases,
   sweepState,
 } from '../sql/ranges.js';
 import { CommitWatermark, highestId } from './watermark.js';
@@ -72,6 +74,7 @@ export interface RangeLeasesOptions {
 export class RangeLeases {
   readonly #held = new Map<number, RangeWalk>();
   readonly #walked: RangeWalk[] = [];
+  #renewal: NodeJS.Timeout | undefined;
   #waitingLogged = false;
 
   constructor(private readonly options: RangeLeasesOptions) {}
@@ -82,8 +85,9 @@ export class RangeLeases {
     // Poll often enough that a released range is picked up within a second.
     const pollMs = Math.min(1000, leaseMs / 4);
     while (!abortSignal.aborted) {
+      const walking = [...this.#held.keys()];
       const lease = await dbRetry('claim a range', () =>
-        claimRange(db, { sweepId, runId, leaseMs }),
+        claimRange(db, { sweepId, runId, leaseMs, walking }),
       );
       if (lease) {
         const walk = new RangeWalk(lease, runId);
@@ -144,6 +148,36 @@ export class RangeLeases {
         'range was taken over before it could be marked done',
       );
     }
+  }
+
+  /**
+   * Renews the leases every `intervalMs` (a third of the lease, so two
+   * beats may fail in a blip before another worker may take a range). A held
+   * range missing from the renewal was taken over while this worker stalled:
+   * it is left at once, not at its next commit.
+   */
+  startRenewal(intervalMs: number): void {
+    const { db, runId, leaseMs, log, sweepId } = this.options;
+    this.#renewal = setInterval(() => {
+      renewLeases(db, runId, leaseMs)
+        .then((renewed) => {
+          const still = new Set(renewed.filter((r) => r.sweepId === sweepId).map((r) => r.rangeNo));
+          for (const walk of this.#held.values()) {
+            if (walk.done || walk.lost || still.has(walk.key.rangeNo)) continue;
+            walk.lost = true;
+            log.warn(
+              { range_no: walk.key.rangeNo },
+              'lease lost; leaving the range to its new owner',
+            );
+          }
+        })
+        .catch((error: unknown) => log.warn({ err: oneLine(error) }, 'lease renewal failed'));
+    }, intervalMs);
+    this.#renewal.unref();
+  }
+
+  stopRenewal(): void {
+    clearInterval(this.#renewal);
   }
 
   /** The highest committed cursor of any range this run walked: the run row's cursor_id. */

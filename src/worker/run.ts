@@ -10,7 +10,7 @@ import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import type { ProgressDisplay } from '../report/progress-bar.js';
 import { countMessages } from '../sql/messages.js';
-import { openSweep, renewLeases, sweepPredatesRun } from '../sql/ranges.js';
+import { openSweep } from '../sql/ranges.js';
 import {
   finishRun,
   insertRun,
@@ -141,12 +141,12 @@ export class EmbedRun {
       display ? 250 : (this.deps.progressIntervalMs ?? 5000),
     );
     progress.unref();
-    // The run's heartbeat and its leases' renewal: a third of the lease, so
-    // two beats can fail (a blip) before another worker may take a range.
+    // The run's heartbeat, for the progress view and for takers to tell a
+    // dead run (the pipeline renews its leases on the same beat).
     const heartbeat = setInterval(
       () => {
-        Promise.all([touchRun(db, runId), renewLeases(db, runId, config.leaseMs)]).catch(
-          (error: unknown) => log.warn({ err: oneLine(error) }, 'heartbeat failed'),
+        touchRun(db, runId).catch((error: unknown) =>
+          log.warn({ err: oneLine(error) }, 'heartbeat failed'),
         );
       },
       Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3),
@@ -158,7 +158,9 @@ export class EmbedRun {
     try {
       let current = sweep;
       let limitLeft = config.limit;
-      for (;;) {
+      const batchNumbers = { last: 0 };
+      // At most two passes: the sweep it joined, then one planned after it started.
+      for (let passNo = 1; ; passNo++) {
         const pass = await runPipeline({
           deps: this.deps,
           runId,
@@ -170,18 +172,19 @@ export class EmbedRun {
           abortSignal: this.#abort.signal,
           dbRetry,
           limit: limitLeft,
+          batchNumbers,
         });
         cursors.push(pass.cursorId);
         if (pass.error) throw pass.error;
-        if (this.#stopSignal) break;
+        // A --force sweep re-embeds everything anyway: a second pass would pay twice.
+        if (this.#stopSignal || target.force || passNo === 2 || !current.progressedBeforeJoin) {
+          break;
+        }
         if (limitLeft !== undefined) limitLeft -= pass.taken;
         if (limitLeft !== undefined && limitLeft <= 0) break;
-        // It joined a sweep with ranges done before it started: messages
-        // there may have changed since. One more pass, over a sweep planned now.
-        const predates = await dbRetry('check the sweep', () =>
-          sweepPredatesRun(db, current.id, runId),
-        );
-        if (!predates) break;
+        // It joined a sweep others had already made progress in: messages
+        // behind their cursors may have changed since. One more pass, over a
+        // sweep planned now.
         const next = await dbRetry('open a sweep', () =>
           openSweep(db, target, { rangeSize: config.rangeSize, runId }),
         );
@@ -193,7 +196,7 @@ export class EmbedRun {
             sweep_ranges: next.ranges,
             sweep: next.created ? 'planned' : 'joined',
           },
-          'the joined sweep had ranges done before this run started; one more pass over a new sweep',
+          'the joined sweep had progress from before this run joined; one more pass over a new sweep',
         );
         current = next;
       }

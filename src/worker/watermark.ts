@@ -12,6 +12,12 @@ export class CommitWatermark {
   #cursor: string | null;
   #registered = 0;
   #prefixOnly = false;
+  /**
+   * The last batch the cursor may pass: a batch that committed only a prefix
+   * ends the walk there, and later batches that did commit must not carry
+   * the cursor past the messages it left out.
+   */
+  #ceiling = Number.POSITIVE_INFINITY;
 
   /** `start`: where reading began (a resumed range's committed cursor). */
   constructor(start: string | null = null) {
@@ -32,7 +38,7 @@ export class CommitWatermark {
   cursorWith(seq: number, lastId?: string | null): string | null {
     let next = this.#next;
     let cursor = this.#cursor;
-    while (next === seq || this.#committed.has(next)) {
+    while (next <= this.#ceiling && (next === seq || this.#committed.has(next))) {
       if (next === seq && lastId !== undefined) return lastId ?? cursor;
       cursor = this.#lastIds.get(next) ?? cursor;
       next++;
@@ -44,11 +50,12 @@ export class CommitWatermark {
   commit(seq: number, lastId?: string | null): void {
     if (lastId !== undefined) {
       this.#prefixOnly = true;
+      this.#ceiling = Math.min(this.#ceiling, lastId === null ? seq - 1 : seq);
       if (lastId === null) return; // nothing of it committed: the cursor stops before it
       this.#lastIds.set(seq, lastId);
     }
     this.#committed.add(seq);
-    while (this.#committed.has(this.#next)) {
+    while (this.#next <= this.#ceiling && this.#committed.has(this.#next)) {
       this.#cursor = this.#lastIds.get(this.#next) ?? this.#cursor;
       this.#committed.delete(this.#next);
       this.#lastIds.delete(this.#next);

@@ -41,4 +41,34 @@ describe('the commit watermark', () => {
     none.commit(2, null);
     expect(none.cursor).toBe('8');
   });
+
+  it('never moves past a strict-mode prefix, even over later batches that committed', () => {
+    const w = new CommitWatermark();
+    w.register(1, '8');
+    w.register(2, '16');
+    w.register(3, '24');
+    w.commit(3); // a later batch finished first
+    w.commit(2, '13'); // batch 2 kept only up to 13: the failing message is 14
+    w.commit(1);
+    expect(w.cursor).toBe('13');
+    expect(w.complete).toBe(false);
+
+    const none = new CommitWatermark('4');
+    none.register(1, '8');
+    none.register(2, '16');
+    none.commit(2);
+    none.commit(1, null); // nothing of batch 1 committed
+    expect(none.cursor).toBe('4');
+  });
+
+  it('is complete only when every registered batch committed in full', () => {
+    const w = new CommitWatermark('100');
+    w.register(1, '108');
+    w.register(2, '116');
+    w.commit(2);
+    expect(w.complete).toBe(false);
+    w.commit(1);
+    expect(w.complete).toBe(true);
+    expect(w.cursor).toBe('116');
+  });
 });
