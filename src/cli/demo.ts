@@ -58,7 +58,7 @@ await runCli(async (argv) => {
   }
   process.stderr.write(
     `\nDone. Embed the rest: DATABASE_URL=${DEMO_DATABASE_URL} npm run embed -- --provider local --truncate\n` +
-      `Search: DATABASE_URL=${DEMO_DATABASE_URL} npm run search -- "your words" -k 10\n`,
+      `Search: DATABASE_URL=${DEMO_DATABASE_URL} npm run search -- "your words" -k 10 --provider local\n`,
   );
   return 0;
 });
