@@ -1,9 +1,9 @@
 import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
 import { openDatabase, redactUrl } from '../db/connect.js';
-import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { requireMigrated } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { inspectSource, readIdType } from '../db/source.js';
-import { ConfigError, MigrationError } from '../errors.js';
+import { ConfigError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
@@ -59,12 +59,7 @@ await runCli(async (argv) => {
             source: config.messageSource,
           })
         ).embeddingColumnType
-      : await readEmbeddingColumnType(database.db).catch((error) => {
-          throw new MigrationError(
-            'the database has no pgembed tables yet: run `npm run migrate`, or drop --no-migrate',
-            { cause: error },
-          );
-        });
+      : await requireMigrated(database.db, 'run `npm run migrate`, or drop --no-migrate');
     // The source must exist with usable columns before anything is embedded
     // (a missing one already failed the migration, which inspects it too).
     const idType = await inspectSource(database.db, config.messageSource);

@@ -1,8 +1,8 @@
 import { checkOpenAISettings, resolveSettings, resolveTarget, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
-import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { requireMigrated } from '../db/embedding-column.js';
 import { inspectSource, parseSource } from '../db/source.js';
-import { ConfigError, MigrationError } from '../errors.js';
+import { ConfigError } from '../errors.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
 import { countEmbeddings, nearestMessages } from '../sql/search.js';
@@ -39,12 +39,7 @@ await runCli(async (argv) => {
   const source = parseSource(settings);
   const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
   try {
-    const columnType = await readEmbeddingColumnType(database.db).catch((error) => {
-      throw new MigrationError(
-        'the database has no pgembed tables yet: run `npm run embed` first',
-        { cause: error },
-      );
-    });
+    const columnType = await requireMigrated(database.db, 'run `npm run embed` first');
     if ((await countEmbeddings(database.db, target)) === 0) {
       throw new ConfigError(
         `no embeddings for ${target.provider}/${target.model} yet: run \`npm run embed\` with the same provider and model first`,

@@ -1,8 +1,7 @@
 import { resolveSettings, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
-import { readEmbeddingColumnType } from '../db/embedding-column.js';
+import { requireMigrated } from '../db/embedding-column.js';
 import { parseSource } from '../db/source.js';
-import { MigrationError } from '../errors.js';
 import { formatStatus } from '../report/status.js';
 import { coverage, latestRuns, openSweeps } from '../sql/status.js';
 import { helpText, parseFlags } from './args.js';
@@ -20,12 +19,7 @@ await runCli(async (argv) => {
   const source = parseSource(settings);
   const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
   try {
-    await readEmbeddingColumnType(database.db).catch((error) => {
-      throw new MigrationError(
-        'the database has no pgembed tables yet: run `npm run migrate` or `npm run embed`',
-        { cause: error },
-      );
-    });
+    await requireMigrated(database.db, 'run `npm run migrate` or `npm run embed`');
     const report = {
       coverage: await coverage(database.db, source),
       sweeps: await openSweeps(database.db),

@@ -75,3 +75,13 @@ export async function readEmbeddingColumnType<T>(db: Kysely<T>): Promise<Embeddi
     `message_embeddings.embedding has unexpected type ${type ?? '(missing)'}`,
   );
 }
+
+/**
+ * The column type, or a MigrationError saying the database has no pgembed
+ * tables yet and `fix` (what the calling command's user should run).
+ */
+export async function requireMigrated<T>(db: Kysely<T>, fix: string): Promise<EmbeddingColumnType> {
+  return readEmbeddingColumnType(db).catch((error) => {
+    throw new MigrationError(`the database has no pgembed tables yet: ${fix}`, { cause: error });
+  });
+}

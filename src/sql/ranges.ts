@@ -1,4 +1,4 @@
-import { type Kysely, sql, type Transaction } from 'kysely';
+import { type ExpressionBuilder, type Kysely, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { type EmbeddingTarget, eligibleTiles } from './messages.js';
 
@@ -34,6 +34,16 @@ export interface RangeKey {
 }
 
 const RANGE_INSERT_CHUNK = 1000;
+
+/** The range, as long as `range.runId` holds it: every write of a lease holder is fenced so. */
+function heldBy(range: RangeKey) {
+  return (eb: ExpressionBuilder<DB, 'embedding_ranges'>) =>
+    eb.and([
+      eb('sweep_id', '=', range.sweepId),
+      eb('range_no', '=', range.rangeNo),
+      eb('lease_owner', '=', range.runId),
+    ]);
+}
 
 function leaseInterval(leaseMs: number) {
   return sql`${leaseMs} * interval '1 millisecond'`;
@@ -213,9 +223,7 @@ export async function advanceRange(
       lease_expires_at: sql`now() + ${leaseInterval(change.leaseMs)}`,
       heartbeat_at: sql`now()`,
     }))
-    .where('sweep_id', '=', range.sweepId)
-    .where('range_no', '=', range.rangeNo)
-    .where('lease_owner', '=', range.runId)
+    .where(heldBy(range))
     .where('state', '=', 'leased')
     .executeTakeFirst();
   return Number(result.numUpdatedRows) === 1;
@@ -260,9 +268,7 @@ export async function finishRange(
         cursor_id: sql`greatest(cursor_id, ${cursorId})`,
         lease_expires_at: null,
       })
-      .where('sweep_id', '=', range.sweepId)
-      .where('range_no', '=', range.rangeNo)
-      .where('lease_owner', '=', range.runId)
+      .where(heldBy(range))
       // 'done' too: a redo after a COMMIT whose answer was lost finds it done.
       .where('state', 'in', ['leased', 'done'])
       .executeTakeFirst();
@@ -300,9 +306,7 @@ export async function releaseRange(
       lease_expires_at: null,
       cursor_id: sql`greatest(cursor_id, ${cursorId})`,
     })
-    .where('sweep_id', '=', range.sweepId)
-    .where('range_no', '=', range.rangeNo)
-    .where('lease_owner', '=', range.runId)
+    .where(heldBy(range))
     .where('state', '=', 'leased')
     .execute();
 }

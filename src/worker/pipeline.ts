@@ -41,6 +41,8 @@ export interface PipelineContext {
    * by (run_id, batch_no), and a redone commit recognises itself by that key.
    */
   batchNumbers: { last: number };
+  /** How often the run beats; leases are renewed on the same beat. */
+  heartbeatMs: number;
 }
 
 export interface PipelineResult {
@@ -73,7 +75,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     dbRetry: ctx.dbRetry,
     abortSignal: ctx.abortSignal,
   });
-  leases.startRenewal(Math.min(ctx.deps.progressIntervalMs ?? 5000, config.leaseMs / 3));
+  leases.startRenewal(ctx.heartbeatMs);
   const inFlight = new Set<Promise<void>>();
   const track = (task: Promise<void>) => {
     inFlight.add(task);

@@ -151,8 +151,7 @@ export class RangeLeases {
   }
 
   /**
-   * Renews the leases every `intervalMs` (a third of the lease, so two
-   * beats may fail in a blip before another worker may take a range). A held
+   * Renews the leases every `intervalMs` (the run's heartbeat). A held
    * range missing from the renewal was taken over while this worker stalled:
    * it is left at once, not at its next commit.
    */

@@ -142,15 +142,14 @@ export class EmbedRun {
     );
     progress.unref();
     // The run's heartbeat, for the progress view and for takers to tell a
-    // dead run (the pipeline renews its leases on the same beat).
-    const heartbeat = setInterval(
-      () => {
-        touchRun(db, runId).catch((error: unknown) =>
-          log.warn({ err: oneLine(error) }, 'heartbeat failed'),
-        );
-      },
-      Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3),
-    );
+    // dead run; the pipeline renews its leases on the same beat, a third of
+    // the lease, so two beats can fail in a blip before a range may be taken.
+    const heartbeatMs = Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3);
+    const heartbeat = setInterval(() => {
+      touchRun(db, runId).catch((error: unknown) =>
+        log.warn({ err: oneLine(error) }, 'heartbeat failed'),
+      );
+    }, heartbeatMs);
     heartbeat.unref();
 
     let error: PgembedError | Error | undefined;
@@ -173,6 +172,7 @@ export class EmbedRun {
           dbRetry,
           limit: limitLeft,
           batchNumbers,
+          heartbeatMs,
         });
         cursors.push(pass.cursorId);
         if (pass.error) throw pass.error;
