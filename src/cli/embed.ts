@@ -15,7 +15,8 @@ import { runCli, warnLoudly } from './main.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
-  '  retries exhausted, bad settings); 2 finished with skips (--allow-partial); 130/143 SIGINT/SIGTERM.',
+  '  retries exhausted, bad settings, database unreachable or lost past --db-retry-ms); 2 finished',
+  '  with skips (--allow-partial); 130/143 SIGINT/SIGTERM.',
   '',
 ];
 
