@@ -74,6 +74,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     log,
     dbRetry: ctx.dbRetry,
     abortSignal: ctx.abortSignal,
+    ended: () => failure !== undefined,
   });
   leases.startRenewal(ctx.heartbeatMs);
   const inFlight = new Set<Promise<void>>();

@@ -64,6 +64,8 @@ export interface RangeLeasesOptions {
   dbRetry: <T>(what: string, fn: () => Promise<T>) => Promise<T>;
   /** Aborted on stop: ends a wait for other workers' ranges. */
   abortSignal: AbortSignal;
+  /** True once the run must read no more (a failure): ends a wait too. */
+  ended: () => boolean;
 }
 
 /**
@@ -81,11 +83,13 @@ export class RangeLeases {
 
   /** The next range to read, or undefined when the sweep is done or the run stops. */
   async next(): Promise<RangeWalk | undefined> {
-    const { db, sweepId, runId, leaseMs, log, dbRetry, abortSignal } = this.options;
+    const { db, sweepId, runId, leaseMs, log, dbRetry, abortSignal, ended } = this.options;
     // Poll often enough that a released range is picked up within a second.
     const pollMs = Math.min(1000, leaseMs / 4);
-    while (!abortSignal.aborted) {
-      const walking = [...this.#held.keys()];
+    while (!abortSignal.aborted && !ended()) {
+      // A walk given up as lost may in fact still be this run's lease: then
+      // the claim hands it back to this run rather than leaving it stranded.
+      const walking = [...this.#held.values()].filter((w) => !w.lost).map((w) => w.key.rangeNo);
       const lease = await dbRetry('claim a range', () =>
         claimRange(db, { sweepId, runId, leaseMs, walking }),
       );
@@ -110,9 +114,9 @@ export class RangeLeases {
         await dbRetry('close the sweep', () => closeSweepIfDone(db, sweepId));
         return undefined;
       }
-      // Nothing to claim and nobody else holds a range: what is left is this
-      // run's own, finishing in flight (the last one done closes the sweep).
-      if (state.claimable === 0 && state.heldByOthers === 0) return undefined;
+      // Otherwise what is left is held: by other workers (taken over if they
+      // lapse), or by this run, finishing in flight. Either way the run waits:
+      // it ends only with the sweep done, so exit 0 means nothing was left.
       if (!this.#waitingLogged && state.heldByOthers > 0) {
         this.#waitingLogged = true;
         log.info(
@@ -158,10 +162,12 @@ export class RangeLeases {
   startRenewal(intervalMs: number): void {
     const { db, runId, leaseMs, log, sweepId } = this.options;
     this.#renewal = setInterval(() => {
+      // Only walks claimed before the renewal began can be judged by its answer.
+      const judged = [...this.#held.values()];
       renewLeases(db, runId, leaseMs)
         .then((renewed) => {
           const still = new Set(renewed.filter((r) => r.sweepId === sweepId).map((r) => r.rangeNo));
-          for (const walk of this.#held.values()) {
+          for (const walk of judged) {
             if (walk.done || walk.lost || still.has(walk.key.rangeNo)) continue;
             walk.lost = true;
             log.warn(
@@ -197,7 +203,9 @@ export class RangeLeases {
   async releaseAll(): Promise<void> {
     const { db, dbRetry, log } = this.options;
     for (const walk of this.#held.values()) {
-      if (walk.done || walk.lost) continue;
+      // Lost walks too: the release is fenced on this run's lease, so it does
+      // nothing where another worker holds the range, and frees it where not.
+      if (walk.done) continue;
       try {
         await dbRetry('release a range', () => releaseRange(db, walk.key, walk.watermark.cursor));
         log.info(
