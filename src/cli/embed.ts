@@ -1,5 +1,6 @@
 import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
-import { openDatabase, redactUrl } from '../db/connect.js';
+import { openDatabase } from '../db/connect.js';
+import { redactUrl } from '../redact.js';
 import { requireMigrated } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { inspectSource, readIdType } from '../db/source.js';

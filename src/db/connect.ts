@@ -5,6 +5,7 @@ import { vector } from '@electric-sql/pglite-pgvector';
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { ConfigError, DatabaseConnectionError } from '../errors.js';
+import { redactUrl } from '../redact.js';
 import { PGliteDialect } from './pglite-dialect.js';
 import type { DB } from './schema.js';
 
@@ -49,11 +50,6 @@ export function parseDatabaseUrl(url: string | undefined): DatabaseTarget {
   throw new ConfigError(
     `DATABASE_URL has unsupported scheme '${scheme ?? value}': use postgres://user:pass@host:5432/db, pglite:<dir>, or pglite:memory`,
   );
-}
-
-/** Removes the password from a connection URL so it can be logged. */
-export function redactUrl(url: string): string {
-  return url.replace(/^([a-z][a-z0-9+.-]*:\/\/[^:/@]*:)[^@]*@/i, '$1***@');
 }
 
 // Counts handles that are open, so the test suite can fail on a leaked pool.

@@ -1,6 +1,6 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
-import { redactUrl } from '../db/connect.js';
+import { redactUrl } from '../redact.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';

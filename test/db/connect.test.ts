@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openDatabase, parseDatabaseUrl, redactUrl } from '../../src/db/connect.js';
+import { openDatabase, parseDatabaseUrl } from '../../src/db/connect.js';
+import { redactUrl } from '../../src/redact.js';
 import { ConfigError, DatabaseConnectionError } from '../../src/errors.js';
 import { startEmbeddedPostgres } from '../support/global-setup.js';
 
