@@ -1,6 +1,5 @@
 import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
-import { redactUrl } from '../redact.js';
 import { requireMigrated } from '../db/embedding-column.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { inspectSource, readIdType } from '../db/source.js';
@@ -8,6 +7,7 @@ import { ConfigError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
+import { redactUrl } from '../redact.js';
 import { terminalProgressBar } from '../report/progress-bar.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';

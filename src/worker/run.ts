@@ -1,6 +1,5 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
-import { redactUrl } from '../redact.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
@@ -8,6 +7,7 @@ import type { IdType } from '../db/source.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
+import { redactUrl } from '../redact.js';
 import type { ProgressDisplay } from '../report/progress-bar.js';
 import { countMessages } from '../sql/messages.js';
 import { openSweep } from '../sql/ranges.js';

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openDatabase, parseDatabaseUrl } from '../../src/db/connect.js';
-import { redactUrl } from '../../src/redact.js';
 import { ConfigError, DatabaseConnectionError } from '../../src/errors.js';
+import { redactUrl } from '../../src/redact.js';
 import { startEmbeddedPostgres } from '../support/global-setup.js';
 
 async function connectError(url: string): Promise<Error> {
