@@ -23,6 +23,14 @@ export class DatabaseConnectionError extends PgembedError {
   readonly code = 'DB_CONNECT';
 }
 
+/**
+ * The embedded database's directory is held by another live process that
+ * cannot share it (it does not serve it, or it runs on another host).
+ */
+export class DatabaseBusyError extends PgembedError {
+  readonly code = 'DB_BUSY';
+}
+
 /** Migrations could not be applied (e.g. pgvector forced but not installed). */
 export class MigrationError extends PgembedError {
   readonly code = 'MIGRATION';

@@ -43,7 +43,16 @@ await runCli(async (argv) => {
     // Each batch in flight commits on its own connection, plus one for reads.
     poolMax: config.dbPoolSize ?? config.concurrency + 1,
     onIdleError: (error) => logger.warn({ err: error }, 'idle database connection failed'),
+    command: config.dryRun ? 'embed --dry-run' : 'embed',
+    // A run lasts; others (status, search, psql, a second embed) connect
+    // through it rather than wait. A dry run is short: they wait for it.
+    serve: !config.dryRun,
   });
+  if (database.serving) {
+    const line = `serving ${database.describe} to other processes while this runs: ${database.serving.psql}`;
+    logger.info({ psql: database.serving.psql }, line);
+    if (showBar && !levelAsked) process.stderr.write(`pgembed: ${line}\n`);
+  }
   try {
     if (config.dryRun) {
       await inspectSource(database.db, config.messageSource);
@@ -107,6 +116,8 @@ await runCli(async (argv) => {
       }
       logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
       run.stop(signal);
+      // This process is going away: closing will not wait for the ones it serves.
+      database.serving?.cutOffClients();
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);

@@ -16,7 +16,7 @@ await runCli(async (argv) => {
   }
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
   const logger = createLogger(settings.logLevel);
-  const database = await openDatabase(settings.databaseUrl);
+  const database = await openDatabase(settings.databaseUrl, { command: 'migrate' });
   try {
     const result = await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,

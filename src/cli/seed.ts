@@ -35,7 +35,7 @@ await runCli(async (argv) => {
     throw new ConfigError(`--limit must be a whole number of 1 or more, got '${limit}'`);
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
   const logger = createLogger(settings.logLevel);
-  const database = await openDatabase(settings.databaseUrl);
+  const database = await openDatabase(settings.databaseUrl, { command: 'seed', serve: true });
   try {
     await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,

@@ -17,7 +17,7 @@ await runCli(async (argv) => {
   }
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
   const source = parseSource(settings);
-  const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
+  const database = await openDatabase(settings.databaseUrl, { poolMax: 1, command: 'status' });
   try {
     await requireMigrated(database.db, 'run `npm run migrate` or `npm run embed`');
     const report = {

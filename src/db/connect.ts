@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
@@ -7,6 +7,9 @@ import pg from 'pg';
 import { ConfigError, DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { PGliteDialect } from './pglite-dialect.js';
+import { acquireDirectoryLock, type HeldLock, holderIsGone } from './pglite-lock.js';
+import { PGliteServer, pgConfig, psqlCommand } from './pglite-server.js';
+import { PGliteSession } from './pglite-session.js';
 import type { DB } from './schema.js';
 
 export const DEFAULT_PGLITE_DIR = './.data/pglite';
@@ -26,6 +29,8 @@ export interface Database {
   readonly copyFromBlob?: (copySql: string, data: Uint8Array) => Promise<void>;
   /** Where we are connected, password removed: safe for logs. */
   readonly describe: string;
+  /** Set while this process serves its PGlite directory to other processes. */
+  readonly serving?: Serving | undefined;
   close(): Promise<void>;
 }
 
@@ -63,30 +68,120 @@ export interface OpenOptions {
   poolMax?: number;
   /** Called for errors on idle pooled connections, which would otherwise crash the process. */
   onIdleError?: (error: Error) => void;
+  /** PGlite directory: the command named in its lock, for the lines other processes print. */
+  command?: string;
+  /**
+   * PGlite directory: serve it to other processes (status, search, psql, a
+   * second embed) while this process holds it. For long-running commands;
+   * others waiting for a short one is cheaper than it serving them.
+   */
+  serve?: boolean;
+  /** PGlite directory: how long to wait for a holder that does not serve it. */
+  lockWaitMs?: number;
+  /** One line for a person: a lock taken over, a wait, clients still served at close. */
+  notice?: (message: string) => void;
 }
+
+/** This process serves its PGlite directory to others. */
+export interface Serving {
+  /** The exact psql command that reaches the database. */
+  readonly psql: string;
+  readonly clients: () => number;
+  /** Close does not wait for connected clients; if it is waiting, it stops waiting. */
+  cutOffClients(): void;
+}
+
+// A short command (status, search, migrate) holds the directory for well
+// under a second, seed for as long as its input takes; 30 s covers both.
+const DEFAULT_LOCK_WAIT_MS = 30_000;
 
 export async function openDatabase(
   url: string | undefined,
   options: OpenOptions = {},
 ): Promise<Database> {
   const target = parseDatabaseUrl(url);
-  return target.kind === 'pglite' ? openPGlite(target.dataDir) : openPostgres(target, options);
+  if (target.kind === 'postgres') {
+    return openPostgres(
+      { connectionString: target.connectionString },
+      redactUrl(target.connectionString),
+      options,
+      (error) => describeConnectError(error, target.connectionString),
+    );
+  }
+  if (target.dataDir === undefined) return openPGlite(undefined, undefined, options);
+  mkdirSync(resolve(target.dataDir), { recursive: true });
+  const dir = realpathSync(resolve(target.dataDir));
+  const notice = options.notice ?? ((message) => process.stderr.write(`pgembed: ${message}\n`));
+  for (;;) {
+    const acquired = await acquireDirectoryLock(dir, {
+      command: options.command ?? 'pgembed',
+      waitMs: options.lockWaitMs ?? DEFAULT_LOCK_WAIT_MS,
+      notice,
+    });
+    if (acquired.kind === 'held') {
+      try {
+        return await openPGlite(target.dataDir, acquired.lock, { ...options, notice });
+      } catch (error) {
+        acquired.lock.release();
+        throw error;
+      }
+    }
+    const { holder } = acquired;
+    const where = `the embedded database ${target.dataDir} served by pid ${holder.pid} (${holder.command})`;
+    try {
+      return await openPostgres(
+        pgConfig(holder.serving),
+        `pglite:${target.dataDir} (served by pid ${holder.pid})`,
+        options,
+        (error) => `cannot connect to ${where}: ${firstLine((error as Error).message)}`,
+      );
+    } catch (error) {
+      // Killed since it wrote its lock: take the directory over.
+      if (holderIsGone(dir, holder)) continue;
+      throw error;
+    }
+  }
 }
 
-async function openPGlite(dataDir: string | undefined): Promise<Database> {
-  if (dataDir) mkdirSync(resolve(dataDir), { recursive: true });
+async function openPGlite(
+  dataDir: string | undefined,
+  lock: HeldLock | undefined,
+  options: OpenOptions,
+): Promise<Database> {
   const pglite = await PGlite.create(dataDir ? resolve(dataDir) : undefined, {
     extensions: { vector },
     // int8 as text, like pg, so ids stay exact and identical on both backends.
     parsers: { 20: (value: string) => value },
   });
-  const db = new Kysely<DB>({ dialect: new PGliteDialect(pglite) });
+  const session = new PGliteSession();
+  const db = new Kysely<DB>({ dialect: new PGliteDialect(pglite, session) });
+  let server: PGliteServer | undefined;
+  let cutOff = false;
+  let stopWaiting = () => {};
+  try {
+    if (lock && options.serve) {
+      server = await PGliteServer.start(pglite, session, lock.dir);
+      lock.announce(server.address);
+    }
+  } catch (error) {
+    await pglite.close();
+    throw error;
+  }
   openHandles++;
   let closed = false;
+  const serving: Serving | undefined = server && {
+    psql: psqlCommand(server.address),
+    clients: () => server?.clients ?? 0,
+    cutOffClients() {
+      cutOff = true;
+      stopWaiting();
+    },
+  };
   return {
     db,
     backend: 'pglite',
     describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
+    serving,
     async copyFromBlob(copySql, data) {
       await pglite.query(copySql, [], { blob: new Blob([data]) });
     },
@@ -94,19 +189,35 @@ async function openPGlite(dataDir: string | undefined): Promise<Database> {
       if (closed) return;
       closed = true;
       openHandles--;
+      if (server) {
+        if (!cutOff && server.clients > 0) {
+          options.notice?.(
+            `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
+          );
+          await Promise.race([
+            server.whenIdle(),
+            new Promise<void>((resolve) => {
+              stopWaiting = resolve;
+            }),
+          ]);
+        }
+        await server.stop();
+      }
       await db.destroy();
       await pglite.close();
+      lock?.release();
     },
   };
 }
 
 async function openPostgres(
-  target: Extract<DatabaseTarget, { kind: 'postgres' }>,
+  connection: pg.PoolConfig,
+  describe: string,
   options: OpenOptions,
+  describeError: (error: unknown) => string,
 ): Promise<Database> {
-  const describe = redactUrl(target.connectionString);
   const pool = new pg.Pool({
-    connectionString: target.connectionString,
+    ...connection,
     max: options.poolMax ?? 4,
     // Fail a dead host in 10 s rather than the OS's 2-minute TCP timeout.
     connectionTimeoutMillis: 10_000,
@@ -126,9 +237,7 @@ async function openPostgres(
     client.release();
   } catch (error) {
     await pool.end().catch(() => {});
-    throw new DatabaseConnectionError(describeConnectError(error, target.connectionString), {
-      cause: error,
-    });
+    throw new DatabaseConnectionError(describeError(error), { cause: error });
   }
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
   openHandles++;

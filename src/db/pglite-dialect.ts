@@ -11,20 +11,25 @@ import {
   type QueryResult,
   type TransactionSettings,
 } from 'kysely';
+import type { PGliteSession } from './pglite-session.js';
 
 /**
  * Kysely dialect for PGlite. Written here because the published ones do not
  * accept PGlite 0.5 as a peer. PGlite is a single session, so the driver hands
  * out its one connection to one caller at a time: a transaction owns it until
- * commit or rollback, and everyone else queues.
+ * commit or rollback, and everyone else (this process's other callers and the
+ * clients served over the socket) queues on the same PGliteSession.
  */
 export class PGliteDialect implements Dialect {
-  constructor(private readonly pglite: PGlite) {}
+  constructor(
+    private readonly pglite: PGlite,
+    private readonly session: PGliteSession,
+  ) {}
   createAdapter() {
     return new PostgresAdapter();
   }
   createDriver(): Driver {
-    return new PGliteDriver(this.pglite);
+    return new PGliteDriver(this.pglite, this.session);
   }
   createIntrospector(db: Kysely<unknown>) {
     return new PostgresIntrospector(db);
@@ -35,20 +40,15 @@ export class PGliteDialect implements Dialect {
 }
 
 class PGliteDriver implements Driver {
-  #tail: Promise<void> = Promise.resolve();
-
-  constructor(private readonly pglite: PGlite) {}
+  constructor(
+    private readonly pglite: PGlite,
+    private readonly session: PGliteSession,
+  ) {}
 
   async init(): Promise<void> {}
 
   async acquireConnection(): Promise<DatabaseConnection> {
-    let release!: () => void;
-    const previous = this.#tail;
-    this.#tail = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    await previous;
-    return new PGliteConnection(this.pglite, release);
+    return new PGliteConnection(this.pglite, await this.session.acquire());
   }
 
   async beginTransaction(connection: DatabaseConnection, settings: TransactionSettings) {
