@@ -1,4 +1,5 @@
 import type { CoverageRow, OpenSweepRow, RunStatusRow } from '../sql/status.js';
+import { terminalSafe as safe } from './terminal-safe.js';
 
 export interface StatusReport {
   coverage: CoverageRow[];
@@ -14,21 +15,25 @@ function duration(seconds: number): string {
   return `${(seconds / 3600).toFixed(1)} h`;
 }
 
-/** The operator's view in plain text: coverage per model, open sweeps, latest runs. */
+/**
+ * The operator's view in plain text: coverage per model, open sweeps, latest
+ * runs. Every string from the database goes through terminalSafe: a provider
+ * label, host or error text holding escape sequences is shown, not obeyed.
+ */
 export function formatStatus(report: StatusReport): string {
   const lines: string[] = ['coverage (up to date / eligible, per provider/model):'];
   if (report.coverage.length === 0) lines.push('  nothing embedded yet: npm run embed');
   for (const c of report.coverage) {
     const percent = c.eligible ? ((100 * c.upToDate) / c.eligible).toFixed(1) : '100.0';
     lines.push(
-      `  ${c.provider}/${c.model}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}`,
+      `  ${safe(c.provider)}/${safe(c.model)}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}`,
     );
   }
   if (report.sweeps.length > 0) {
     lines.push('', 'open sweeps (work shared by workers):');
     for (const s of report.sweeps) {
       lines.push(
-        `  sweep ${s.sweepId} ${s.provider}/${s.model}: ${s.percent}%, ranges ${s.rangesDone} done, ${s.rangesLeased} leased by ${s.workers} worker(s), ${s.rangesExpired} lapsed, of ${s.ranges}`,
+        `  sweep ${s.sweepId} ${safe(s.provider)}/${safe(s.model)}: ${s.percent}%, ranges ${s.rangesDone} done, ${s.rangesLeased} leased by ${s.workers} worker(s), ${s.rangesExpired} lapsed, of ${s.ranges}`,
       );
     }
   }
@@ -41,15 +46,15 @@ export function formatStatus(report: StatusReport): string {
         ? `, ETA ${r.etaSeconds === null ? 'unknown' : duration(r.etaSeconds)}, heartbeat ${duration(r.heartbeatAgeSeconds)} ago`
         : '';
     lines.push(
-      `  run ${r.runId} ${r.status.padEnd(11)} ${r.provider}/${r.model}: embedded ${n(r.embedded)}, skipped ${n(r.skipped)} of ${n(r.planned)} (${r.percent}%)${rate}${live}; started ${r.startedAt.slice(0, 19)} on ${r.host}`,
+      `  run ${r.runId} ${safe(r.status).padEnd(11)} ${safe(r.provider)}/${safe(r.model)}: embedded ${n(r.embedded)}, skipped ${n(r.skipped)} of ${n(r.planned)} (${r.percent}%)${rate}${live}; started ${safe(r.startedAt.slice(0, 19))} on ${safe(r.host)}`,
     );
     const reasons = Object.entries(r.skippedByReason);
     if (reasons.length > 0) {
       lines.push(
-        `      skipped: ${reasons.map(([reason, count]) => `${reason} ${n(count)}`).join(', ')}`,
+        `      skipped: ${reasons.map(([reason, count]) => `${safe(reason)} ${n(count)}`).join(', ')}`,
       );
     }
-    if (r.error) lines.push(`      error: ${r.error}`);
+    if (r.error) lines.push(`      error: ${safe(r.error)}`);
   }
   return lines.join('\n');
 }
