@@ -15,6 +15,8 @@ export class AdaptiveConcurrency {
     private readonly limit: LimitFunction,
     private readonly max: number,
     private readonly log: Logger,
+    /** Milliseconds; injectable so tests count 429s in virtual time. */
+    private readonly now: () => number = Date.now,
   ) {}
 
   get current(): number {
@@ -22,7 +24,7 @@ export class AdaptiveConcurrency {
   }
 
   onRateLimited(): void {
-    const now = Date.now();
+    const now = this.now();
     if (now - this.#lastCutAt < 1000 || this.limit.concurrency === 1) return;
     this.#lastCutAt = now;
     this.#successes = 0;

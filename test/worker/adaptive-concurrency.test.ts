@@ -6,11 +6,24 @@ import { AdaptiveConcurrency } from '../../src/worker/adaptive-concurrency.js';
 describe('adaptive concurrency', () => {
   it('halves the batches in flight on a 429 and adds them back one by one after successes', () => {
     const limit = pLimit(8);
-    const adaptive = new AdaptiveConcurrency(limit, 8, createLogger('silent'));
+    let now = 50_000;
+    const adaptive = new AdaptiveConcurrency(limit, 8, createLogger('silent'), () => now);
     adaptive.onRateLimited();
     expect(limit.concurrency).toBe(4);
-    // A burst of 429s from the same moment counts once.
+    // A burst of 429s within a second counts once...
+    now += 999;
     adaptive.onRateLimited();
+    expect(limit.concurrency).toBe(4);
+    // ...and one a second after the cut halves again.
+    now += 1;
+    adaptive.onRateLimited();
+    expect(limit.concurrency).toBe(2);
+    now += 1;
+    adaptive.onRateLimited();
+    expect(limit.concurrency).toBe(2);
+    for (let i = 0; i < 2; i++) adaptive.onSuccess();
+    expect(limit.concurrency).toBe(3);
+    for (let i = 0; i < 3; i++) adaptive.onSuccess();
     expect(limit.concurrency).toBe(4);
     for (let i = 0; i < 4; i++) adaptive.onSuccess();
     expect(limit.concurrency).toBe(5);
