@@ -1,7 +1,6 @@
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { EMBED_SETTINGS, SETTINGS } from '../../src/config.js';
 import { openDatabase } from '../../src/db/connect.js';
@@ -17,6 +16,7 @@ import { backends, createTestDatabase, type TestDatabase } from '../support/db.j
 import {
   type FakeOpenAI,
   type FakeOpenAIOptions,
+  type FakeStats,
   startFakeOpenAI,
 } from '../support/fake-openai.js';
 
@@ -48,6 +48,22 @@ afterEach(async () => {
   }
   await Promise.all(fakes.splice(0).map((fake) => fake.close()));
 });
+
+/** Waits until `check` holds of the fake's stats; rejects if the child exits first. */
+async function untilOrExit(
+  running: RunningCli,
+  fake: FakeOpenAI,
+  check: (stats: FakeStats) => boolean,
+): Promise<void> {
+  await Promise.race([
+    fake.until(check),
+    running.result.then((result) => {
+      throw new Error(`the child exited first (${result.code})\n${result.stderr}`);
+    }),
+  ]);
+}
+
+const STOPPING = 'stopping after the batch in flight; signal again to exit at once';
 
 function expectOneLineError(result: CliResult, pattern: RegExp): void {
   expect(result.code, result.stderr).toBe(1);
@@ -186,11 +202,15 @@ describe.each(backends())('embed against %s', (backend) => {
   });
 
   /**
-   * Starts a run at --batch-size 4 against a slow fake and sends `signal` once
-   * one batch has committed and the next request is at the server.
+   * Starts a run at --batch-size 4 and sends `signal` once one batch has
+   * committed while later requests are held at the server; lets them go only
+   * once the child has logged that it is stopping, so they were in flight
+   * when the signal came, on a machine of any speed.
    */
   async function interruptMidBatch(signal: NodeJS.Signals) {
-    const fake = await fakeServer({ latencyMs: 150 });
+    const fake = await fakeServer();
+    let arrived = 0;
+    const later = fake.hold(() => ++arrived > 1);
     const running = startCli(
       'embed',
       ['--batch-size', '4'],
@@ -198,12 +218,20 @@ describe.each(backends())('embed against %s', (backend) => {
     );
     children.push(running);
     await running.waitForStdoutLine((line) => isLog(line, 'batch committed'));
-    while (fake.stats.requests < 2 && running.child.exitCode === null) await sleep(5);
+    await untilOrExit(running, fake, (stats) => stats.held >= 1);
     running.child.kill(signal);
+    await running.waitForStdoutLine((line) => isLog(line, STOPPING));
+    const inFlightAtSignal = later.held;
+    later.release();
     const result = await running.result;
     const runId = /^pgembed run (\d+) interrupted:/m.exec(result.stderr)?.[1];
     expect(runId, result.stderr).toBeDefined();
-    return { result, fake, facts: await runFacts(database.url, runId as string) };
+    return {
+      result,
+      fake,
+      inFlightAtSignal,
+      facts: await runFacts(database.url, runId as string),
+    };
   }
 
   it.each<[signal: NodeJS.Signals, code: number]>([
@@ -231,8 +259,11 @@ describe.each(backends())('embed against %s', (backend) => {
   // The answer to the request in flight was paid for: a signal must not throw
   // it away (p-retry would, had it owned the stop signal).
   it('commits the batch that was in flight when the signal came', async () => {
-    const { result, fake, facts } = await interruptMidBatch('SIGTERM');
+    const { result, fake, inFlightAtSignal, facts } = await interruptMidBatch('SIGTERM');
     expect(result.code, result.stderr).toBe(143);
+    // The first batch, and every one held at the server when the signal came.
+    expect(inFlightAtSignal).toBeGreaterThanOrEqual(1);
+    expect(facts.run.batches).toBeGreaterThanOrEqual(1 + inFlightAtSignal);
     // Every answer received is committed, whatever else was in flight; and
     // each request sent was a batch that committed (no read-ahead batch was
     // sent after the signal).
@@ -241,24 +272,29 @@ describe.each(backends())('embed against %s', (backend) => {
     expect(facts.rows).toBeLessThan(MESSAGES);
   });
 
-  it('exits at once on a second signal while a slow request is in flight', async () => {
-    const fake = await fakeServer({ latencyMs: 5_000 });
+  it('exits at once on a second signal while a request is in flight', async () => {
+    const fake = await fakeServer();
+    // Never released: the run's requests stay unanswered for as long as the child lives.
+    fake.hold();
     const running = startCli('embed', ['--batch-size', '4'], embedEnv(fake));
     children.push(running);
     await running.waitForStdoutLine((line) => isLog(line, 'run started'));
     // The handlers are installed before 'run started'; wait for the request to be in flight.
-    while (fake.stats.requests === 0 && running.child.exitCode === null) await sleep(20);
-    const firstSignalAt = Date.now();
+    await untilOrExit(running, fake, (stats) => stats.held >= 1);
     running.child.kill('SIGINT');
-    await sleep(300);
+    // The first signal is taken as "stop after the batch in flight", and that
+    // batch can never finish: only the second signal can end the child.
+    await running.waitForStdoutLine((line) => isLog(line, STOPPING));
     expect(running.child.exitCode, 'the first signal waits for the batch').toBeNull();
     running.child.kill('SIGINT');
     const result = await running.result;
-    const elapsedMs = Date.now() - firstSignalAt;
 
     expect(result.code, result.stderr).toBe(130);
     expect(result.stderr).toContain('second SIGINT, exiting now');
-    expect(elapsedMs).toBeLessThan(2_000);
+    // It exited without waiting for the request in flight: none was ever answered.
+    expect(fake.stats.replies).toBe(0);
+    expect(fake.stats.held).toBe(0);
+    expect(result.stdout).not.toContain('batch committed');
   });
 });
 

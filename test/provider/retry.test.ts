@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import {
   InputRejectedError,
   ProviderFatalError,
@@ -9,7 +9,41 @@ import type { EmbeddingProvider } from '../../src/provider/client.js';
 import { type RetryPolicy, withRetries } from '../../src/provider/retry.js';
 import { providerFor, rejectionOf, useFakeServer } from './helpers.js';
 
+// withRetries waits with node:timers/promises; this records each wait (its
+// length, and how many requests the server had seen as it began and as it
+// ended), so the tests count the waits instead of timing them.
+const waits = vi.hoisted(
+  () =>
+    [] as Array<{ ms: number; requestsAtStart: number; requestsAtEnd?: number; aborted?: boolean }>,
+);
+const requestsSeen = vi.hoisted(() => ({ count: (): number => 0 }));
+vi.mock('node:timers/promises', async (importOriginal) => {
+  const actual = await importOriginal<typeof import('node:timers/promises')>();
+  return {
+    ...actual,
+    setTimeout: async (ms: number, value?: unknown, options?: { signal?: AbortSignal }) => {
+      const wait: (typeof waits)[number] = { ms, requestsAtStart: requestsSeen.count() };
+      waits.push(wait);
+      try {
+        return await actual.setTimeout(ms, value, options);
+      } catch (error) {
+        wait.aborted = true;
+        throw error;
+      } finally {
+        wait.requestsAtEnd = requestsSeen.count();
+      }
+    },
+  };
+});
+
 const server = useFakeServer();
+beforeEach(() => {
+  waits.length = 0;
+  requestsSeen.count = () => server.fake.stats.requests;
+});
+afterEach(() => {
+  vi.useRealTimers();
+});
 
 /** Runs one embed under withRetries, recording every attempt and every retry. */
 function embedWithRetries(
@@ -47,36 +81,41 @@ describe('withRetries with the real provider', () => {
   });
 
   it('a dropped connection and a timeout are both retried to success', async () => {
+    // The SDK's request timeout (a global setTimeout) runs in virtual time:
+    // the hung attempt times out when the test says so, and the attempt after
+    // it cannot time out however slow this machine is.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
     server.fake.enqueueFault({ kind: 'drop' }, { kind: 'hang', ms: 5_000 });
     const { promise } = embedWithRetries(
       ['hello'],
       {},
       providerFor(server.fake, { timeoutMs: 200 }),
     );
+    await server.fake.until((stats) => stats.delayed === 1);
+    vi.advanceTimersByTime(200);
     const { attempts } = await promise;
     expect(attempts).toBe(3);
+    expect(server.fake.stats.requests).toBe(3);
   });
 
-  it('a 429 with retry-after-ms 300 waits about 300 ms before the next attempt', async () => {
+  it('a 429 with retry-after-ms 300 waits those 300 ms before the next attempt', async () => {
     server.fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 300 });
-    const started = performance.now();
     const { promise, calls } = embedWithRetries(['hello']);
     const { attempts } = await promise;
-    const elapsed = performance.now() - started;
     expect(attempts).toBe(2);
     expect(calls.retries).toEqual([{ attempt: 1, delayMs: 300 }]);
-    expect(elapsed).toBeGreaterThanOrEqual(280);
-    expect(elapsed).toBeLessThan(2_000);
+    // One wait, of 300 ms, begun after the first request and ended before the second.
+    expect(waits).toEqual([{ ms: 300, requestsAtStart: 1, requestsAtEnd: 1 }]);
+    expect(server.fake.stats.requests).toBe(2);
   });
 
   it('a retry-after of an hour is capped by maxRetryWaitMs', async () => {
     server.fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 3600 });
-    const started = performance.now();
     const { promise, calls } = embedWithRetries(['hello'], { maxRetryWaitMs: 200 });
     const { attempts } = await promise;
     expect(attempts).toBe(2);
     expect(calls.retries).toEqual([{ attempt: 1, delayMs: 200 }]);
-    expect(performance.now() - started).toBeLessThan(2_000);
+    expect(waits).toEqual([{ ms: 200, requestsAtStart: 1, requestsAtEnd: 1 }]);
   });
 
   it('a 401 is fatal and is not retried', async () => {
@@ -138,18 +177,19 @@ describe('withRetries with the real provider', () => {
   });
 
   it('aborting the signal during a backoff wait stops promptly without another request', async () => {
-    server.fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 60 });
+    // An hour's wait: had the abort not cut it, the test would time out.
+    server.fake.enqueueFault({ kind: 'rate-limit', retryAfterSeconds: 3600 });
     const controller = new AbortController();
     const { promise, calls } = embedWithRetries(['hello'], {
-      maxRetryWaitMs: 60_000,
+      maxRetryWaitMs: 3_600_000,
       signal: controller.signal,
       onRetry: () => {
-        setTimeout(() => controller.abort(), 50);
+        // Next turn of the event loop: the wait has begun by then.
+        setImmediate(() => controller.abort());
       },
     });
-    const started = performance.now();
     const error = await rejectionOf(promise);
-    expect(performance.now() - started).toBeLessThan(1_000);
+    expect(waits).toEqual([{ ms: 3_600_000, requestsAtStart: 1, requestsAtEnd: 1, aborted: true }]);
     expect(error).toMatchObject({ name: 'AbortError' });
     expect(calls.attempts).toBe(1);
     expect(server.fake.stats.requests).toBe(1);

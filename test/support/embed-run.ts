@@ -72,10 +72,15 @@ export async function seedMessages(db: Kysely<DB>, contents: Array<string | [num
 export const sampleTexts = (n: number) =>
   Array.from({ length: n }, (_, i) => `message number ${i + 1}: ${'word '.repeat(i % 7)}`);
 
-export async function waitFor(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
+/**
+ * Polls `check` (a database query, say) until it holds. There is no deadline
+ * of its own unless given: how long a condition takes depends on the machine's
+ * load, so by default only the test's own timeout ends the wait.
+ */
+export async function waitFor(check: () => Promise<boolean>, timeoutMs?: number): Promise<void> {
+  const deadline = timeoutMs === undefined ? Number.POSITIVE_INFINITY : Date.now() + timeoutMs;
   while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
+    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 20));
   }
 }
@@ -111,6 +116,7 @@ export function useWorkerFixture(
       latencyMs: 0,
       maxTpm: undefined,
       maxTpmBurst: undefined,
+      clock: undefined,
       dialect: 'openai',
       maxInputTokens: 8192,
       models: undefined,

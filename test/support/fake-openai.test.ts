@@ -1,6 +1,6 @@
 import { countTokens } from 'gpt-tokenizer/encoding/cl100k_base';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test, vi } from 'vitest';
 import {
   type ErrorDialect,
   type FakeOpenAI,
@@ -33,6 +33,18 @@ beforeEach(() => {
   for (const key of Object.keys(opts)) delete opts[key];
   Object.assign(opts, structuredClone(initialOptions));
 });
+
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+/**
+ * Fake setTimeout only: the server's latency and hang waits, and the SDK's
+ * request timeout, then run in virtual time while the sockets stay real.
+ */
+function virtualTimers(): void {
+  vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+}
 
 async function rejectionOf(promise: Promise<unknown>): Promise<unknown> {
   try {
@@ -128,14 +140,17 @@ describe('successful embeddings', () => {
     expect(res.usage.prompt_tokens).toBe(countTokens(text, { disallowedSpecial: new Set() }));
   });
 
-  test('latencyMs delays every response without blocking other work', async () => {
+  test('latencyMs delays every response, concurrent requests side by side', async () => {
+    virtualTimers();
     fake.options.latencyMs = 150;
-    const started = performance.now();
-    await Promise.all([embed('a'), embed('b')]);
-    const elapsed = performance.now() - started;
-    // Concurrent requests overlap, so two 150ms requests take ~150ms, not ~300ms.
-    expect(elapsed).toBeGreaterThanOrEqual(140);
-    expect(elapsed).toBeLessThan(290);
+    const both = Promise.all([embed('a'), embed('b')]);
+    await fake.until((stats) => stats.delayed === 2);
+    vi.advanceTimersByTime(149);
+    expect(fake.stats).toMatchObject({ delayed: 2, replies: 0 });
+    // One more virtual millisecond answers both: their waits overlapped, not queued.
+    vi.advanceTimersByTime(1);
+    await fake.until((stats) => stats.replies === 2);
+    expect((await both).map((res) => res.data.length)).toEqual([1, 1]);
   });
 });
 
@@ -303,22 +318,32 @@ describe('injected faults', () => {
   });
 
   test('a hang longer than the SDK timeout gives APIConnectionTimeoutError', async () => {
+    virtualTimers();
     fake.enqueueFault({ kind: 'hang', ms: 5_000 });
-    const started = performance.now();
-    const err = await rejectionOf(
+    const failed = rejectionOf(
       client.embeddings.create({ model: MODEL, input: 'x' }, { timeout: 200 }),
     );
-    expect(err).toBeInstanceOf(OpenAI.APIConnectionTimeoutError);
-    expect(performance.now() - started).toBeLessThan(1_000);
-    // The server noticed the client leaving and is immediately usable again.
+    await fake.until((stats) => stats.delayed === 1);
+    // The SDK's 200 ms pass in virtual time; the hang's 5 s never do.
+    vi.advanceTimersByTime(200);
+    expect(await failed).toBeInstanceOf(OpenAI.APIConnectionTimeoutError);
+    // The server noticed the client leaving, ended its wait unanswered...
+    await fake.until((stats) => stats.delayed === 0 && stats.inFlight === 0);
+    expect(fake.stats.replies).toBe(0);
+    // ...and is usable again at once.
+    vi.useRealTimers();
     await expect(embed('x')).resolves.toBeDefined();
   });
 
-  test('a hang shorter than the SDK timeout still answers normally', async () => {
+  test('a hang shorter than the SDK timeout still answers normally, once it is over', async () => {
+    virtualTimers();
     fake.enqueueFault({ kind: 'hang', ms: 100 });
-    const started = performance.now();
-    const res = await embed('late');
-    expect(performance.now() - started).toBeGreaterThanOrEqual(90);
+    const late = embed('late');
+    await fake.until((stats) => stats.delayed === 1);
+    vi.advanceTimersByTime(99);
+    expect(fake.stats).toMatchObject({ delayed: 1, replies: 0 });
+    vi.advanceTimersByTime(1);
+    const res = await late;
     expect(res.data[0]!.embedding).toEqual(Array.from(fakeEmbedding('late', 1536)));
   });
 
@@ -421,6 +446,94 @@ describe('stats', () => {
   });
 });
 
+describe('holds, until and onReply', () => {
+  test('a hold keeps the requests it matches unanswered until released; others go on', async () => {
+    const hold = fake.hold((inputs) => inputs.includes('slow'));
+    const slow = embed(['slow']);
+    await fake.until((stats) => stats.held === 1);
+    await expect(embed('fast')).resolves.toBeDefined();
+    expect(hold.held).toBe(1);
+    expect(fake.stats).toMatchObject({ requests: 2, replies: 1, inFlight: 1 });
+    hold.release();
+    await expect(slow).resolves.toBeDefined();
+    expect(fake.stats).toMatchObject({ held: 0, replies: 2, maxInFlight: 2 });
+    // Released is released: later matching requests are not held.
+    await expect(embed(['slow'])).resolves.toBeDefined();
+  });
+
+  test('a client that leaves while held ends its wait; reset() releases every hold', async () => {
+    fake.hold();
+    const controller = new AbortController();
+    const kept = embed('kept');
+    const abandoned = rejectionOf(
+      client.embeddings.create({ model: MODEL, input: 'abandoned' }, { signal: controller.signal }),
+    );
+    await fake.until((stats) => stats.held === 2);
+    controller.abort();
+    await fake.until((stats) => stats.held === 1);
+    expect(await abandoned).toBeInstanceOf(OpenAI.APIUserAbortError);
+    fake.reset();
+    await expect(kept).resolves.toBeDefined();
+  });
+
+  test('until() resolves at once when the stats already agree, and its onMet runs at the exact count', async () => {
+    await fake.until((stats) => stats.requests === 0);
+    const seenAt: number[] = [];
+    const third = fake.until(
+      (stats) => stats.requests >= 3,
+      () => seenAt.push(fake.stats.requests),
+    );
+    await Promise.all([embed('1'), embed('2'), embed('3'), embed('4')]);
+    await third;
+    expect(seenAt).toEqual([3]);
+  });
+
+  test('until() rejects when the server closes first', async () => {
+    const other = await startFakeOpenAI();
+    const never = other.until((stats) => stats.requests > 0);
+    await other.close();
+    await expect(never).rejects.toThrow(/closed/);
+    await expect(other.until(() => true)).rejects.toThrow(/closed/);
+  });
+
+  test('onReply sees each reply, status and headers, before it is written', async () => {
+    const seen: Array<[number, string | undefined]> = [];
+    const stop = fake.onReply(({ status, headers }) =>
+      seen.push([status, headers['retry-after-ms']]),
+    );
+    fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 250 });
+    await rejectionOf(embed('x'));
+    await embed('y');
+    stop();
+    await embed('z');
+    expect(seen).toEqual([
+      [429, '250'],
+      [200, undefined],
+    ]);
+  });
+});
+
+describe('the TPM limit', () => {
+  test('refills by the clock it is given: a burst, then 429s with the wait, then room again', async () => {
+    let now = 0;
+    Object.assign(fake.options, { maxTpm: 60_000, maxTpmBurst: 10, clock: { now: () => now } });
+    fake.reset(); // a full bucket on the new clock
+    // Each 'x' is one token: ten go, the eleventh must wait 1 ms (a token a ms).
+    for (let i = 0; i < 10; i++) await embed('x');
+    const err = await rejectionOf(embed('x'));
+    expect(err).toBeInstanceOf(OpenAI.RateLimitError);
+    expect((err as InstanceType<typeof OpenAI.APIError>).headers?.get('retry-after-ms')).toBe('1');
+    expect(fake.stats).toMatchObject({ rateChecked: 11, rateLimited: 1, replies: 11 });
+    now += 1;
+    await expect(embed('x')).resolves.toBeDefined();
+    await expect(rejectionOf(embed('x'))).resolves.toBeInstanceOf(OpenAI.RateLimitError);
+    // Never more than the burst, however long the clock stood still.
+    now += 60_000;
+    for (let i = 0; i < 10; i++) await embed('x');
+    await expect(rejectionOf(embed('x'))).resolves.toBeInstanceOf(OpenAI.RateLimitError);
+  });
+});
+
 describe('close', () => {
   test('close() completes promptly with a keep-alive client and a request still in flight', async () => {
     const other = await startFakeOpenAI();
@@ -429,12 +542,14 @@ describe('close', () => {
     await c.embeddings.create({ model: MODEL, input: 'warm' });
     other.enqueueFault({ kind: 'hang', ms: 30_000 });
     const inFlight = rejectionOf(c.embeddings.create({ model: MODEL, input: 'stuck' }));
-    while (other.stats.requests < 2) await new Promise((r) => setTimeout(r, 5));
+    await other.until((stats) => stats.delayed === 1);
 
-    const started = performance.now();
+    // In virtual time that never moves: close() cannot be waiting out the
+    // hang (or any other timer of ours); it ends the request itself.
+    virtualTimers();
     await other.close();
-    expect(performance.now() - started).toBeLessThan(1_000);
     expect(await inFlight).toBeInstanceOf(OpenAI.APIConnectionError);
+    expect(other.stats.replies).toBe(1);
     // Idempotent: a second close does not throw "server is not running".
     await other.close();
   }, 5_000);

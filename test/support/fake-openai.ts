@@ -1,9 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { countTokens, isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
-import { TokenBucket } from 'limiter';
 
 export type ErrorDialect = 'openai' | 'openai-legacy' | 'vllm' | 'tei' | 'ollama' | 'litellm';
 
@@ -41,6 +39,28 @@ export interface FakeOpenAIOptions {
   maxTpm?: number;
   /** Most tokens the TPM bucket holds (the burst); default maxTpm. */
   maxTpmBurst?: number;
+  /**
+   * The clock the TPM bucket refills by, in milliseconds; default
+   * performance.now(). A test that gives the client's rate gate and this
+   * bucket one virtual clock judges the pacing without wall-clock time.
+   */
+  clock?: { now(): number };
+}
+
+export type FakeStats = FakeOpenAI['stats'];
+
+/** What the server is about to send, as onReply listeners see it. */
+export interface ReplyInfo {
+  status: number;
+  headers: Record<string, string>;
+}
+
+/** Requests held by hold(), answered only once released. */
+export interface Hold {
+  /** Lets every request this hold has kept, and every later one, go on. */
+  release(): void;
+  /** Requests this hold is keeping now. */
+  readonly held: number;
 }
 
 export interface FakeOpenAI {
@@ -58,9 +78,36 @@ export interface FakeOpenAI {
     /** Requests being handled now, and the most at any one time. */
     inFlight: number;
     maxInFlight: number;
+    /** Replies sent, of any status (a dropped or abandoned request sends none). */
+    replies: number;
+    /** Requests that reached the TPM check, whether let through or answered 429. */
+    rateChecked: number;
+    /** Requests kept by a hold() now. */
+    held: number;
+    /** Requests in a latencyMs or hang wait now. */
+    delayed: number;
   };
   enqueueFault(...faults: Fault[]): void;
   failWhenInputContains(substring: string, fault: Fault): void;
+  /**
+   * Keeps every embeddings request that arrives from now on (or, with `match`,
+   * those whose inputs it accepts) before it is answered, until release(). A
+   * held request counts as in flight. Tests use it instead of a latency or a
+   * hang that merely makes "still in flight" likely.
+   */
+  hold(match?: (inputs: string[]) => boolean): Hold;
+  /**
+   * Resolves once `check(stats)` holds: checked now and after every change to
+   * the stats, synchronously. `onMet`, if given, runs at that moment, before
+   * the server does anything else (for acting on an exact count, e.g. killing
+   * a client at its n-th request). Rejects if the server closes first.
+   */
+  until(check: (stats: FakeStats) => boolean, onMet?: () => void): Promise<void>;
+  /**
+   * Calls `listener` for every reply, synchronously, just before it is
+   * written. Returns a function that removes the listener.
+   */
+  onReply(listener: (reply: ReplyInfo) => void): () => void;
   reset(): void;
   close(): Promise<void>;
 }
@@ -243,6 +290,51 @@ function faultReply(fault: Fault, model: string): Reply | null {
   }
 }
 
+/**
+ * The server's TPM limit, like OpenAI's: `size` tokens, refilled continuously
+ * at `perMinute`, starting full. Written here rather than shared with the
+ * client's rate gate, so that the test server judges the gate independently.
+ */
+class TpmBucket {
+  content: number;
+  #lastDrip: number;
+  readonly #perMs: number;
+
+  constructor(
+    readonly perMinute: number,
+    readonly size: number,
+    readonly clock: { now(): number },
+  ) {
+    this.#perMs = perMinute / 60_000;
+    this.content = size;
+    this.#lastDrip = clock.now();
+  }
+
+  tryRemove(count: number): boolean {
+    this.#drip();
+    if (count > this.content) return false;
+    this.content -= count;
+    return true;
+  }
+
+  /** Milliseconds until `count` tokens are in the bucket. */
+  waitTime(count: number): number {
+    this.#drip();
+    return count > this.content ? Math.ceil((count - this.content) / this.#perMs) : 0;
+  }
+
+  #drip(): void {
+    const now = this.clock.now();
+    this.content = Math.min(
+      this.size,
+      this.content + Math.max(now - this.#lastDrip, 0) * this.#perMs,
+    );
+    this.#lastDrip = now;
+  }
+}
+
+const SYSTEM_CLOCK = { now: () => performance.now() };
+
 function readBody(req: IncomingMessage): Promise<string> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
@@ -283,24 +375,55 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     requestSizes: [],
     inFlight: 0,
     maxInFlight: 0,
+    replies: 0,
+    rateChecked: 0,
+    held: 0,
+    delayed: 0,
   };
-  let tpmBucket: TokenBucket | undefined;
+
+  // until(): conditions on the stats, rechecked synchronously after every change.
+  const waiters = new Set<{
+    check: (s: FakeStats) => boolean;
+    met: () => void;
+    closed: () => void;
+  }>();
+  const changed = (): void => {
+    for (const waiter of [...waiters]) {
+      if (waiters.has(waiter) && waiter.check(stats)) {
+        waiters.delete(waiter);
+        waiter.met();
+      }
+    }
+  };
+  const replyListeners = new Set<(reply: ReplyInfo) => void>();
+
+  // hold(): each active hold keeps the requests it matches until released.
+  interface ActiveHold {
+    match: ((inputs: string[]) => boolean) | undefined;
+    waiting: Set<() => void>;
+    released: boolean;
+  }
+  const holds = new Set<ActiveHold>();
+  const releaseHold = (hold: ActiveHold): void => {
+    if (hold.released) return;
+    hold.released = true;
+    holds.delete(hold);
+    for (const go of [...hold.waiting]) go();
+  };
+
+  let tpmBucket: TpmBucket | undefined;
   const rateLimit = (tokens: number): Reply | undefined => {
     const maxTpm = opts.maxTpm;
     if (!maxTpm) return undefined;
     const burst = opts.maxTpmBurst ?? maxTpm;
-    if (tpmBucket?.tokensPerInterval !== maxTpm || tpmBucket.bucketSize !== burst) {
-      tpmBucket = new TokenBucket({
-        bucketSize: burst,
-        tokensPerInterval: maxTpm,
-        interval: 'minute',
-      });
-      tpmBucket.content = burst; // limiter's buckets start empty
+    const clock = opts.clock ?? SYSTEM_CLOCK;
+    if (tpmBucket?.perMinute !== maxTpm || tpmBucket.size !== burst || tpmBucket.clock !== clock) {
+      tpmBucket = new TpmBucket(maxTpm, burst, clock);
     }
     const cost = Math.min(tokens, burst);
     if (cost === 0) return undefined;
-    if (tpmBucket.tryRemoveTokens(cost)) return undefined;
-    const waitMs = tpmBucket.getWaitTime(cost);
+    if (tpmBucket.tryRemove(cost)) return undefined;
+    const waitMs = tpmBucket.waitTime(cost);
     return {
       status: 429,
       body: {
@@ -328,6 +451,10 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
   const send = (res: ServerResponse, reply: Reply): void => {
     if (res.destroyed || res.writableEnded) return;
     if (reply.status === 429) stats.rateLimited++;
+    stats.replies++;
+    for (const listener of [...replyListeners]) {
+      listener({ status: reply.status, headers: { ...reply.headers } });
+    }
     const payload = JSON.stringify(reply.body);
     res.writeHead(reply.status, {
       'content-type': 'application/json',
@@ -336,6 +463,28 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       ...reply.headers,
     });
     res.end(payload);
+    changed();
+  };
+
+  /** Waits for `hold` to be released; false if the client left or the server closed first. */
+  const held = (hold: ActiveHold, signal: AbortSignal): Promise<boolean> => {
+    if (hold.released) return Promise.resolve(true);
+    if (signal.aborted) return Promise.resolve(false);
+    return new Promise<boolean>((resolve) => {
+      const done = (ok: boolean) => {
+        hold.waiting.delete(go);
+        signal.removeEventListener('abort', gone);
+        stats.held--;
+        changed();
+        resolve(ok);
+      };
+      const go = () => done(true);
+      const gone = () => done(false);
+      hold.waiting.add(go);
+      signal.addEventListener('abort', gone, { once: true });
+      stats.held++;
+      changed();
+    });
   };
 
   const pickFault = (inputs: string[] | null): Fault | undefined => {
@@ -362,6 +511,8 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     // Everything that depends on arrival order happens before the first await.
     stats.requests++;
     stats.requestSizes.push(inputs?.length ?? 0);
+    const holding = [...holds].find((h) => !h.match || (inputs !== null && h.match(inputs)));
+    changed();
 
     if (opts.apiKey !== undefined && req.headers.authorization !== `Bearer ${opts.apiKey}`) {
       return send(
@@ -379,16 +530,29 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     // Lets a client that gave up (timeout) cancel our timers instead of leaving them running.
     const gone = new AbortController();
     res.on('close', () => gone.abort());
-    const wait = async (ms: number): Promise<boolean> => {
-      if (ms <= 0) return true;
-      try {
-        await sleep(ms, undefined, { signal: AbortSignal.any([closing.signal, gone.signal]) });
-        return true;
-      } catch {
-        return false;
-      }
+    const wait = (ms: number): Promise<boolean> => {
+      if (ms <= 0) return Promise.resolve(true);
+      const signal = AbortSignal.any([closing.signal, gone.signal]);
+      if (signal.aborted) return Promise.resolve(false);
+      return new Promise<boolean>((resolve) => {
+        const done = (ok: boolean) => {
+          clearTimeout(timer);
+          signal.removeEventListener('abort', stop);
+          stats.delayed--;
+          changed();
+          resolve(ok);
+        };
+        const stop = () => done(false);
+        // The global setTimeout, looked up at each call: vitest's fake timers
+        // can drive latencyMs and hangs in virtual time.
+        const timer = setTimeout(() => done(true), ms);
+        signal.addEventListener('abort', stop, { once: true });
+        stats.delayed++;
+        changed();
+      });
     };
 
+    if (holding && !(await held(holding, AbortSignal.any([closing.signal, gone.signal])))) return;
     if (!(await wait(opts.latencyMs ?? 0))) return;
     if (fault?.kind === 'drop') {
       req.socket.destroy();
@@ -481,8 +645,10 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       tokenCounts.push(n);
     }
     const promptTokens = tokenCounts.reduce((a, b) => a + b, 0);
+    stats.rateChecked++;
     const limited = rateLimit(promptTokens);
     if (limited) return send(res, limited);
+    changed();
 
     const vectors = inputs.map((text) => fakeEmbedding(text, dims));
     let data: { object: 'embedding'; index: number; embedding: number[] | string }[] = vectors.map(
@@ -530,6 +696,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
       res.once('close', () => {
         stats.inFlight--;
+        changed();
       });
       handleEmbeddings(req, res).catch((err: unknown) => {
         send(
@@ -581,7 +748,38 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     failWhenInputContains(substring, fault) {
       persistent.push({ substring, fault });
     },
+    hold(match) {
+      const hold: ActiveHold = { match, waiting: new Set(), released: false };
+      holds.add(hold);
+      return {
+        release: () => releaseHold(hold),
+        get held() {
+          return hold.waiting.size;
+        },
+      };
+    },
+    until(check, onMet) {
+      return new Promise<void>((resolve, reject) => {
+        if (closing.signal.aborted) return reject(new Error('the fake server is closed'));
+        const met = () => {
+          onMet?.();
+          resolve();
+        };
+        if (check(stats)) return met();
+        waiters.add({
+          check,
+          met,
+          closed: () => reject(new Error('the fake server closed first')),
+        });
+      });
+    },
+    onReply(listener) {
+      replyListeners.add(listener);
+      return () => replyListeners.delete(listener);
+    },
     reset() {
+      // Held requests go on: a hold must not outlive the test that made it.
+      for (const hold of [...holds]) releaseHold(hold);
       stats.requests = 0;
       stats.inputsEmbedded = 0;
       stats.tokensEmbedded = 0;
@@ -590,6 +788,9 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.seenByModel.clear();
       stats.requestSizes.length = 0;
       stats.maxInFlight = stats.inFlight;
+      stats.replies = 0;
+      stats.rateChecked = 0;
+      replyListeners.clear();
       // A full bucket from now on, not from the next request: a client that
       // starts pacing after this must find the server at least as generous.
       tpmBucket = undefined;
@@ -600,6 +801,8 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     close() {
       closed ??= new Promise<void>((resolve, reject) => {
         closing.abort();
+        for (const waiter of waiters) waiter.closed();
+        waiters.clear();
         server.close((err) => (err ? reject(err) : resolve()));
         // server.close() alone waits for idle keep-alive sockets to time out.
         for (const socket of sockets) socket.destroy();

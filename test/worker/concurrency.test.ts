@@ -1,7 +1,8 @@
 import { sql } from 'kysely';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
 import { tokenCount } from '../../src/provider/tokens.js';
+import type { RateGateClock, RateGateOptions } from '../../src/worker/rate-gate.js';
 import { backends } from '../support/db.js';
 import {
   makeRun,
@@ -10,6 +11,58 @@ import {
   useWorkerFixture,
   waitFor,
 } from '../support/embed-run.js';
+import type { FakeOpenAI } from '../support/fake-openai.js';
+
+// The pipeline makes its own rate gate; this lets a test give it a clock.
+const gateOptions = vi.hoisted(() => ({ current: {} as RateGateOptions }));
+vi.mock('../../src/worker/rate-gate.js', async (importOriginal) => {
+  const actual = await importOriginal<typeof import('../../src/worker/rate-gate.js')>();
+  return {
+    ...actual,
+    createRateGate: (limits: Parameters<typeof actual.createRateGate>[0]) =>
+      actual.createRateGate(limits, gateOptions.current),
+  };
+});
+
+/**
+ * One virtual clock for the client's rate gate and the fake server's TPM
+ * bucket, so that whether pgembed stays under the server's limit is decided
+ * by what it sends, not by how fast this machine runs. Virtual time moves only
+ * when someone waits:
+ * - the gate, for its bucket to refill: first every request it has let
+ *   through reaches the server's check, so each is charged at the virtual
+ *   moment it was admitted, however long it spent in transit;
+ * - a client told to retry after a 429: by the retry-after-ms the server gave
+ *   (the client may wait less in real time; the server has moved on as if it
+ *   had waited).
+ */
+function virtualTime(fake: FakeOpenAI) {
+  let now = 0;
+  let admitted = 0;
+  let admittedTokens = 0;
+  const clock: RateGateClock = {
+    now: () => now,
+    async sleep(ms) {
+      await fake.until((stats) => stats.rateChecked >= admitted);
+      now += ms;
+    },
+  };
+  fake.onReply(({ status, headers }) => {
+    if (status === 429) now += Number(headers['retry-after-ms'] ?? 0);
+  });
+  fake.options.clock = clock;
+  gateOptions.current = {
+    clock,
+    onAdmit: (tokens) => {
+      admitted++;
+      admittedTokens += tokens;
+    },
+  };
+  return {
+    now: () => now,
+    admittedTokens: () => admittedTokens,
+  };
+}
 
 describe.each(backends())('concurrent batches on %s', (backend) => {
   const fx = useWorkerFixture(backend);
@@ -24,9 +77,15 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
 
   it.for([1, 4])('keeps %i batches in flight with --concurrency set so', async (concurrency) => {
     await seedMessages(fx.database.db, sampleTexts(48));
-    fx.fake.options.latencyMs = 60;
-    const outcome = await embed({ concurrency: String(concurrency) });
+    // The server answers nothing until `concurrency` requests wait there at
+    // once: reached whatever the machine's speed, or the test times out.
+    const start = fx.fake.hold();
+    const finished = embed({ concurrency: String(concurrency) });
+    await fx.fake.until((stats) => stats.held === concurrency);
+    start.release();
+    const outcome = await finished;
     expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 48 });
+    // And never more, through the whole run.
     expect(fx.fake.stats.maxInFlight).toBe(concurrency);
   });
 
@@ -34,17 +93,20 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     const contents = sampleTexts(16);
     contents[0] = 'the slow first message';
     await seedMessages(fx.database.db, contents);
-    // Batch 1 is slow; batches 2..4 finish and commit before it.
-    fx.fake.failWhenInputContains('the slow first message', { kind: 'hang', ms: 800 });
+    // Batch 1 is held at the server until the test lets it go; batches 2..4
+    // finish and commit before it.
+    const slow = fx.fake.hold((inputs) => inputs.includes('the slow first message'));
     const { run } = makeRun(ctx(), { concurrency: '4' });
     const finished = run.run();
     await waitFor(async () => (await storedCount()) >= 12);
+    expect(slow.held).toBe(1);
     const during = await fx.database.db
       .selectFrom('embedding_runs')
       .select(['cursor_id', 'batches'])
       .executeTakeFirstOrThrow();
     expect(during.batches).toBe(3);
     expect(during.cursor_id).toBeNull();
+    slow.release();
     const outcome = await finished;
     expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 16 });
     const after = await fx.database.db
@@ -75,8 +137,14 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     // The server allows 60,000 tokens a minute with a 10-second burst; ~12,000 to send.
     const contents = Array.from({ length: 120 }, (_, i) => `${i} ${'token '.repeat(98)}`);
     await seedMessages(fx.database.db, contents);
+    const total = contents.reduce((sum, text) => sum + tokenCount(text), 0);
+    expect(total).toBeGreaterThan(10_000);
     Object.assign(fx.fake.options, { maxTpm: 60_000, maxTpmBurst: 10_000 });
-    const unpaced = await embed({ 'batch-size': '10', 'max-retry-wait-ms': '2000' });
+
+    // Unpaced: no virtual time passes but what the 429s ask for, so more than
+    // the burst sent at once must meet 429s, on any machine.
+    virtualTime(fx.fake);
+    const unpaced = await embed({ 'batch-size': '10' });
     expect(unpaced.summary).toMatchObject({ status: 'succeeded', embedded: 120 });
     expect(fx.fake.stats.rateLimited).toBeGreaterThan(0);
     expect(unpaced.summary.retries).toBe(fx.fake.stats.rateLimited);
@@ -84,9 +152,17 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     await sql`truncate message_embeddings, embedding_runs, embedding_sweeps cascade`.execute(
       fx.database.db,
     );
-    fx.fake.reset(); // a full server bucket again
+    fx.fake.reset();
+    // Paced: a full server bucket again, on a new virtual clock shared with the gate.
+    const time = virtualTime(fx.fake);
     const paced = await embed({ 'batch-size': '10', 'max-tpm': '60000' });
     expect(paced.summary).toMatchObject({ status: 'succeeded', embedded: 120 });
+    // The server, charging each request at the moment the gate let it through,
+    // never had to refuse one.
     expect(fx.fake.stats.rateLimited).toBe(0);
+    // The gate counted what the server counted...
+    expect(time.admittedTokens()).toBe(fx.fake.stats.tokensEmbedded);
+    // ...and held it back: past its 9,900-token burst, at 0.99 tokens a virtual ms.
+    expect(time.now()).toBeGreaterThanOrEqual((time.admittedTokens() - 9_900) / 0.99);
   });
 });
