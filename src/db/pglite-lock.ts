@@ -265,7 +265,7 @@ function isAlive(info: LockInfo): boolean {
 }
 
 /** Field 22 of /proc/PID/stat: start time in clock ticks since boot. Null where there is no /proc. */
-function processStart(pid: number): string | null {
+export function processStart(pid: number): string | null {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // The command name (field 2) is in parentheses and may hold spaces.

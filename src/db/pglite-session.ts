@@ -7,6 +7,12 @@
  */
 export class PGliteSession {
   #tail: Promise<void> = Promise.resolve();
+  #waiting = 0;
+
+  /** Callers queued behind the holder: for tests that act once a caller is known to wait. */
+  get waiting(): number {
+    return this.#waiting;
+  }
 
   /** Resolves, in arrival order, with the function that gives the session back. */
   async acquire(): Promise<() => void> {
@@ -15,7 +21,9 @@ export class PGliteSession {
     this.#tail = new Promise<void>((resolve) => {
       release = resolve;
     });
+    this.#waiting++;
     await previous;
+    this.#waiting--;
     let released = false;
     return () => {
       if (released) return;

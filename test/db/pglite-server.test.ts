@@ -1,0 +1,134 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PGlite } from '@electric-sql/pglite';
+import { Kysely, sql } from 'kysely';
+import pg from 'pg';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { PGliteDialect } from '../../src/db/pglite-dialect.js';
+import { PGliteServer, pgConfig } from '../../src/db/pglite-server.js';
+import { PGliteSession } from '../../src/db/pglite-session.js';
+
+/** Resolves once `check` holds, looking again on every turn of the event loop. */
+async function until(check: () => boolean): Promise<void> {
+  while (!check()) await new Promise((resolve) => setImmediate(resolve));
+}
+
+describe('serving PGlite to other processes', () => {
+  let dir: string;
+  let pglite: PGlite;
+  let session: PGliteSession;
+  let server: PGliteServer;
+  let db: Kysely<{ t: { v: string } }>;
+  const clients: pg.Client[] = [];
+
+  async function connect(config: Partial<pg.ClientConfig> = {}): Promise<pg.Client> {
+    const client = new pg.Client({ ...pgConfig(server.address), ...config });
+    client.on('error', () => {});
+    clients.push(client);
+    await client.connect();
+    return client;
+  }
+
+  async function values(): Promise<string[]> {
+    const rows = await db.selectFrom('t').select('v').orderBy('v').execute();
+    return rows.map((row) => row.v);
+  }
+
+  // One database for the file: opening PGlite on disk takes seconds.
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'pgembed-serve-'));
+    pglite = await PGlite.create(dir);
+    session = new PGliteSession();
+    db = new Kysely({ dialect: new PGliteDialect(pglite, session) });
+    server = await PGliteServer.start(pglite, session, dir);
+  });
+  beforeEach(async () => {
+    await sql`drop table if exists t`.execute(db);
+    await sql`create table t (v text)`.execute(db);
+  });
+  afterEach(async () => {
+    await Promise.all(clients.splice(0).map((client) => client.end().catch(() => {})));
+    await until(() => server.clients === 0);
+  });
+  afterAll(async () => {
+    await server.stop();
+    await db.destroy();
+    await pglite.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('listens on a unix socket in the data directory, where psql -h DIR looks', () => {
+    expect(server.address).toEqual({ socketDir: dir, port: 5432 });
+  });
+
+  it("never runs a client's statement inside the holder's transaction", async () => {
+    const client = await connect();
+    let clientInsert: Promise<unknown> | undefined;
+    await db
+      .transaction()
+      .execute(async (trx) => {
+        await sql`insert into t values ('holder')`.execute(trx);
+        clientInsert = client.query(`insert into t values ('client')`);
+        // The client's statement has reached the server and waits for the session.
+        await until(() => session.waiting === 1);
+        throw new Error('roll the holder back');
+      })
+      .catch(() => {});
+    await clientInsert;
+    // Had the client's insert run inside the holder's transaction, the
+    // rollback would have taken it too.
+    expect(await values()).toEqual(['client']);
+  });
+
+  it("keeps the holder out of a client's transaction until it ends", async () => {
+    const client = await connect();
+    await client.query('begin');
+    await client.query(`insert into t values ('client')`);
+    const holderInsert = sql`insert into t values ('holder')`.execute(db);
+    await until(() => session.waiting === 1);
+    await client.query('rollback');
+    await holderInsert;
+    expect(await values()).toEqual(['holder']);
+  });
+
+  it('rolls back what a client left open when it went away, and serves the next one', async () => {
+    const client = await connect();
+    await client.query('begin');
+    await client.query(`insert into t values ('lost')`);
+    const gone = new Promise((resolve) => client.once('end', resolve));
+    // A client killed mid-transaction: its socket closes without a COMMIT.
+    (
+      client as unknown as { connection: { stream: { destroy(): void } } }
+    ).connection.stream.destroy();
+    await gone;
+    await until(() => server.clients === 0);
+    expect(await values()).toEqual([]);
+    const next = await connect();
+    expect((await next.query('select count(*)::int as n from t')).rows).toEqual([{ n: 0 }]);
+  });
+
+  it('gives every client the same start: a startup packet PGlite would find FATAL harms no one', async () => {
+    // node-postgres sends user '' as given; PGlite answers a startup without a
+    // user with FATAL, which left its one backend unusable for the holder.
+    const odd = await connect({
+      user: '',
+      database: 'whatever',
+      options: '-c search_path=nowhere',
+    });
+    expect(
+      (await odd.query(`select current_user as u, current_setting('search_path') as p`)).rows,
+    ).toEqual([{ u: 'postgres', p: 'public' }]);
+    await sql`insert into t values ('holder')`.execute(db);
+    expect(await values()).toEqual(['holder']);
+  });
+
+  it('tells when the last client has gone', async () => {
+    const client = await connect();
+    expect(server.clients).toBe(1);
+    const idle = server.whenIdle();
+    await client.end();
+    await idle;
+    expect(server.clients).toBe(0);
+  });
+});
