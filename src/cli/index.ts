@@ -31,7 +31,7 @@ await runCli(async (argv) => {
   }
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
   const target = resolveTarget(settings);
-  const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
+  const database = await openDatabase(settings.databaseUrl, { poolMax: 1, command: 'index' });
   try {
     const columnType = await requireMigrated(database.db, 'run `npm run embed` first');
     const index = await createSearchIndex(

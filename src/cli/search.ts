@@ -38,7 +38,7 @@ await runCli(async (argv) => {
   const target = resolveTarget(settings);
   if (target.provider !== LOCAL_PROVIDER) checkOpenAISettings(settings);
   const source = parseSource(settings);
-  const database = await openDatabase(settings.databaseUrl, { poolMax: 1 });
+  const database = await openDatabase(settings.databaseUrl, { poolMax: 1, command: 'search' });
   try {
     const columnType = await requireMigrated(database.db, 'run `npm run embed` first');
     const stored = await embeddedDimensions(database.db, target);
