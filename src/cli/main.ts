@@ -1,14 +1,26 @@
 import { config as loadDotenv } from 'dotenv';
 import { oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
+import { redactSecrets, rememberSecrets, secretsOfSettings } from '../redact.js';
 
 /**
  * Runs a CLI command: loads .env (without overriding the real environment),
  * and maps errors to one line on stderr and an exit code. A stack trace only
- * with LOG_LEVEL=debug.
+ * with LOG_LEVEL=debug. Everything written to stderr (errors, the run's
+ * summary, warnings) goes through redactSecrets, which also knows the
+ * settings' own secrets (API key, base URL, database URL); the log does too
+ * (see log.ts). Stdout is left alone: it carries the messages' own text
+ * (search) and the log, which redacts itself.
  */
 export async function runCli(main: (argv: string[]) => Promise<number>): Promise<never> {
   loadDotenv({ quiet: true });
+  rememberSecrets(secretsOfSettings(process.env, process.argv.slice(2)));
+  const writeStderr = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: unknown, ...rest: unknown[]) =>
+    (writeStderr as (...args: unknown[]) => boolean)(
+      typeof chunk === 'string' ? redactSecrets(chunk) : chunk,
+      ...rest,
+    )) as typeof process.stderr.write;
   let code: number;
   try {
     code = await main(process.argv.slice(2));

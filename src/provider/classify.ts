@@ -5,8 +5,13 @@ import {
   ProviderFatalError,
   ProviderTransientError,
 } from '../errors.js';
+import { redactSecrets, redactUrl } from '../redact.js';
 
-/** What we know of the request, to make fatal errors say what to fix. */
+/**
+ * What we know of the request, to make fatal errors say what to fix. The base
+ * URL may carry secrets (user-info, an `?api-key=`): messages show it only
+ * through redactUrl.
+ */
 export interface RequestContext {
   model: string;
   baseURL: string;
@@ -66,7 +71,9 @@ export function classifyProviderError(error: unknown, request: RequestContext): 
     return new ProviderTransientError('request timed out', undefined, undefined, { cause: error });
   }
   if (error instanceof OpenAI.APIConnectionError) {
-    const cause = error.cause instanceof Error ? `: ${error.cause.message}` : '';
+    // fetch quotes the whole URL, user-info and all ("Request cannot be
+    // constructed from a URL that includes credentials: …").
+    const cause = error.cause instanceof Error ? `: ${redactSecrets(error.cause.message)}` : '';
     return new ProviderTransientError(`connection error${cause}`, undefined, undefined, {
       cause: error,
     });
@@ -81,7 +88,9 @@ function classifyStatus(
   request: RequestContext,
 ): PgembedError {
   const text = errorText(error);
-  const snippet = text.replace(/\s+/g, ' ').slice(0, 300);
+  // Servers echo the request (a proxy's 404 quotes the path and its query).
+  const snippet = redactSecrets(text.replace(/\s+/g, ' ')).slice(0, 300);
+  const baseURL = redactUrl(request.baseURL);
   const options = { cause: error };
 
   // Only a client error can be about an input; a 5xx or 429 quoting the same
@@ -109,7 +118,7 @@ function classifyStatus(
   }
   if (status === 401) {
     return new ProviderFatalError(
-      `the provider rejected the API key (401): set OPENAI_API_KEY to a valid key for ${request.baseURL}`,
+      `the provider rejected the API key (401): set OPENAI_API_KEY to a valid key for ${baseURL}`,
       status,
       options,
     );
@@ -123,7 +132,7 @@ function classifyStatus(
   }
   if (status === 404) {
     return new ProviderFatalError(
-      `model '${request.model}' not found at ${request.baseURL} (404): check --model / PGEMBED_MODEL and OPENAI_BASE_URL`,
+      `model '${request.model}' not found at ${baseURL} (404): check --model / PGEMBED_MODEL and OPENAI_BASE_URL`,
       status,
       options,
     );

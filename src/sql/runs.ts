@@ -1,6 +1,7 @@
 import { hostname } from 'node:os';
 import { type Kysely, sql } from 'kysely';
 import type { DB, RunStatus } from '../db/schema.js';
+import { redactSecrets, redactValues } from '../redact.js';
 
 export async function insertRun(
   db: Kysely<DB>,
@@ -18,7 +19,7 @@ export async function insertRun(
       provider: run.provider,
       model: run.model,
       status: 'running',
-      options: JSON.stringify(run.options),
+      options: JSON.stringify(redactValues(run.options)),
       host: hostname(),
       pid: process.pid,
       planned: run.planned,
@@ -78,8 +79,10 @@ export async function finishRun(
       cursor_id: sql`greatest(cursor_id, ${cursorId})`,
       finished_at: sql`now()`,
       heartbeat_at: sql`now()`,
-      summary: JSON.stringify(summary),
-      error,
+      // The last stop before psql: URLs and known secrets in the error
+      // (an SDK or driver message quoting a URL) are redacted here.
+      summary: JSON.stringify(redactValues(summary)),
+      error: error === null ? null : redactSecrets(error),
     })
     .where('id', '=', runId)
     .execute();

@@ -1,5 +1,6 @@
 import { rename, writeFile } from 'node:fs/promises';
 import type { RunStatus } from '../db/schema.js';
+import { redactValues } from '../redact.js';
 
 export interface RunTotals {
   embedded: number;
@@ -57,7 +58,8 @@ export async function writeManifest(
   skippedIds: Record<string, string[]>,
 ): Promise<void> {
   const temp = `${file}.${process.pid}.tmp`;
-  const manifest = { ...summary, skippedIds };
+  // The error may quote a URL or a secret: redacted like everything stored.
+  const manifest = redactValues({ ...summary, skippedIds });
   await writeFile(temp, `${JSON.stringify(manifest, null, 2)}\n`);
   await rename(temp, file);
 }

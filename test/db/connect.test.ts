@@ -33,8 +33,11 @@ describe('DATABASE_URL', () => {
     );
   });
 
-  it('never shows the password in what it logs', () => {
-    expect(redactUrl('postgres://me:s3cret@db:5432/app')).toBe('postgres://me:***@db:5432/app');
+  it('never shows the user-info or query values in what it logs', () => {
+    expect(redactUrl('postgres://me:s3cret@db:5432/app')).toBe('postgres://***@db:5432/app');
+    expect(redactUrl('postgres://me@db/app?password=s3cret&sslpassword=s3cret2')).toBe(
+      'postgres://***@db/app?password=***&sslpassword=***',
+    );
   });
 
   it('says the connection was refused when nothing listens on the port', async () => {
@@ -45,6 +48,15 @@ describe('DATABASE_URL', () => {
     );
     expect(error.message).not.toContain('\n');
     expect(error.message).not.toContain('hunter2');
+  });
+
+  it('keeps query-string passwords out of the message too', async () => {
+    const error = await connectError(
+      'postgres://postgres:hunter2@127.0.0.1:1/postgres?password=hunter3&sslpassword=hunter4',
+    );
+    expect(error).toBeInstanceOf(DatabaseConnectionError);
+    expect(error.message).not.toMatch(/hunter/);
+    expect(error.message).toContain('?password=***&sslpassword=***');
   });
 
   it('says the host was not found for a name that does not resolve', async () => {

@@ -71,6 +71,62 @@ describe('errors no retry can fix', () => {
   });
 });
 
+/** Every secret below contains this; none may reach a message. */
+const SECRET = /s3cr3t/;
+
+describe('messages never quote a secret of the base URL', () => {
+  // The SDK appends '/embeddings' to the base URL as a string, so a query
+  // survives only when the base URL names the endpoint and ends in '#'.
+  const withQuery = () => `${server.fake.url}/embeddings?api-key=s3cr3t-query#s3cr3t-frag`;
+
+  it('a 401 names the base URL redacted', async () => {
+    server.fake.options.apiKey = 'the-right-key';
+    const error = await rejectionOf(
+      providerFor(server.fake, { apiKey: 'a-wrong-key', baseURL: withQuery() }).embed(['x']),
+    );
+    expect(error).toMatchObject({ status: 401 });
+    expect((error as Error).message).toContain(`for ${server.fake.url}/embeddings?api-key=***#***`);
+    expect((error as Error).message).not.toMatch(SECRET);
+  });
+
+  it('a 404 for an unknown model names the base URL redacted', async () => {
+    const error = await rejectionOf(
+      providerFor(server.fake, { model: 'no-such-model', baseURL: withQuery() }).embed(['x']),
+    );
+    expect(error).toMatchObject({ status: 404 });
+    expect((error as Error).message).toContain(`at ${server.fake.url}/embeddings?api-key=***#***`);
+    expect((error as Error).message).not.toMatch(SECRET);
+  });
+
+  it('a 404 for a base URL with a query (the server echoes the path) names it redacted', async () => {
+    const error = await rejectionOf(
+      providerFor(server.fake, { baseURL: `${server.fake.url}?api-key=s3cr3t-query` }).embed(['x']),
+    );
+    expect(error).toMatchObject({ status: 404 });
+    expect((error as Error).message).not.toMatch(SECRET);
+  });
+
+  it("a 4xx whose body echoes the request's query keeps it out of the message", async () => {
+    server.fake.enqueueFault({
+      kind: 'status',
+      status: 422,
+      body: { error: { message: 'bad request POST /v1/embeddings?api-key=s3cr3t-query' } },
+    });
+    const error = await rejectionOf(providerFor(server.fake).embed(['x']));
+    expect(error).toBeInstanceOf(InputRejectedError);
+    expect((error as Error).message).toContain('?api-key=***');
+    expect((error as Error).message).not.toMatch(SECRET);
+  });
+
+  it('a base URL with user-info, which fetch refuses and quotes, is redacted in the connection error', async () => {
+    const baseURL = server.fake.url.replace('http://', 'http://s3cr3t-user:s3cr3t-pass@');
+    const error = await rejectionOf(providerFor(server.fake, { baseURL }).embed(['x']));
+    expect(error).toBeInstanceOf(ProviderTransientError);
+    expect((error as Error).message).toMatch(/credentials: http:\/\/\*\*\*@127\.0\.0\.1:/);
+    expect((error as Error).message).not.toMatch(SECRET);
+  });
+});
+
 describe('errors worth another attempt', () => {
   it.for([
     { header: 'retry-after-ms', fault: { retryAfterMs: 1234 }, expected: 1234 },
