@@ -193,10 +193,11 @@ export function forgetSecrets(): void {
  */
 export function secretsOfSettings(env: NodeJS.ProcessEnv, argv: readonly string[]): string[] {
   const fromArgs = argv.flatMap((arg) => arg.match(URL_IN_TEXT) ?? []);
-  return [...SECRET_ENV, ...URL_ENV]
-    .map((name) => env[name])
-    .filter((value): value is string => !!value)
-    .concat(fromArgs);
+  const secrets = SECRET_ENV.map((name) => env[name]);
+  // Only a `scheme://` URL can carry a secret: `pglite:./.data/pglite` is a
+  // path, which every line about the embedded database must show as it is.
+  const urls = URL_ENV.map((name) => env[name]).filter((value) => value && splitUrl(value.trim()));
+  return [...secrets, ...urls].filter((value): value is string => !!value).concat(fromArgs);
 }
 
 export interface RedactOptions {

@@ -137,6 +137,14 @@ describe('redactSecrets', () => {
       ).sort(),
     ).toEqual(['sk-1', 'pw', 'http://b', 'postgres://d', 'https://u:p@flag.example/v1?k=v'].sort());
   });
+
+  it('takes an embedded database path for no secret: lines about it show it as it is', () => {
+    const secrets = secretsOfSettings({ DATABASE_URL: 'pglite:/tmp/pgembed-data' }, []);
+    expect(secrets).toEqual([]);
+    expect(redactSecrets('opened pglite:/tmp/pgembed-data', secrets)).toBe(
+      'opened pglite:/tmp/pgembed-data',
+    );
+  });
 });
 
 describe('the sinks', () => {
