@@ -12,7 +12,7 @@ import { terminalProgressBar } from '../report/progress-bar.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
-import { runCli, warnLoudly } from './main.js';
+import { announceServing, runCli, warnLoudly } from './main.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
@@ -48,11 +48,7 @@ await runCli(async (argv) => {
     // through it rather than wait. A dry run is short: they wait for it.
     serve: !config.dryRun,
   });
-  if (database.serving) {
-    const line = `serving ${database.describe} to other processes while this runs: ${database.serving.psql}`;
-    logger.info({ psql: database.serving.psql }, line);
-    if (showBar && !levelAsked) process.stderr.write(`pgembed: ${line}\n`);
-  }
+  announceServing(database, logger, showBar && !levelAsked);
   try {
     if (config.dryRun) {
       await inspectSource(database.db, config.messageSource);

@@ -1,7 +1,9 @@
 import { config as loadDotenv } from 'dotenv';
+import type { Database } from '../db/connect.js';
 import { oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { redactSecrets, rememberSecrets, secretsOfSettings } from '../redact.js';
+import { terminalSafe } from '../report/terminal-safe.js';
 
 /**
  * Runs a CLI command: loads .env (without overriding the real environment),
@@ -26,11 +28,12 @@ export async function runCli(main: (argv: string[]) => Promise<number>): Promise
     code = await main(process.argv.slice(2));
   } catch (error) {
     if (error instanceof PgembedError) {
-      process.stderr.write(`pgembed: ${oneLine(error)}\n`);
+      // An error may quote the database's text (a message's content): escaped.
+      process.stderr.write(`pgembed: ${terminalSafe(oneLine(error))}\n`);
       code = error.exitCode;
     } else {
       process.stderr.write(
-        `pgembed: unexpected error: ${oneLine(error)} (LOG_LEVEL=debug shows the stack)\n`,
+        `pgembed: unexpected error: ${terminalSafe(oneLine(error))} (LOG_LEVEL=debug shows the stack)\n`,
       );
       code = 1;
     }
@@ -51,4 +54,16 @@ export function warnLoudly(logger: Logger): (message: string) => void {
     logger.warn(message);
     process.stderr.write(`pgembed: ${message}\n`);
   };
+}
+
+/**
+ * A process that serves its embedded database says how to reach it: the
+ * exact psql command, in the log and, where asked (a terminal whose info
+ * lines are hidden behind the progress bar), on stderr.
+ */
+export function announceServing(database: Database, logger: Logger, onStderr: boolean): void {
+  if (!database.serving) return;
+  const line = `serving ${database.describe} to other processes while this runs: ${database.serving.psql}`;
+  logger.info({ psql: database.serving.psql }, line);
+  if (onStderr) process.stderr.write(`pgembed: ${line}\n`);
 }

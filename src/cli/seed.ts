@@ -6,7 +6,7 @@ import { createLogger } from '../log.js';
 import { jsonLines, type SeedMessage, spamAssassin, spamAssassinText } from '../seed/sources.js';
 import { upsertMessages } from '../sql/seed.js';
 import { helpText, parseFlags } from './args.js';
-import { runCli, warnLoudly } from './main.js';
+import { announceServing, runCli, warnLoudly } from './main.js';
 
 const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
 const EXTRA = {
@@ -36,6 +36,7 @@ await runCli(async (argv) => {
   const settings = resolveSettings(SETTINGS, args.flags, process.env);
   const logger = createLogger(settings.logLevel);
   const database = await openDatabase(settings.databaseUrl, { command: 'seed', serve: true });
+  announceServing(database, logger, false);
   try {
     await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
