@@ -61,11 +61,25 @@ export class EmbedRun {
 
   constructor(private readonly deps: RunDeps) {}
 
-  /** Safe to call more than once; the first signal wins. */
+  /**
+   * Safe to call more than once; the first signal wins. The progress bar is
+   * taken down at once, before anything else is written (the caller's own
+   * warning should come after this call): what the run writes while it winds
+   * down, and the summary, then never land under or inside the bar.
+   */
   stop(signal: NodeJS.Signals = 'SIGTERM'): void {
     if (this.#stopSignal) return;
     this.#stopSignal = signal;
+    this.#stopDisplay();
     this.#abort.abort(new InterruptedError(signal));
+  }
+
+  #displayStopped = false;
+  /** Takes the progress bar down; once, and never redrawn after. */
+  #stopDisplay(): void {
+    if (this.#displayStopped) return;
+    this.#displayStopped = true;
+    this.deps.progressDisplay?.stop();
   }
 
   async run(): Promise<RunOutcome> {
@@ -117,14 +131,15 @@ export class EmbedRun {
       retries: 0,
       batches: 0,
     };
-    const display = this.deps.progressDisplay;
+    // Not shown at all if a stop came before it could start.
+    const display = this.#displayStopped ? undefined : this.deps.progressDisplay;
     display?.start(planned);
     const progress = setInterval(
       () => {
         const done = totals.embedded + totals.skipped;
         const rate = done / ((Date.now() - startedAt) / 1000);
         if (display) {
-          display.update(done, { ...totals, ratePerSecond: rate });
+          if (!this.#displayStopped) display.update(done, { ...totals, ratePerSecond: rate });
           return;
         }
         log.info(
@@ -205,11 +220,15 @@ export class EmbedRun {
     } finally {
       clearInterval(progress);
       clearInterval(heartbeat);
-      display?.update(totals.embedded + totals.skipped, {
-        ...totals,
-        ratePerSecond: (totals.embedded + totals.skipped) / ((Date.now() - startedAt) / 1000),
-      });
-      display?.stop();
+      // The bar's last frame, then down, before the summary or any error is
+      // written. After a stop it is down already and draws nothing more.
+      if (display && !this.#displayStopped) {
+        display.update(totals.embedded + totals.skipped, {
+          ...totals,
+          ratePerSecond: (totals.embedded + totals.skipped) / ((Date.now() - startedAt) / 1000),
+        });
+      }
+      this.#stopDisplay();
     }
     const cursorId = highestId(cursors);
     if (!error && this.#stopSignal) error = new InterruptedError(this.#stopSignal);

@@ -1,7 +1,12 @@
 import { PassThrough } from 'node:stream';
-import { describe, expect, it } from 'vitest';
+import pino from 'pino';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { buildEmbedConfig } from '../../src/config.js';
 import { createLogger } from '../../src/log.js';
+import { createOpenAIProvider, type EmbeddingProvider } from '../../src/provider/client.js';
+import { knownModel } from '../../src/provider/models.js';
 import { type ProgressDisplay, terminalProgressBar } from '../../src/report/progress-bar.js';
+import { EmbedRun } from '../../src/worker/run.js';
 import { makeRun, sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
 
 /** A stream that says it is a terminal, recording what is drawn on it. */
@@ -20,7 +25,69 @@ function fakeTerminal() {
   return { stream: stream as unknown as NodeJS.WriteStream, drawn: () => drawn };
 }
 
+/** A terminal that records each write, in order, as it is made. */
+function recordingTerminal() {
+  const writes: string[] = [];
+  const stream = {
+    isTTY: true,
+    columns: 120,
+    write(chunk: unknown, ...rest: unknown[]) {
+      writes.push(String(chunk));
+      const done = rest.find((r) => typeof r === 'function') as (() => void) | undefined;
+      done?.();
+      return true;
+    },
+  };
+  return { stream: stream as unknown as NodeJS.WriteStream, writes };
+}
+
+// Save cursor and restore cursor (DECSC, DECRC); line wrapping off.
+const SAVE_CURSOR = '\x1B7';
+const RESTORE_CURSOR = '\x1B8';
+const WRAP_OFF = '\x1B[?7l';
+
+function deferred() {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
 describe('the progress display', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it('ends its last frame where the cursor is, below whatever was written meanwhile, and never draws again', () => {
+    vi.useFakeTimers();
+    const terminal = recordingTerminal();
+    const bar = terminalProgressBar(terminal.stream);
+    bar.start(30);
+    bar.update(12, { embedded: 12, skipped: 0, ratePerSecond: 4 });
+    vi.advanceTimersByTime(1000);
+    // Something else writes a line while the bar is up (a warning, say).
+    terminal.stream.write('pgembed: a warning\n');
+    const warningAt = terminal.writes.length;
+    bar.stop();
+    const stopWrites = terminal.writes.slice(warningAt);
+    terminal.stream.write('the summary\n');
+    vi.advanceTimersByTime(5000);
+    bar.update(20, { embedded: 20, skipped: 0, ratePerSecond: 4 });
+
+    // The last frame is drawn on the line after the warning and ends there:
+    // no jump back to where the bar started, which would put the lines
+    // written next (the summary) on top of the warning and this last frame.
+    expect(stopWrites.join('')).toContain('12/30 (40%)');
+    expect(stopWrites.at(-1)).toBe('\n');
+    expect(terminal.writes).not.toContain(RESTORE_CURSOR);
+    expect(terminal.writes).not.toContain(SAVE_CURSOR);
+    // The terminal's line wrapping is left alone, so that warning was not cut.
+    expect(terminal.writes).not.toContain(WRAP_OFF);
+    // Nothing after the summary: no redraw once stopped.
+    expect(terminal.writes.at(-1)).toBe('the summary\n');
+  });
+
   it('draws done/total, percent, rate and ETA on a terminal', async () => {
     const terminal = fakeTerminal();
     const bar = terminalProgressBar(terminal.stream);
@@ -59,6 +126,83 @@ describe('the progress display', () => {
       const updates = calls.filter(([kind]) => kind === 'update').map(([, done]) => done);
       expect(updates).toEqual([...updates].sort((a, b) => a - b));
       expect(lines.some((line) => line.includes('"progress"'))).toBe(false);
+    });
+
+    it('is taken down at a stop, before anything else is written, and never drawn again', async () => {
+      const texts = sampleTexts(24);
+      await seedMessages(fx.database.db, texts);
+      // One ordered record of every write: the bar's, the log's, the summary's.
+      const order: string[] = [];
+      const display: ProgressDisplay = {
+        start: () => order.push('bar start'),
+        update: () => order.push('bar update'),
+        stop: () => order.push('bar stop'),
+      };
+      const logger = pino(
+        { level: 'info' },
+        {
+          write: (line: string) => {
+            order.push(`log: ${(JSON.parse(line) as { msg: string }).msg}`);
+          },
+        },
+      );
+      const { db, columnType, copyFromBlob, baseUrl } = fx.ctx();
+      const config = buildEmbedConfig(
+        { 'batch-size': '4', concurrency: '1' },
+        { OPENAI_BASE_URL: baseUrl },
+      );
+      const real = createOpenAIProvider({
+        apiKey: undefined,
+        baseURL: config.openaiBaseUrl,
+        model: config.model,
+        dimensions: config.dimensions,
+        defaultDimensions: knownModel(config.model)?.dimensions,
+        timeoutMs: config.timeoutMs,
+      });
+      // The second batch waits to be sent until the run has been stopped.
+      const secondBatchWaiting = deferred();
+      const stopped = deferred();
+      const provider: EmbeddingProvider = {
+        get expectedDimensions() {
+          return real.expectedDimensions;
+        },
+        async embed(inputs) {
+          if (inputs.includes(texts[4] as string)) {
+            secondBatchWaiting.resolve();
+            await stopped.promise;
+          }
+          return real.embed(inputs);
+        },
+      };
+      const run = new EmbedRun({
+        db,
+        columnType,
+        copyFromBlob,
+        provider,
+        config,
+        logger,
+        report: () => order.push('summary'),
+        progressDisplay: display,
+      });
+      const finished = run.run();
+      await secondBatchWaiting.promise;
+      order.push('signal');
+      run.stop('SIGINT');
+      stopped.resolve();
+      const outcome = await finished;
+      expect(outcome.exitCode).toBe(130);
+
+      const signalAt = order.indexOf('signal');
+      const stopAt = order.indexOf('bar stop');
+      // Down at once, before the run writes anything more (its log lines as
+      // it winds down, the summary), and never drawn again.
+      expect(stopAt).toBe(signalAt + 1);
+      expect(order.filter((o) => o === 'bar stop')).toHaveLength(1);
+      expect(order.slice(stopAt + 1).filter((o) => o.startsWith('bar '))).toEqual([]);
+      const after = order.slice(stopAt + 1);
+      expect(after).toContain('log: range released');
+      expect(after).toContain('log: run finished');
+      expect(after).toContain('summary');
     });
   });
 });
