@@ -8,6 +8,8 @@ import type { ColumnType, Generated } from 'kysely';
 type BigintId = ColumnType<string, string | number | bigint, string | number | bigint>;
 type Timestamp = ColumnType<Date, Date | string | undefined, Date | string>;
 type Counter = ColumnType<number, number | undefined, number>;
+/** A bigint counter: read as text on both backends (int8 is parsed as text, like ids). */
+type BigCounter = ColumnType<string, number | undefined, number>;
 
 export interface MessagesTable {
   id: BigintId;
@@ -60,10 +62,16 @@ export interface EmbeddingRunsTable {
   skipped: Counter;
   truncated: Counter;
   ineligible_blank: Counter;
+  /** Kept: tokens of the embeddings committed (sum of its embedding_batches.tokens). */
   tokens: Counter;
+  /** Kept: HTTP requests made for the committed batches, retries included (sum of attempts). */
   requests: Counter;
   retries: Counter;
   batches: Counter;
+  /** Billed: tokens of every request the provider answered, kept or not (migration 0004). */
+  tokens_billed: BigCounter;
+  /** Billed: requests the provider answered, kept or not (migration 0004). */
+  requests_billed: Counter;
   error: string | null;
   summary: ColumnType<unknown, string | undefined, string>;
   sweep_id: ColumnType<string | null, string | null | undefined, string | null>;

@@ -55,13 +55,32 @@ export async function setRunSweep(db: Kysely<DB>, runId: string, sweepId: string
     .execute();
 }
 
-/** Heartbeat between batches, so psql can tell a slow run from a dead one. */
-export async function touchRun(db: Kysely<DB>, runId: string): Promise<void> {
+/** What the provider has answered so far, kept or not: written with the heartbeat and at the end. */
+export interface BilledSpend {
+  tokensBilled: number;
+  requestsBilled: number;
+}
+
+/**
+ * Heartbeat between batches, so psql can tell a slow run from a dead one, with
+ * the spend billed so far. greatest(): a late heartbeat never lowers it.
+ */
+export async function touchRun(db: Kysely<DB>, runId: string, billed?: BilledSpend): Promise<void> {
   await db
     .updateTable('embedding_runs')
-    .set({ heartbeat_at: sql`now()` })
+    .set({
+      heartbeat_at: sql`now()`,
+      ...(billed ? billedColumns(billed) : {}),
+    })
     .where('id', '=', runId)
     .execute();
+}
+
+function billedColumns(billed: BilledSpend) {
+  return {
+    tokens_billed: sql<number>`greatest(tokens_billed, ${billed.tokensBilled})`,
+    requests_billed: sql<number>`greatest(requests_billed, ${billed.requestsBilled})`,
+  };
 }
 
 export async function finishRun(
@@ -71,6 +90,7 @@ export async function finishRun(
   summary: Record<string, unknown>,
   error: string | null,
   cursorId: string | null,
+  billed?: BilledSpend,
 ): Promise<void> {
   await db
     .updateTable('embedding_runs')
@@ -79,6 +99,7 @@ export async function finishRun(
       cursor_id: sql`greatest(cursor_id, ${cursorId})`,
       finished_at: sql`now()`,
       heartbeat_at: sql`now()`,
+      ...(billed ? billedColumns(billed) : {}),
       // The last stop before psql: URLs and known secrets in the error
       // (an SDK or driver message quoting a URL) are redacted here.
       summary: JSON.stringify(redactValues(summary)),

@@ -23,6 +23,13 @@ export interface BatchSettings {
   beforeAttempt?: (tokens: number) => Promise<void>;
   /** Told of each request that succeeded, for adaptive concurrency. */
   onSent?: () => void;
+  /**
+   * Told of each request the provider answered (HTTP 200), the moment the
+   * answer arrives and whether or not it is kept: what the provider bills.
+   * `tokens` is the provider's `usage.prompt_tokens` when it reports it, else
+   * our count of what was sent.
+   */
+  onAnswered?: (billed: { tokens: number }) => void;
 }
 
 /** A page with its tokens counted: what is to be sent, and what is known to fail already. */
@@ -181,13 +188,14 @@ async function sendIsolating(
 ): Promise<void> {
   if (inputs.length === 0) return;
   outcome.sends++;
+  const requestTokens = inputs.reduce((sum, i) => sum + i.tokens, 0);
   try {
-    const requestTokens = inputs.reduce((sum, i) => sum + i.tokens, 0);
     const { value } = await withRetries(async () => {
       await settings.beforeAttempt?.(requestTokens);
       outcome.attempts++;
       return settings.provider.embed(inputs.map((i) => i.text));
     }, settings.retry);
+    settings.onAnswered?.({ tokens: value.promptTokens ?? requestTokens });
     settings.onSent?.();
     inputs.forEach((input, i) => {
       outcome.embedded.push({
@@ -205,6 +213,8 @@ async function sendIsolating(
     }
     if (!(error instanceof InputRejectedError || error instanceof InvalidResponseError))
       throw error;
+    // A 200 whose body broke the contract was answered, and is billed all the same.
+    if (error instanceof InvalidResponseError) settings.onAnswered?.({ tokens: requestTokens });
 
     const reason = error instanceof InputRejectedError ? error.reason : 'invalid_response';
     const [only] = inputs;

@@ -25,7 +25,7 @@ export interface PipelineContext {
   runId: string;
   sweepId: string;
   target: EmbeddingTarget;
-  /** Updated as batches commit; the run's summary reads them. */
+  /** Updated as batches commit (kept) and as answers arrive (billed); the run's summary reads them. */
   totals: RunTotals;
   log: Logger;
   /** The signal that stopped the run, once one has. */
@@ -95,6 +95,11 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     maxRequestTokens: config.maxRequestTokens,
     beforeAttempt: (tokens) => gate.acquire(tokens),
     onSent: () => adaptive.onSuccess(),
+    // Billed the moment the answer arrives, whatever becomes of it.
+    onAnswered: ({ tokens }) => {
+      ctx.totals.tokensBilled += tokens;
+      ctx.totals.requestsBilled += 1;
+    },
     retry: {
       maxRetries: config.maxRetries,
       maxRetryWaitMs: config.maxRetryWaitMs,

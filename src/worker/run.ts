@@ -130,7 +130,13 @@ export class EmbedRun {
       requests: 0,
       retries: 0,
       batches: 0,
+      tokensBilled: 0,
+      requestsBilled: 0,
     };
+    const billed = () => ({
+      tokensBilled: totals.tokensBilled,
+      requestsBilled: totals.requestsBilled,
+    });
     // Not shown at all if a stop came before it could start.
     const display = this.#displayStopped ? undefined : this.deps.progressDisplay;
     display?.start(planned);
@@ -160,8 +166,9 @@ export class EmbedRun {
     // dead run; the pipeline renews its leases on the same beat, a third of
     // the lease, so two beats can fail in a blip before a range may be taken.
     const heartbeatMs = Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3);
+    // It carries the spend billed so far, so a run that dies still shows it.
     const heartbeat = setInterval(() => {
-      touchRun(db, runId).catch((error: unknown) =>
+      touchRun(db, runId, billed()).catch((error: unknown) =>
         log.warn({ err: oneLine(error) }, 'heartbeat failed'),
       );
     }, heartbeatMs);
@@ -268,7 +275,7 @@ export class EmbedRun {
     };
     // Concurrent commits each wrote the cursor they could see; settle it now.
     await dbRetry('finish the run', () =>
-      finishRun(db, runId, status, { ...summary }, summary.error, cursorId),
+      finishRun(db, runId, status, { ...summary }, summary.error, cursorId, billed()),
     ).catch((caught: unknown) =>
       log.error({ err: oneLine(caught) }, 'could not record the end of the run'),
     );

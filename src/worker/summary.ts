@@ -2,14 +2,33 @@ import { rename, writeFile } from 'node:fs/promises';
 import type { RunStatus } from '../db/schema.js';
 import { redactValues } from '../redact.js';
 
+/**
+ * What a run did and spent. `tokens` and `requests` are what was KEPT: the
+ * batches this run committed (our cl100k count of the inputs embedded, the
+ * same as their `embedding_batches.tokens`; the HTTP requests made for them,
+ * retried and refused attempts included, as `embedding_batches.attempts`).
+ * `tokensBilled` and `requestsBilled` are what was BILLED: every request the
+ * provider answered, kept or not (a strict-mode stop, a lost lease, a stop
+ * signal or a failed commit can throw an answer away), counted the moment
+ * the answer arrives.
+ */
 export interface RunTotals {
   embedded: number;
   skipped: number;
   truncated: number;
+  /** Tokens of the inputs whose embeddings were committed (our pre-count). */
   tokens: number;
+  /** HTTP requests made for the committed batches, retries included. */
   requests: number;
   retries: number;
   batches: number;
+  /**
+   * Tokens of every answered request: the provider's `usage.prompt_tokens`
+   * where it reports it, else our pre-count of what was sent.
+   */
+  tokensBilled: number;
+  /** Requests the provider answered (HTTP 200), kept or not. */
+  requestsBilled: number;
 }
 
 export interface RunSummary extends RunTotals {
@@ -35,7 +54,9 @@ export function formatSummary(summary: RunSummary, skippedIds: Record<string, st
   const lines = [
     `pgembed run ${summary.runId} ${summary.status}: ${summary.provider}/${summary.model}`,
     `  embedded ${n(summary.embedded)}${summary.truncated ? ` (${n(summary.truncated)} truncated)` : ''}, skipped ${n(summary.skipped)}, ineligible ${n(summary.ineligible.blank)} blank + ${n(summary.ineligible.upToDate)} already up to date`,
-    `  tokens ${n(summary.tokens)}, requests ${n(summary.requests)}, retries ${n(summary.retries)}, elapsed ${(summary.elapsedMs / 1000).toFixed(1)} s, ${summary.messagesPerSecond.toFixed(1)} messages/s, peak memory ${summary.peakRssMiB} MiB`,
+    `  kept: tokens ${n(summary.tokens)}, requests ${n(summary.requests)} (retries ${n(summary.retries)}) in ${n(summary.batches)} committed batches`,
+    `  billed: tokens ${n(summary.tokensBilled)} in ${n(summary.requestsBilled)} answered requests, kept or not`,
+    `  elapsed ${(summary.elapsedMs / 1000).toFixed(1)} s, ${summary.messagesPerSecond.toFixed(1)} messages/s, peak memory ${summary.peakRssMiB} MiB`,
   ];
   for (const [reason, ids] of Object.entries(skippedIds)) {
     const more = ids.length > FIRST_IDS_SHOWN ? `, … (${ids.length - FIRST_IDS_SHOWN} more)` : '';

@@ -55,6 +55,19 @@ describe.each(backends())('migrations on %s', (backend) => {
     expect(warnings.length).toBeLessThanOrEqual(1);
   });
 
+  it('gives every run its billed spend beside the kept one, 0 unless written, in the progress view too', async () => {
+    const { database } = await fresh();
+    await migrateToLatest(database, { warn: () => {} });
+    await sql`insert into embedding_runs (provider, model, host, pid) values ('p', 'm', 'h', 1)`.execute(
+      database.db,
+    );
+    const { rows } = await sql<Record<string, unknown>>`
+      select tokens, requests, tokens_billed, requests_billed from embedding_progress`.execute(
+      database.db,
+    );
+    expect(rows).toEqual([{ tokens: '0', requests: 0, tokens_billed: '0', requests_billed: 0 }]);
+  });
+
   it('lets an application insert a message with only an id and content', async () => {
     const { database } = await fresh();
     await migrateToLatest(database, { warn: () => {} });

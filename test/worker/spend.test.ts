@@ -1,0 +1,232 @@
+import {
+  type ColumnUpdateNode,
+  type KyselyPlugin,
+  type PluginTransformQueryArgs,
+  type PluginTransformResultArgs,
+  type QueryResult,
+  type RootOperationNode,
+  sql,
+  type UnknownRow,
+} from 'kysely';
+import { describe, expect, it } from 'vitest';
+import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
+import { createLogger } from '../../src/log.js';
+import {
+  createOpenAIProvider,
+  type EmbeddingProvider,
+  type EmbedResult,
+} from '../../src/provider/client.js';
+import { knownModel } from '../../src/provider/models.js';
+import { EmbedRun } from '../../src/worker/run.js';
+import { backends } from '../support/db.js';
+import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
+
+/**
+ * What a run was billed (every answer the provider sent) against what it kept
+ * (what it committed). The fake server counts every request it receives and the tokens of every
+ * answer it gives; a wrapper around the real provider (the openai SDK over
+ * HTTP) holds answers or errors on their way back, so the order of events is
+ * fixed by the test, never by timing.
+ */
+
+interface Call {
+  inputs: string[];
+  /** Sends the request (the real SDK, over HTTP) and returns its answer. */
+  send: () => Promise<EmbedResult>;
+}
+
+function deferred() {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
+
+/**
+ * Resolves once a heartbeat carrying the billed spend has been written: an
+ * update of embedding_runs.tokens_billed that is not the run's end (no status).
+ */
+class HeartbeatWatch implements KyselyPlugin {
+  readonly #beats = new WeakSet<object>();
+  #waiting: Array<() => void> = [];
+
+  next(): Promise<void> {
+    return new Promise((resolve) => this.#waiting.push(resolve));
+  }
+
+  transformQuery(args: PluginTransformQueryArgs): RootOperationNode {
+    const node = args.node;
+    if (node.kind === 'UpdateQueryNode') {
+      const columns = (node.updates ?? []).map(
+        (u: ColumnUpdateNode) => (u.column as { column?: { name?: string } }).column?.name,
+      );
+      if (columns.includes('tokens_billed') && !columns.includes('status')) {
+        this.#beats.add(args.queryId);
+      }
+    }
+    return node;
+  }
+
+  async transformResult(args: PluginTransformResultArgs): Promise<QueryResult<UnknownRow>> {
+    if (this.#beats.has(args.queryId)) {
+      const waiting = this.#waiting;
+      this.#waiting = [];
+      for (const resolve of waiting) resolve();
+    }
+    return args.result;
+  }
+}
+
+describe.each(backends())('billed and kept spend on %s', (backend) => {
+  const fx = useWorkerFixture(backend);
+  const texts = sampleTexts;
+
+  /** An EmbedRun wired as the CLI wires it, with `around` between the pipeline and the provider. */
+  function watchedRun(
+    flags: FlagValues,
+    around: (call: Call) => Promise<EmbedResult>,
+    extra: { heartbeats?: HeartbeatWatch; progressIntervalMs?: number } = {},
+  ) {
+    const { db, columnType, copyFromBlob, baseUrl } = fx.ctx();
+    const config = buildEmbedConfig(
+      { 'batch-size': '2', 'max-retry-wait-ms': '20', ...flags },
+      { OPENAI_BASE_URL: baseUrl },
+    );
+    const real = createOpenAIProvider({
+      apiKey: undefined,
+      baseURL: config.openaiBaseUrl,
+      model: config.model,
+      dimensions: config.dimensions,
+      defaultDimensions: knownModel(config.model)?.dimensions,
+      timeoutMs: config.timeoutMs,
+    });
+    const provider: EmbeddingProvider = {
+      get expectedDimensions() {
+        return real.expectedDimensions;
+      },
+      embed: (inputs) => around({ inputs, send: () => real.embed(inputs) }),
+    };
+    const reports: string[] = [];
+    const run = new EmbedRun({
+      db: extra.heartbeats ? db.withPlugin(extra.heartbeats) : db,
+      columnType,
+      copyFromBlob,
+      provider,
+      config,
+      logger: createLogger('silent'),
+      report: (text) => reports.push(text),
+      progressIntervalMs: extra.progressIntervalMs,
+    });
+    return { run, reports };
+  }
+
+  /** What the run committed, as the tables hold it. */
+  async function keptInDatabase(runId: string) {
+    const { rows } = await sql<{
+      rows: number;
+      input_tokens: number;
+      batches: number;
+      batch_tokens: number;
+      attempts: number;
+    }>`
+      select (select count(*) from message_embeddings where run_id = ${runId})::int as rows,
+        (select coalesce(sum(input_tokens), 0) from message_embeddings where run_id = ${runId})::int
+          as input_tokens,
+        (select count(*) from embedding_batches where run_id = ${runId})::int as batches,
+        (select coalesce(sum(tokens), 0) from embedding_batches where run_id = ${runId})::int
+          as batch_tokens,
+        (select coalesce(sum(attempts), 0) from embedding_batches where run_id = ${runId})::int
+          as attempts`.execute(fx.database.db);
+    return rows[0] as NonNullable<(typeof rows)[0]>;
+  }
+
+  async function runRow(runId: string) {
+    return fx.database.db
+      .selectFrom('embedding_runs')
+      .selectAll()
+      .where('id', '=', runId)
+      .executeTakeFirstOrThrow();
+  }
+
+  async function storedIds() {
+    const rows = await fx.database.db
+      .selectFrom('message_embeddings')
+      .select('message_id')
+      .orderBy('message_id')
+      .execute();
+    return rows.map((r) => r.message_id);
+  }
+
+  it('an interrupted run reports what it was billed, with its heartbeat and at the end, though a lost lease threw an answer away', async () => {
+    const contents = texts(12);
+    await seedMessages(fx.database.db, contents);
+    // Ranges of 2: each batch of 2 is a range of its own, with its own lease.
+    const heartbeats = new HeartbeatWatch();
+    const release = deferred();
+    let held = 0;
+    const twoHeld = deferred();
+    let firstAnswerTokens: number | undefined;
+    const { run } = watchedRun(
+      { concurrency: '2', 'range-size': '2' },
+      async ({ inputs, send }) => {
+        const answer = await send();
+        if (inputs.includes(contents[0] as string)) {
+          firstAnswerTokens = answer.promptTokens;
+          return answer;
+        }
+        // Every later answer waits: [3, 4] and [5, 6] stay in flight.
+        held++;
+        if (held === 2) twoHeld.resolve();
+        await release.promise;
+        return answer;
+      },
+      { heartbeats, progressIntervalMs: 20 },
+    );
+    const finished = run.run();
+    await twoHeld.promise;
+
+    // While the run goes on, the heartbeat writes what it was billed so far:
+    // [1, 2] only, since the other two answers have not reached it.
+    await heartbeats.next();
+    const running = await fx.database.db
+      .selectFrom('embedding_runs')
+      .selectAll()
+      .where('status', '=', 'running')
+      .executeTakeFirstOrThrow();
+    expect(running.requests_billed).toBe(1);
+    expect(firstAnswerTokens).toBeGreaterThan(0);
+    expect(Number(running.tokens_billed)).toBe(firstAnswerTokens);
+
+    // Another worker takes over the range of [3, 4]; then the run is stopped.
+    await sql`
+      update embedding_ranges set lease_owner = lease_owner + 1000000
+      where lease_owner = ${running.id} and lo_id = 2`.execute(fx.database.db);
+    run.stop('SIGINT');
+    release.resolve();
+    const outcome = await finished;
+
+    expect(outcome.exitCode).toBe(130);
+    const { summary } = outcome;
+    expect(summary.status).toBe('interrupted');
+    // Billed: the three answers the server gave; nothing was refused.
+    expect(fx.fake.stats.requests).toBe(3);
+    expect(summary.requestsBilled).toBe(fx.fake.stats.requests);
+    expect(summary.tokensBilled).toBe(fx.fake.stats.tokensEmbedded);
+    // Kept: [1, 2] and [5, 6]; the answer for [3, 4] could not be committed.
+    expect(await storedIds()).toEqual(['1', '2', '5', '6']);
+    const kept = await keptInDatabase(summary.runId);
+    expect(summary).toMatchObject({
+      embedded: kept.rows,
+      tokens: kept.input_tokens,
+      batches: kept.batches,
+      requests: kept.attempts,
+    });
+    expect(summary.tokensBilled).toBeGreaterThan(summary.tokens);
+    const row = await runRow(summary.runId);
+    expect(row.status).toBe('interrupted');
+    expect(Number(row.tokens_billed)).toBe(summary.tokensBilled);
+    expect(row.requests_billed).toBe(3);
+    expect(row.requests).toBe(2);
+  });
+});
