@@ -1,5 +1,6 @@
 import {
   InputRejectedError,
+  InterruptedError,
   InvalidResponseError,
   ProviderFatalError,
   RetriesExhaustedError,
@@ -30,6 +31,22 @@ export interface BatchSettings {
    * our count of what was sent.
    */
   onAnswered?: (billed: { tokens: number }) => void;
+}
+
+/**
+ * What the run knows while one batch is being sent; asked at every request,
+ * so a batch in flight learns at once that the run is stopping.
+ */
+export interface SendControl {
+  /**
+   * Of these inputs, those the run would still keep an answer for. Asked
+   * before each HTTP attempt (each part of a split batch, each retry), after
+   * any wait for the rate gate: an input it leaves out is not sent, and is
+   * reported in `BatchOutcome.unsent`.
+   */
+  sendable(inputs: Input[]): Input[];
+  /** An input the provider's answer showed cannot be embedded, as soon as that is known. */
+  onFailure?(failure: Failure): void;
 }
 
 /** A page with its tokens counted: what is to be sent, and what is known to fail already. */
@@ -73,10 +90,23 @@ export interface Failure {
 export interface BatchOutcome {
   embedded: Embedded[];
   failed: Failure[];
+  /**
+   * Inputs never sent because the run was stopping (SendControl.sendable
+   * left them out, or a stop signal cut a retry's wait), in position order.
+   */
+  unsent: Input[];
   /** HTTP requests made, retries included. */
   attempts: number;
   /** Requests that were not retries: 1, or more when a batch was split. */
   sends: number;
+}
+
+/** A request the run decided, right before sending it, not to send. */
+class NotSentError extends Error {
+  constructor() {
+    super('not sent: the run is stopping');
+    this.name = 'NotSentError';
+  }
 }
 
 /**
@@ -131,16 +161,18 @@ export function cutAtFirstFailure(prepared: PreparedBatch): PreparedBatch {
 export async function sendBatch(
   prepared: PreparedBatch,
   settings: BatchSettings,
+  control?: SendControl,
 ): Promise<BatchOutcome> {
   const outcome: BatchOutcome = {
     embedded: [],
     failed: [...prepared.failed],
+    unsent: [],
     attempts: 0,
     sends: 0,
   };
   const preFailed = outcome.failed.length;
   for (const part of requestParts(prepared.toSend, settings)) {
-    await sendIsolating(part, settings, outcome, false);
+    await sendIsolating(part, settings, outcome, false, control);
   }
 
   const rejected = outcome.failed.slice(preFailed).filter((f) => f.reason === 'rejected_input');
@@ -153,6 +185,7 @@ export async function sendBatch(
   }
   outcome.embedded.sort((a, b) => a.position - b.position);
   outcome.failed.sort((a, b) => a.position - b.position);
+  outcome.unsent.sort((a, b) => a.position - b.position);
   return outcome;
 }
 
@@ -181,17 +214,29 @@ export function requestParts<T extends { tokens: number }>(
 }
 
 async function sendIsolating(
-  inputs: Input[],
+  given: Input[],
   settings: BatchSettings,
   outcome: BatchOutcome,
   retriedTruncated: boolean,
+  control: SendControl | undefined,
 ): Promise<void> {
+  // What the run would no longer keep is not sent (strict mode: nothing after
+  // a culprit already known; nothing at all once the run is failing).
+  const inputs = control ? control.sendable(given) : given;
+  if (inputs.length < given.length) {
+    outcome.unsent.push(...given.filter((i) => !inputs.includes(i)));
+  }
   if (inputs.length === 0) return;
-  outcome.sends++;
   const requestTokens = inputs.reduce((sum, i) => sum + i.tokens, 0);
+  let tried = false;
   try {
     const { value } = await withRetries(async () => {
       await settings.beforeAttempt?.(requestTokens);
+      // Right before sending, after any wait: the run may have learnt meanwhile
+      // that it stops (another batch's culprit, a fatal error).
+      if (control && control.sendable(inputs).length < inputs.length) throw new NotSentError();
+      if (!tried) outcome.sends++;
+      tried = true;
       outcome.attempts++;
       return settings.provider.embed(inputs.map((i) => i.text));
     }, settings.retry);
@@ -207,8 +252,18 @@ async function sendIsolating(
       });
     });
   } catch (error) {
+    if (error instanceof NotSentError || isStopped(error)) {
+      // Not sent (or its retry cut by a stop signal): the batch keeps what
+      // came before it, and the range resumes here.
+      outcome.unsent.push(...inputs);
+      return;
+    }
+    const failed = (f: Failure) => {
+      outcome.failed.push(f);
+      control?.onFailure?.(f);
+    };
     if (error instanceof RetriesExhaustedError) {
-      for (const input of inputs) outcome.failed.push(failure(input, 'retries_exhausted', error));
+      for (const input of inputs) failed(failure(input, 'retries_exhausted', error));
       return;
     }
     if (!(error instanceof InputRejectedError || error instanceof InvalidResponseError))
@@ -222,26 +277,38 @@ async function sendIsolating(
       const limit = error instanceof InputRejectedError ? error.limitTokens : undefined;
       // The server knew a limit we did not: with --truncate, try once more within it.
       if (reason === 'context_length' && settings.truncate && limit && !retriedTruncated) {
-        return sendIsolating([truncated(only, limit)], settings, outcome, true);
+        return sendIsolating([truncated(only, limit)], settings, outcome, true, control);
       }
-      outcome.failed.push(failure(only, reason, error));
+      failed(failure(only, reason, error));
       return;
     }
     const culprit = error.index !== undefined ? inputs[error.index] : undefined;
     if (culprit) {
-      outcome.failed.push(failure(culprit, reason, error));
+      // Told first: in strict mode the rest is then sent only up to the culprit.
+      failed(failure(culprit, reason, error));
       await sendIsolating(
         inputs.filter((i) => i !== culprit),
         settings,
         outcome,
         retriedTruncated,
+        control,
       );
       return;
     }
     const half = Math.ceil(inputs.length / 2);
-    await sendIsolating(inputs.slice(0, half), settings, outcome, retriedTruncated);
-    await sendIsolating(inputs.slice(half), settings, outcome, retriedTruncated);
+    await sendIsolating(inputs.slice(0, half), settings, outcome, retriedTruncated, control);
+    await sendIsolating(inputs.slice(half), settings, outcome, retriedTruncated, control);
   }
+}
+
+/** A stop signal ended the request's retries: before the first attempt, or during a wait. */
+function isStopped(error: unknown): boolean {
+  return (
+    error instanceof InterruptedError ||
+    (error instanceof Error &&
+      error.name === 'AbortError' &&
+      error.cause instanceof InterruptedError)
+  );
 }
 
 function failure(

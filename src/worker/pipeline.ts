@@ -9,8 +9,10 @@ import {
   type BatchSettings,
   cutAtFirstFailure,
   type Failure,
+  type Input,
   type PreparedBatch,
   prepareBatch,
+  type SendControl,
   sendBatch,
 } from './batch.js';
 import { commitBatch } from './commit.js';
@@ -82,10 +84,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     inFlight.add(task);
     void task.finally(() => inFlight.delete(task));
   };
-  // The failure that ends the run: the one in the earliest batch wins.
-  let failure: { seq: number; error: Error } | undefined;
-  const fail = (seq: number, error: unknown) => {
-    if (!failure || seq < failure.seq) failure = { seq, error: asError(error) };
+  // The failure that ends the run: the earliest (batch, position in it) wins.
+  let failure: RunFailure | undefined;
+  const fail = (seq: number, error: unknown, position = -1) => {
+    if (!failure || seq < failure.seq || (seq === failure.seq && position < failure.position)) {
+      failure = { seq, position, error: asError(error) };
+    }
   };
   const settings: BatchSettings = {
     provider: ctx.deps.provider,
@@ -189,6 +193,16 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
   return { cursorId: leases.highestCursor(), taken, error: failure?.error };
 }
 
+/**
+ * What ends the run: a strict-mode culprit (`position`: where in batch `seq`
+ * it is), or any other failure (`position` -1: the whole batch).
+ */
+interface RunFailure {
+  seq: number;
+  position: number;
+  error: Error;
+}
+
 interface BatchJob {
   seq: number;
   walk: RangeWalk;
@@ -196,8 +210,23 @@ interface BatchJob {
   prepared: PreparedBatch;
   settings: BatchSettings;
   sendSlots: LimitFunction;
-  currentFailure: () => { seq: number; error: Error } | undefined;
-  recordFailure: (seq: number, error: unknown) => void;
+  currentFailure: () => RunFailure | undefined;
+  recordFailure: (seq: number, error: unknown, position?: number) => void;
+}
+
+/**
+ * Of batch `seq`'s inputs, those whose answers the run would still keep now
+ * that `failure` is known. A strict-mode culprit ends the kept prefix: the
+ * batches before it and its own inputs before it commit, nothing after it is
+ * sent. Any other failure (a fatal provider error, a lost database) ends the
+ * run at once: nothing more is sent.
+ */
+function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Input[]): Input[] {
+  if (!failure) return inputs;
+  if (!(failure.error instanceof StrictModeError)) return [];
+  if (seq < failure.seq) return inputs;
+  if (seq > failure.seq) return [];
+  return inputs.filter((i) => i.position < failure.position);
 }
 
 /**
@@ -211,13 +240,30 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
   const { db, config, columnType } = ctx.deps;
   const watermark = walk.watermark;
   const blog = log.child({ batch: seq, range_no: walk.key.rangeNo });
+  // Asked before every request of this batch, parts and retries included.
+  const control: SendControl = {
+    sendable: (inputs) => sendableAfter(currentFailure(), seq, inputs),
+    onFailure: (found) => {
+      if (config.allowPartial) return;
+      // Strict mode: the run stops at this message. Known now, from the
+      // provider's answer, not when this batch commits: from here on nothing
+      // after it is sent, by this batch or any other.
+      recordFailure(seq, strictError(found), found.position);
+      const now = currentFailure();
+      if (now?.seq !== seq || now.position !== found.position) return; // an earlier one stops it
+      blog.warn(
+        { message_id: found.message.id, reason: found.reason },
+        'strict mode: this message stops the run; nothing after it is sent',
+      );
+    },
+  };
   let latencyMs = 0;
   const outcome = await sendSlots(async () => {
     // Read ahead but not yet sent: after a stop or a failure, it never is.
     if (ctx.stopped() || currentFailure()) return undefined;
     const startedAt = Date.now();
     try {
-      const sent = await sendBatch(prepared, settings);
+      const sent = await sendBatch(prepared, settings, control);
       latencyMs = Date.now() - startedAt;
       return sent;
     } catch (error) {
@@ -238,15 +284,21 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
     blog.debug('discarded: a strict-mode failure precedes this batch');
     return false;
   }
-  const kept = firstFailure
-    ? outcome.embedded.filter((e) => e.position < firstFailure.position)
-    : outcome.embedded;
-  const skipped = firstFailure ? [] : outcome.failed;
-  // Strict mode commits a prefix: where it ends (null: nothing before the culprit).
-  const prefixEnd = firstFailure ? (page[firstFailure.position - 1]?.id ?? null) : undefined;
+  // Where the committed prefix ends: before the strict-mode culprit, or
+  // before the first input not sent because the run was stopping.
+  const cut = minDefined(firstFailure?.position, outcome.unsent[0]?.position);
+  const kept =
+    cut === undefined ? outcome.embedded : outcome.embedded.filter((e) => e.position < cut);
+  const skipped = firstFailure
+    ? []
+    : cut === undefined
+      ? outcome.failed
+      : outcome.failed.filter((f) => f.position < cut);
+  // A prefix commit: where it ends (null: nothing before the cut).
+  const prefixEnd = cut === undefined ? undefined : (page[cut - 1]?.id ?? null);
 
   if (kept.length > 0 || skipped.length > 0) {
-    const lastHandled = firstFailure ? page[firstFailure.position - 1] : page[page.length - 1];
+    const lastHandled = cut === undefined ? page[page.length - 1] : page[cut - 1];
     const batch = {
       runId,
       provider: config.provider,
@@ -304,15 +356,26 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
   for (const failure of skipped) {
     blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
   }
-  if (firstFailure) throw strictError(firstFailure);
-  return true;
+  // Already recorded if the provider's answer told; a pre-counted culprit is recorded here.
+  if (firstFailure) recordFailure(seq, strictError(firstFailure), firstFailure.position);
+  // Committed in full, or only a prefix (the range is then handed back at its cursor).
+  return cut === undefined;
+}
+
+function minDefined(a: number | undefined, b: number | undefined): number | undefined {
+  if (a === undefined) return b;
+  if (b === undefined) return a;
+  return Math.min(a, b);
 }
 
 function strictError(failure: Failure): StrictModeError {
   const how =
     failure.reason === 'context_length'
       ? `rerun with --allow-partial to skip it (recorded in embedding_skips), or --truncate to embed its first ${failure.limitTokens ?? 'N'} tokens`
-      : 'rerun with --allow-partial to skip it (recorded in embedding_skips)';
+      : failure.reason === 'rejected_input'
+        ? // Strict mode sends nothing after it, so it cannot tell whether every input would be refused alike.
+          'rerun with --allow-partial to skip it (recorded in embedding_skips); if every message is refused alike, the request itself is wrong: check --model and --dimensions'
+        : 'rerun with --allow-partial to skip it (recorded in embedding_skips)';
   return new StrictModeError(
     `message ${failure.message.id} cannot be embedded (${failure.reason}): ${failure.detail}; ${how}`,
   );

@@ -1,3 +1,7 @@
+import { readFileSync } from 'node:fs';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import {
   type ColumnUpdateNode,
   type KyselyPlugin,
@@ -23,11 +27,16 @@ import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-ru
 
 /**
  * What a run was billed (every answer the provider sent) against what it kept
- * (what it committed). The fake server counts every request it receives and the tokens of every
+ * (what it committed), and that nothing is sent once the run knows it stops.
+ * The fake server counts every request it receives and the tokens of every
  * answer it gives; a wrapper around the real provider (the openai SDK over
  * HTTP) holds answers or errors on their way back, so the order of events is
  * fixed by the test, never by timing.
  */
+
+// Over the fake server's 50-token limit below; the model is unknown to
+// pgembed, so only the provider's answer tells (a 400 naming the input).
+const LONG = 'long '.repeat(80);
 
 interface Call {
   inputs: string[];
@@ -157,6 +166,170 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
       .execute();
     return rows.map((r) => r.message_id);
   }
+
+  it('strict mode: once the provider names a culprit, no other request starts, and the answer it then throws away is billed, not kept', async () => {
+    Object.assign(fx.fake.options, { maxInputTokens: 50, models: ['my-local-model'] });
+    const contents = texts(10);
+    contents[1] = LONG; // message 2, second in the first batch
+    await seedMessages(fx.database.db, contents);
+    const manifest = join(await mkdtemp(join(tmpdir(), 'pgembed-spend-')), 'run.json');
+
+    // Batches of 2, two in flight: [1, 2] goes out once [3, 4] has been
+    // answered by the server, and [5, 6] waits for a slot.
+    const secondBatchAnswered = deferred();
+    const secondBatchMayAnswer = deferred();
+    let requestsAtCulpritAnswer: number | undefined;
+    const startedAfterCulpritAnswer: string[][] = [];
+    let refused = 0;
+    const { run, reports } = watchedRun(
+      { model: 'my-local-model', concurrency: '2', manifest },
+      async ({ inputs, send }) => {
+        if (requestsAtCulpritAnswer !== undefined) startedAfterCulpritAnswer.push(inputs);
+        if (inputs.includes(contents[2] as string)) {
+          // The second batch is answered by the server, but its answer reaches
+          // the run only once the culprit's answer is in: it stays in flight.
+          const answer = await send();
+          secondBatchAnswered.resolve();
+          await secondBatchMayAnswer.promise;
+          return answer;
+        }
+        if (inputs.includes(LONG)) await secondBatchAnswered.promise;
+        try {
+          const answer = await send();
+          // The first answer after the culprit's (message 1, its batch-mate before it).
+          if (requestsAtCulpritAnswer !== undefined) secondBatchMayAnswer.resolve();
+          return answer;
+        } catch (error) {
+          refused++;
+          if (inputs.includes(LONG)) requestsAtCulpritAnswer = fx.fake.stats.requests;
+          throw error;
+        }
+      },
+    );
+    const outcome = await run.run();
+
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.error?.message).toMatch(/^message 2 cannot be embedded \(context_length\)/);
+    expect(requestsAtCulpritAnswer).toBe(2);
+    // After the culprit's answer, the only request is message 1 on its own:
+    // the batch-mate before the culprit, which the run keeps. Neither message
+    // 4's batch-mate nor the waiting batch [5, 6] is sent.
+    expect(startedAfterCulpritAnswer).toEqual([[contents[0]]]);
+    expect(fx.fake.stats.requests).toBe(3);
+    for (const text of contents.slice(4)) expect(fx.fake.stats.seen.has(text)).toBe(false);
+
+    const { summary } = outcome;
+    // Billed: every answer the server gave ([3, 4], then [1]), kept or not.
+    expect(summary.requestsBilled).toBe(fx.fake.stats.requests - refused);
+    expect(summary.requestsBilled).toBe(2);
+    expect(summary.tokensBilled).toBe(fx.fake.stats.tokensEmbedded);
+    // Kept: message 1 only; [3, 4] was paid for and thrown away.
+    expect(await storedIds()).toEqual(['1']);
+    const kept = await keptInDatabase(summary.runId);
+    expect(summary).toMatchObject({
+      embedded: kept.rows,
+      tokens: kept.input_tokens,
+      batches: kept.batches,
+      requests: kept.attempts,
+    });
+    expect(kept.batch_tokens).toBe(kept.input_tokens);
+    expect(summary.tokensBilled).toBeGreaterThan(summary.tokens);
+
+    const row = await runRow(summary.runId);
+    expect(Number(row.tokens_billed)).toBe(summary.tokensBilled);
+    expect(row.requests_billed).toBe(summary.requestsBilled);
+    expect(Number(row.tokens)).toBe(summary.tokens);
+    expect(row.summary).toMatchObject({
+      tokensBilled: summary.tokensBilled,
+      requestsBilled: summary.requestsBilled,
+    });
+    const view = await sql<{ tokens_billed: string; requests_billed: number }>`
+      select tokens_billed, requests_billed from embedding_progress
+      where run_id = ${summary.runId}`.execute(fx.database.db);
+    expect(view.rows[0]).toEqual({
+      tokens_billed: String(summary.tokensBilled),
+      requests_billed: 2,
+    });
+    expect(JSON.parse(readFileSync(manifest, 'utf8'))).toMatchObject({
+      tokensBilled: summary.tokensBilled,
+      requestsBilled: 2,
+      tokens: summary.tokens,
+    });
+    expect(reports[0]).toContain(`kept: tokens ${summary.tokens}, requests ${summary.requests}`);
+    expect(reports[0]).toContain(`billed: tokens ${summary.tokensBilled} in 2 answered requests`);
+  });
+
+  it('strict mode: a culprit found in one part of a split batch stops the parts after it', async () => {
+    Object.assign(fx.fake.options, { maxInputTokens: 50, models: ['my-local-model'] });
+    const contents = texts(6);
+    contents[2] = LONG; // message 3: first of the second part
+    await seedMessages(fx.database.db, contents);
+    const { run } = watchedRun(
+      {
+        model: 'my-local-model',
+        concurrency: '1',
+        'batch-size': '6',
+        'max-request-inputs': '2',
+      },
+      ({ send }) => send(),
+    );
+    const outcome = await run.run();
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.error?.message).toMatch(/^message 3 cannot be embedded \(context_length\)/);
+    // [1, 2] answered, [3, 4] refused for message 3; neither [4] nor [5, 6] is sent.
+    expect(fx.fake.stats.requestSizes).toEqual([2, 2]);
+    expect(await storedIds()).toEqual(['1', '2']);
+    expect(outcome.summary).toMatchObject({
+      requestsBilled: 1,
+      tokensBilled: fx.fake.stats.tokensEmbedded,
+      embedded: 2,
+      tokens: fx.fake.stats.tokensEmbedded,
+    });
+  });
+
+  it('a fatal provider error stops a retry another batch had waiting, even in partial mode', async () => {
+    const contents = texts(8);
+    contents[0] = `alpha ${contents[0]}`; // batch [1, 2]: the quota runs out
+    contents[2] = `bravo ${contents[2]}`; // batch [3, 4]: a 429, to be retried
+    await seedMessages(fx.database.db, contents);
+    fx.fake.failWhenInputContains('alpha', { kind: 'insufficient-quota' });
+    fx.fake.failWhenInputContains('bravo', { kind: 'rate-limit', retryAfterMs: 1 });
+
+    const rateLimited = deferred();
+    const fatalAnswered = deferred();
+    let requestsAtFatalAnswer: number | undefined;
+    const startedAfterFatalAnswer: string[][] = [];
+    const { run } = watchedRun(
+      { concurrency: '2', 'allow-partial': true },
+      async ({ inputs, send }) => {
+        if (requestsAtFatalAnswer !== undefined) startedAfterFatalAnswer.push(inputs);
+        const fatal = inputs.some((t) => t.startsWith('alpha'));
+        // [1, 2] goes out once [3, 4] has had its 429.
+        if (fatal) await rateLimited.promise;
+        try {
+          return await send();
+        } catch (error) {
+          if (fatal) {
+            requestsAtFatalAnswer = fx.fake.stats.requests;
+            fatalAnswered.resolve();
+          } else {
+            rateLimited.resolve();
+            // The 429 reaches the retry owner only after the fatal answer is in.
+            await fatalAnswered.promise;
+          }
+          throw error;
+        }
+      },
+    );
+    const outcome = await run.run();
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.error?.message).toMatch(/quota/);
+    expect(requestsAtFatalAnswer).toBe(2);
+    expect(startedAfterFatalAnswer).toEqual([]);
+    expect(fx.fake.stats.requests).toBe(2);
+    expect(outcome.summary).toMatchObject({ requestsBilled: 0, tokensBilled: 0, embedded: 0 });
+    expect(Number((await runRow(outcome.summary.runId)).tokens_billed)).toBe(0);
+  });
 
   it('an interrupted run reports what it was billed, with its heartbeat and at the end, though a lost lease threw an answer away', async () => {
     const contents = texts(12);
