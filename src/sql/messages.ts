@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
-import { type MessageSource, sourceRelation } from '../db/source.js';
+import { assertUniqueIds, type MessageSource, sourceRelation } from '../db/source.js';
 
 export interface EligibleMessage {
   id: string;
@@ -77,6 +77,11 @@ export async function fetchEligiblePage(
     where ${windowFilter(window)} and ${eligibleFilter(target, window)} and ${notSkipped}
     order by m.id
     limit ${limit}`.execute(db);
+  // A view's id may repeat: refuse it here, naming the id, before a batch
+  // holding both copies fails its upsert or the keyset steps over one.
+  const first = rows[0];
+  const last = rows[rows.length - 1];
+  if (first && last) await assertUniqueIds(db, target.source, first.id, last.id);
   return rows;
 }
 

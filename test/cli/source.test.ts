@@ -125,6 +125,155 @@ describe.each(backends())("the application's own table on %s", (backend) => {
     });
   }, 90_000);
 
+  // A duplicate id fails the upsert of the batch holding both copies, or is
+  // stepped over by the keyset; a NULL id can be neither paged nor keyed.
+  it.for([
+    [
+      'a table with duplicate ids and no unique index',
+      [
+        'create table turns (turn_id bigint not null, body text not null)',
+        "insert into turns values (1, 'turn 1'), (2, 'turn 2'), (2, 'turn 2 again')",
+      ],
+      /^pgembed: --id-column turn_id of turns is not declared unique: give it a primary key, or a unique constraint/,
+    ],
+    [
+      'a table whose unique id allows NULL',
+      [
+        'create table turns (turn_id bigint unique, body text not null)',
+        "insert into turns values (1, 'turn 1'), (2, 'turn 2'), (null, 'no id')",
+      ],
+      /^pgembed: --id-column turn_id of turns allows NULL: declare it NOT NULL \(a primary key is\)/,
+    ],
+    [
+      'a table whose id is unique only through a partial index',
+      [
+        'create table turns (turn_id bigint not null, body text not null)',
+        'create unique index on turns (turn_id) where turn_id > 1',
+        "insert into turns values (1, 'turn 1'), (1, 'turn 1 again'), (2, 'turn 2')",
+      ],
+      /^pgembed: --id-column turn_id of turns is not declared unique/,
+    ],
+  ] as const)(
+    'refuses %s before any work, with one line, and migrates nothing',
+    async ([, setup, pattern]) => {
+      const url = await freshDatabase([...setup]);
+      fake.reset();
+      const result = await embed(url, [
+        '--source',
+        'turns',
+        '--id-column',
+        'turn_id',
+        '--text-column',
+        'body',
+      ]);
+      expect(result.code, result.stderr).toBe(1);
+      expect(stderrLines(result), result.stderr).toHaveLength(1);
+      expect(stderrLines(result)[0]).toMatch(pattern);
+      expect(fake.stats.requests).toBe(0);
+      const tables = await query<{ exists: boolean }>(
+        url,
+        "select to_regclass('message_embeddings') is not null as exists",
+      );
+      expect(tables[0]?.exists).toBe(false);
+    },
+  );
+
+  it('refuses such a table before any work on a database already migrated for another source', async () => {
+    const url = await freshDatabase([
+      'create table good (turn_id bigint primary key, body text not null)',
+      "insert into good values (1, 'the good one')",
+      'create table turns (turn_id bigint, body text not null)',
+      "insert into turns values (1, 'one'), (1, 'one again'), (null, 'no id')",
+    ]);
+    const columns = ['--id-column', 'turn_id', '--text-column', 'body'];
+    const first = await embed(url, ['--source', 'good', ...columns]);
+    expect(first.code, first.stderr).toBe(0);
+    fake.reset();
+    const result = await embed(url, ['--source', 'turns', ...columns]);
+    expect(result.code, result.stderr).toBe(1);
+    expect(stderrLines(result), result.stderr).toHaveLength(1);
+    expect(stderrLines(result)[0]).toMatch(
+      /^pgembed: --id-column turn_id of turns is not declared unique/,
+    );
+    expect(fake.stats.requests).toBe(0);
+    const runs = await query<{ n: number }>(url, 'select count(*)::int as n from embedding_runs');
+    expect(runs[0]?.n).toBe(1);
+  }, 60_000);
+
+  // A view has no constraints to inspect: a page whose span holds an id twice
+  // (counting every row, eligible or not) stops the run, naming the id, before
+  // its batch is sent. The second copy of 4 sits at the first page's edge
+  // (--batch-size 4), where the keyset alone would step over it.
+  it.for([
+    ['inside the first page', "(2, 'turn 2 again')"],
+    ["at the first page's edge", "(4, 'turn 4 again')"],
+  ] as const)(
+    'stops a run over a view whose id repeats %s, naming the id, with nothing embedded',
+    async ([, copy]) => {
+      const url = await freshDatabase([
+        'create table turns (turn_id bigint, body text not null)',
+        "insert into turns select g, 'turn ' || g from generate_series(1, 10) g",
+        `insert into turns values ${copy}`,
+        'create view turns_view as select turn_id, body from turns',
+      ]);
+      fake.reset();
+      const args = ['--source', 'turns_view', '--id-column', 'turn_id', '--text-column', 'body'];
+      const id = copy.slice(1, 2);
+      const line = `pgembed: --source turns_view has 2 rows with turn_id ${id}: ids must be unique (they key the embeddings); make it return each id once`;
+      // The dry run, which writes nothing, finds it first, in one line.
+      const dry = await embed(url, [...args, '--dry-run']);
+      expect(dry.code, dry.stderr).toBe(1);
+      expect(stderrLines(dry)).toEqual([line]);
+      const result = await embed(url, args);
+      expect(result.code, result.stderr).toBe(1);
+      // The run has begun: its summary, then the line.
+      expect(stderrLines(result).at(-1)).toBe(line);
+      expect(result.stderr).not.toMatch(/^\s+at /m);
+      expect(result.stderr).not.toMatch(/cannot affect row a second time/);
+      expect(fake.stats.requests).toBe(0);
+      const runs = await query<{ status: string; error: string }>(
+        url,
+        'select status, error from embedding_runs',
+      );
+      expect(runs).toEqual([
+        {
+          status: 'failed',
+          error: expect.stringContaining(`has 2 rows with turn_id ${id}`),
+        },
+      ]);
+      const count = await query<{ n: number }>(
+        url,
+        'select count(*)::int as n from message_embeddings',
+      );
+      expect(count[0]?.n).toBe(0);
+    },
+  );
+
+  it("leaves out a view's rows whose id is NULL, in the run and in status", async () => {
+    const url = await freshDatabase([
+      'create table turns (turn_id bigint, body text not null)',
+      "insert into turns values (null, 'no id at all')",
+      "insert into turns select g, 'turn ' || g from generate_series(1, 6) g",
+      "insert into turns values (null, 'no id either')",
+      'create view turns_view as select turn_id, body from turns',
+    ]);
+    const args = ['--source', 'turns_view', '--id-column', 'turn_id', '--text-column', 'body'];
+    fake.reset();
+    const result = await embed(url, args);
+    expect(result.code, result.stderr).toBe(0);
+    expect(result.stderr).toMatch(/^pgembed run \d+ succeeded:/m);
+    expect([...fake.stats.seen.keys()].sort()).toEqual(
+      ['turn 1', 'turn 2', 'turn 3', 'turn 4', 'turn 5', 'turn 6'].sort(),
+    );
+    const rows = await query<{ id: string }>(
+      url,
+      'select message_id::text as id from message_embeddings order by message_id',
+    );
+    expect(rows.map((r) => r.id)).toEqual(['1', '2', '3', '4', '5', '6']);
+    const status = await runCli('status', [...args, '--json'], { DATABASE_URL: url });
+    expect(JSON.parse(status.stdout).coverage[0]).toMatchObject({ eligible: 6, upToDate: 6 });
+  }, 60_000);
+
   it.for([
     [['--source', 'no_such_table'], /^pgembed: --source no_such_table: no such table or view/],
     [
