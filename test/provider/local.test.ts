@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { ProviderFatalError } from '../../src/errors.js';
 import { createLocalProvider } from '../../src/provider/local.js';
 
 function cosine(a: Float32Array, b: Float32Array): number {
@@ -16,22 +17,82 @@ function cosine(a: Float32Array, b: Float32Array): number {
 describe('the local provider', () => {
   it('embeds offline into 512 finite dimensions, placing related texts closer than unrelated ones', async () => {
     const provider = await createLocalProvider();
-    const { vectors } = await provider.embed([
-      'Cheap meds online, buy viagra now with no prescription',
-      'Discount pharmacy: order pills today, no doctor needed',
-      'The quarterly board meeting is moved to Thursday at 10am',
-    ]);
-    expect(vectors).toHaveLength(3);
-    for (const v of vectors) {
-      expect(v).toHaveLength(512);
-      expect(v.every(Number.isFinite)).toBe(true);
+    try {
+      const { vectors } = await provider.embed([
+        'Cheap meds online, buy viagra now with no prescription',
+        'Discount pharmacy: order pills today, no doctor needed',
+        'The quarterly board meeting is moved to Thursday at 10am',
+      ]);
+      expect(vectors).toHaveLength(3);
+      for (const v of vectors) {
+        expect(v).toHaveLength(512);
+        expect(v.every(Number.isFinite)).toBe(true);
+      }
+      const [spamA, spamB, work] = vectors as [Float32Array, Float32Array, Float32Array];
+      expect(cosine(spamA, spamB)).toBeGreaterThan(cosine(spamA, work) + 0.1);
+      // Deterministic: the same text gives the same vector.
+      const again = await provider.embed([
+        'The quarterly board meeting is moved to Thursday at 10am',
+      ]);
+      expect(Array.from(again.vectors[0] as Float32Array)).toEqual(Array.from(work));
+    } finally {
+      await provider.close();
     }
-    const [spamA, spamB, work] = vectors as [Float32Array, Float32Array, Float32Array];
-    expect(cosine(spamA, spamB)).toBeGreaterThan(cosine(spamA, work) + 0.1);
-    // Deterministic: the same text gives the same vector.
-    const again = await provider.embed([
-      'The quarterly board meeting is moved to Thursday at 10am',
-    ]);
-    expect(Array.from(again.vectors[0] as Float32Array)).toEqual(Array.from(work));
+  }, 60_000);
+
+  // The model holds its thread for seconds on a long input (its tokenizer is
+  // quadratic). On the main thread that starved every callback, a signal
+  // handler's included; in its worker the main thread's loop keeps turning.
+  // Counted, not timed: how many turns of the loop ran while the answer was
+  // awaited (on the main thread: about one per chunk of 8 inputs).
+  it('leaves the event loop free while it embeds a long input', async () => {
+    const provider = await createLocalProvider();
+    try {
+      let turns = 0;
+      let answered = false;
+      const turn = () => {
+        turns++;
+        if (!answered) setImmediate(turn);
+      };
+      setImmediate(turn);
+      const { vectors } = await provider.embed(['lorem ipsum dolor sit amet '.repeat(150), 'hi']);
+      answered = true;
+      expect(vectors.map((v) => v.length)).toEqual([512, 512]);
+      expect(turns).toBeGreaterThan(1_000);
+    } finally {
+      await provider.close();
+    }
+  }, 60_000);
+
+  it("fails a call the model throws on with the provider's fatal error, and keeps serving", async () => {
+    const provider = await createLocalProvider();
+    try {
+      const failed = provider.embed([42 as unknown as string]);
+      await expect(failed).rejects.toBeInstanceOf(ProviderFatalError);
+      await expect(failed).rejects.toThrow(
+        /^the local model universal-sentence-encoder-lite failed: /,
+      );
+      expect((await provider.embed(['still here'])).vectors).toHaveLength(1);
+    } finally {
+      await provider.close();
+    }
+  }, 60_000);
+
+  it('holds no handle while idle, and after close() fails every call', async () => {
+    const ports = () =>
+      process.getActiveResourcesInfo().filter((kind) => kind === 'MessagePort').length;
+    const before = ports();
+    const provider = await createLocalProvider();
+    expect(ports(), 'idle: the worker does not keep the process alive').toBe(before);
+    const call = provider.embed(['a pending call keeps it alive']);
+    expect(ports()).toBe(before + 1);
+    await call;
+    expect(ports()).toBe(before);
+    await provider.close();
+    await provider.close();
+    await expect(provider.embed(['too late'])).rejects.toThrow(
+      'the local model universal-sentence-encoder-lite was closed',
+    );
+    expect(ports()).toBe(before);
   }, 60_000);
 });
