@@ -110,8 +110,9 @@ await runCli(async (argv) => {
         process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
         process.exit(signal === 'SIGINT' ? 130 : 143);
       }
-      logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
+      // stop() first: it takes the progress bar down before anything is written.
       run.stop(signal);
+      logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
       // This process is going away: closing will not wait for the ones it serves.
       database.serving?.cutOffClients();
     };

@@ -94,10 +94,9 @@ describe.each(backends())('migrations on %s', (backend) => {
   });
 
   it('applies once when two migrators start at the same moment', async () => {
-    const { target } = await fresh();
+    const { target, database: a } = await fresh();
     // Separate handles on a server (separate pools, so a real race); one shared
-    // handle on PGlite, which is a single session per directory.
-    const a = await openDatabase(target.url);
+    // handle on PGlite, whose directory one process opens once.
     const b = backend === 'postgres' ? await openDatabase(target.url) : a;
     try {
       const results = await Promise.all([
@@ -112,7 +111,6 @@ describe.each(backends())('migrations on %s', (backend) => {
       expect(rows[0]?.n).toBe(appliedTotal.length);
     } finally {
       if (b !== a) await b.close();
-      await a.close();
     }
   });
 
