@@ -1,5 +1,5 @@
 import { sql } from 'kysely';
-import { describe, expect, it, vi } from 'vitest';
+import { beforeEach, describe, expect, it, vi } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
 import { tokenCount } from '../../src/provider/tokens.js';
 import type { RateGateClock, RateGateOptions } from '../../src/worker/rate-gate.js';
@@ -66,6 +66,9 @@ function virtualTime(fake: FakeOpenAI) {
 
 describe.each(backends())('concurrent batches on %s', (backend) => {
   const fx = useWorkerFixture(backend);
+  beforeEach(() => {
+    gateOptions.current = {};
+  });
   const ctx = () => fx.ctx();
   const embed = (flags: FlagValues) => makeRun(ctx(), flags).run.run();
   const storedCount = async () =>
