@@ -27,7 +27,7 @@ export const SETTINGS = {
     flag: 'id-column',
     kind: 'string',
     default: 'id',
-    help: "the source's id column: an integer type or uuid, unique",
+    help: "the source's id column: an integer type or uuid, unique and not NULL",
   },
   textColumn: {
     env: 'PGEMBED_TEXT_COLUMN',
