@@ -37,7 +37,7 @@ function rawControls(text: string): string[] {
 const withoutNewlines = (text: string) => text.replaceAll('\n', '');
 
 // `npm run index` is src/cli/index.ts; test/support/cli.ts names the older scripts only.
-const INDEX = 'index' as string as CliScript;
+const INDEX: CliScript = 'index';
 
 describe.each(backends())(
   'search and status on a terminal, and npm run index, on %s',

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SETTINGS } from '../../src/config.js';
 
-export type CliScript = 'embed' | 'seed' | 'migrate' | 'status' | 'search' | 'demo';
+export type CliScript = 'embed' | 'seed' | 'migrate' | 'status' | 'search' | 'index' | 'demo';
 
 export interface CliResult {
   /** Exit code, or null when a signal killed the process. */
