@@ -3,6 +3,7 @@ import { InvalidResponseError, ProviderFatalError } from '../errors.js';
 import type { EmbeddingProvider } from './client.js';
 import type { EmbedRequest, WorkerAnswer } from './local-worker.js';
 import { LOCAL_MODEL } from './models.js';
+import { checkVectors } from './validate.js';
 
 const DIMENSIONS = 512;
 
@@ -163,21 +164,5 @@ function checked(vectors: Float32Array[], count: number): Float32Array[] {
       undefined,
     );
   }
-  for (const [index, vector] of vectors.entries()) {
-    if (vector.length !== DIMENSIONS) {
-      throw new InvalidResponseError(
-        `embedding ${index} has ${vector.length} dimensions, expected ${DIMENSIONS}`,
-        index,
-      );
-    }
-    for (const value of vector) {
-      if (!Number.isFinite(value)) {
-        throw new InvalidResponseError(
-          `embedding ${index} has a non-finite value (${value})`,
-          index,
-        );
-      }
-    }
-  }
-  return vectors;
+  return checkVectors(vectors, DIMENSIONS);
 }

@@ -36,7 +36,14 @@ export function vectorsByIndex(
     out[index] = toVector(item.embedding, index);
   }
   const vectors = out as Float32Array[];
-  const dimensions = expectedDimensions ?? agreedDimensions(vectors);
+  return checkVectors(vectors, expectedDimensions ?? agreedDimensions(vectors));
+}
+
+/**
+ * Refuses vectors that would store wrong data: a wrong dimension or a
+ * non-finite value, naming the input. Every provider's answer passes here.
+ */
+export function checkVectors(vectors: Float32Array[], dimensions: number): Float32Array[] {
   for (const [index, vector] of vectors.entries()) {
     if (vector.length !== dimensions || dimensions === 0) {
       throw new InvalidResponseError(
