@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import {
   InputRejectedError,
   InvalidResponseError,
@@ -12,6 +12,9 @@ import { type ErrorDialect, fakeEmbedding } from '../support/fake-openai.js';
 import { providerFor, rejectionOf, useFakeServer } from './helpers.js';
 
 const server = useFakeServer();
+afterEach(() => {
+  vi.useRealTimers();
+});
 
 const LONG = 'this input is far longer than the five token limit of the server.fake server';
 
@@ -158,12 +161,26 @@ describe('errors worth another attempt', () => {
   });
 
   it('a response slower than timeoutMs is a transient "timed out"', async () => {
+    // The SDK's request timeout and the server's hang both wait on the global
+    // setTimeout, faked here: the client gives up when 200 ms of virtual time
+    // have passed, not before, and long before the 5,000 ms hang would end.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
     server.fake.enqueueFault({ kind: 'hang', ms: 5_000 });
-    const started = performance.now();
-    const error = await rejectionOf(providerFor(server.fake, { timeoutMs: 200 }).embed(['x']));
+    let settled = false;
+    const rejected = rejectionOf(providerFor(server.fake, { timeoutMs: 200 }).embed(['x'])).finally(
+      () => {
+        settled = true;
+      },
+    );
+    await server.fake.until((stats) => stats.delayed === 1);
+    await vi.advanceTimersByTimeAsync(199);
+    expect(settled).toBe(false);
+    await vi.advanceTimersByTimeAsync(1);
+    const error = await rejected;
     expect(error).toBeInstanceOf(ProviderTransientError);
     expect((error as Error).message).toMatch(/timed out/);
-    expect(performance.now() - started).toBeLessThan(2_000);
+    // The hang never ended: the server sent no reply.
+    expect(server.fake.stats.replies).toBe(0);
   });
 });
 
@@ -268,15 +285,16 @@ describe('retryAfterMs', () => {
   });
 
   it('reads retry-after as an HTTP date, counting from now', () => {
-    const inTenSeconds = new Date(Date.now() + 10_000).toUTCString();
-    const wait = retryAfterMs(new Headers({ 'retry-after': inTenSeconds }));
-    // The HTTP-date form has whole-second resolution.
-    expect(wait).toBeGreaterThan(8_000);
-    expect(wait).toBeLessThanOrEqual(10_000);
+    // A fixed clock, 250 ms into a second: the HTTP-date form has whole-second
+    // resolution, so the wait is to the start of the second named.
+    vi.useFakeTimers({ now: Date.UTC(2025, 0, 1, 12, 0, 0, 250), toFake: ['Date'] });
+    const inTenSeconds = 'Wed, 01 Jan 2025 12:00:10 GMT';
+    expect(retryAfterMs(new Headers({ 'retry-after': inTenSeconds }))).toBe(9_750);
   });
 
   it('treats an HTTP date in the past as no wait', () => {
-    const past = new Date(Date.now() - 60_000).toUTCString();
+    vi.useFakeTimers({ now: Date.UTC(2025, 0, 1, 12, 0, 0), toFake: ['Date'] });
+    const past = 'Wed, 01 Jan 2025 11:59:00 GMT';
     expect(retryAfterMs(new Headers({ 'retry-after': past }))).toBe(0);
   });
 

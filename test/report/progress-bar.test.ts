@@ -88,13 +88,18 @@ describe('the progress display', () => {
     expect(terminal.writes.at(-1)).toBe('the summary\n');
   });
 
-  it('draws done/total, percent, rate and ETA on a terminal', async () => {
+  it('draws done/total, percent, rate and ETA on a terminal, at most 5 times a second', () => {
+    // cli-progress's redraw timer and its clock run in virtual time.
+    vi.useFakeTimers();
     const terminal = fakeTerminal();
     const bar = terminalProgressBar(terminal.stream);
     bar.start(30);
     bar.update(12, { embedded: 11, skipped: 1, ratePerSecond: 4.2 });
-    // It redraws at most 5 times a second.
-    await new Promise((r) => setTimeout(r, 250));
+    // The update waits for the next frame, 200 ms after the first.
+    vi.advanceTimersByTime(199);
+    expect(terminal.drawn()).not.toContain('12/30');
+    vi.advanceTimersByTime(1);
+    expect(terminal.drawn()).toContain('12/30 (40%) | 4.2 msg/s | ETA');
     bar.update(30, { embedded: 29, skipped: 1, ratePerSecond: 5 });
     bar.stop();
     expect(terminal.drawn()).toContain('12/30 (40%) | 4.2 msg/s | ETA');

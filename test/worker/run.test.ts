@@ -12,7 +12,6 @@ import {
   sampleTexts,
   seedMessages,
   useWorkerFixture,
-  waitFor,
 } from '../support/embed-run.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
 
@@ -370,20 +369,36 @@ describe.each(backends())('the embed run on %s', (backend) => {
     expect(Number(view.rows[0]?.percent)).toBe(100);
   });
 
-  it('on stop lets the batch in flight commit, marks the run interrupted, and tolerates a second stop', async () => {
+  it('on stop commits the batches answered or in flight, sends nothing more, marks the run interrupted, and tolerates a second stop', async () => {
+    // 10 batches of 4, up to 4 in flight. The first request to arrive is
+    // answered; every later one is held at the server, so the stop lands at a
+    // known point: one batch answered, the next four in flight, five unsent.
     await seed(texts(40));
-    fx.fake.options.latencyMs = 100;
-    const { run } = makeRun();
+    let arrived = 0;
+    const later = fx.fake.hold(() => ++arrived > 1);
+    const { run } = makeRun({ concurrency: '4' });
     const finished = run.run();
-    await waitFor(async () => (await storedRows()).length > 0);
+    await fx.fake.until((stats) => stats.replies === 1 && stats.held === 4);
     run.stop('SIGTERM');
     run.stop('SIGINT');
+    expect(fx.fake.stats.requests).toBe(5);
+    later.release();
     const outcome = await finished;
     expect(outcome.exitCode).toBe(143);
     expect(outcome.summary.status).toBe('interrupted');
+    // Nothing was sent after the stop: the batches read ahead never went out.
+    expect(fx.fake.stats.requests).toBe(5);
+    expect(fx.fake.stats.replies).toBe(5);
+    expect(fx.fake.stats.seen.size).toBe(20);
+    // Committed: exactly the five batches sent before the stop, the answered
+    // one and the four in flight, each whole.
+    const sent = texts(40)
+      .map((text, i) => ({ id: String(i + 1), text }))
+      .filter(({ text }) => fx.fake.stats.seen.get(text) === 1)
+      .map(({ id }) => id);
     const rows = await storedRows();
-    expect(rows.length % 4).toBe(0); // whole batches only
-    expect(rows.length).toBeLessThan(40);
-    expect((await runRow(outcome.summary.runId)).embedded).toBe(rows.length);
+    expect(rows.map((r) => String(r.message_id)).sort()).toEqual(sent.sort());
+    expect((await runRow(outcome.summary.runId)).embedded).toBe(20);
+    expect(outcome.summary.embedded).toBe(20);
   });
 });
