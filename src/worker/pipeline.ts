@@ -84,12 +84,15 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     inFlight.add(task);
     void task.finally(() => inFlight.delete(task));
   };
-  // The failure that ends the run: the earliest (batch, position in it) wins.
+  // The failure that ends the run. Any failure other than a strict-mode
+  // culprit (a fatal provider error, a lost database) stops everything at
+  // once, so it outranks every culprit, earlier batch or not: once recorded,
+  // no culprit replaces it, and nothing is sent again. Within each kind, the
+  // earliest (batch, position in it) wins.
   let failure: RunFailure | undefined;
   const fail = (seq: number, error: unknown, position = -1) => {
-    if (!failure || seq < failure.seq || (seq === failure.seq && position < failure.position)) {
-      failure = { seq, position, error: asError(error) };
-    }
+    const next = { seq, position, error: asError(error) };
+    if (!failure || outranks(next, failure)) failure = next;
   };
   const settings: BatchSettings = {
     provider: ctx.deps.provider,
@@ -195,7 +198,8 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
 
 /**
  * What ends the run: a strict-mode culprit (`position`: where in batch `seq`
- * it is), or any other failure (`position` -1: the whole batch).
+ * it is), or any other failure (`position` -1: the whole batch), which stops
+ * everything and is never replaced by a culprit.
  */
 interface RunFailure {
   seq: number;
@@ -214,6 +218,20 @@ interface BatchJob {
   recordFailure: (seq: number, error: unknown, position?: number) => void;
 }
 
+function isCulprit(failure: RunFailure): boolean {
+  return failure.error instanceof StrictModeError;
+}
+
+/**
+ * Whether `next` ends the run in place of `current`: a failure that stops
+ * everything beats a strict-mode culprit whatever their batches; between two
+ * of a kind, the earlier (batch, position) wins.
+ */
+function outranks(next: RunFailure, current: RunFailure): boolean {
+  if (isCulprit(next) !== isCulprit(current)) return !isCulprit(next);
+  return next.seq < current.seq || (next.seq === current.seq && next.position < current.position);
+}
+
 /**
  * Of batch `seq`'s inputs, those whose answers the run would still keep now
  * that `failure` is known. A strict-mode culprit ends the kept prefix: the
@@ -223,7 +241,8 @@ interface BatchJob {
  */
 function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Input[]): Input[] {
   if (!failure) return inputs;
-  if (!(failure.error instanceof StrictModeError)) return [];
+  // Never replaced by a culprit (see outranks): nothing is sent again.
+  if (!isCulprit(failure)) return [];
   if (seq < failure.seq) return inputs;
   if (seq > failure.seq) return [];
   return inputs.filter((i) => i.position < failure.position);
@@ -280,7 +299,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
   // committed set is the eligible prefix before that message.
   const firstFailure = config.allowPartial ? undefined : outcome.failed[0];
   const earlier = currentFailure();
-  if (earlier && earlier.seq < seq && earlier.error instanceof StrictModeError) {
+  if (earlier && earlier.seq < seq && isCulprit(earlier)) {
     blog.debug('discarded: a strict-mode failure precedes this batch');
     return false;
   }

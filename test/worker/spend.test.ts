@@ -331,6 +331,81 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     expect(Number((await runRow(outcome.summary.runId)).tokens_billed)).toBe(0);
   });
 
+  it('strict mode: a fatal provider error is not replaced by a culprit found after it in an earlier batch, and nothing is sent after it', async () => {
+    Object.assign(fx.fake.options, { maxInputTokens: 50, models: ['my-local-model'] });
+    const contents = texts(8);
+    contents[2] = LONG; // batch 2 [3, 4]: message 3 is the culprit
+    contents[4] = `alpha ${contents[4]}`; // batch 3 [5, 6]: the quota runs out
+    await seedMessages(fx.database.db, contents);
+    fx.fake.failWhenInputContains('alpha', { kind: 'insufficient-quota' });
+
+    // Batches of 2, three in flight. The server answers, in this order:
+    // [1, 2] a 429 (held on its way back, so its retry comes last), [5, 6]
+    // the fatal quota error, [3, 4] the 400 naming message 3. Only then does
+    // the 429 reach the retry owner of batch 1, which sits before the culprit.
+    const rateLimited = deferred();
+    const fatalAnswered = deferred();
+    const culpritAnswered = deferred();
+    let firstBatchCalls = 0;
+    let requestsAtFatalAnswer: number | undefined;
+    const startedAfterFatalAnswer: string[][] = [];
+    const { run } = watchedRun(
+      { model: 'my-local-model', concurrency: '3' },
+      async ({ inputs, send }) => {
+        if (requestsAtFatalAnswer !== undefined) startedAfterFatalAnswer.push(inputs);
+        if (inputs.includes(contents[0] as string) && ++firstBatchCalls === 1) {
+          // The only request at the server now: the queued 429 is its own.
+          fx.fake.enqueueFault({ kind: 'rate-limit', retryAfterMs: 1 });
+          try {
+            return await send();
+          } catch (error) {
+            rateLimited.resolve();
+            await culpritAnswered.promise;
+            throw error;
+          }
+        }
+        if (inputs.some((t) => t.startsWith('alpha'))) {
+          await rateLimited.promise;
+          try {
+            return await send();
+          } catch (error) {
+            requestsAtFatalAnswer = fx.fake.stats.requests;
+            fatalAnswered.resolve();
+            throw error;
+          }
+        }
+        if (inputs.includes(LONG)) {
+          await fatalAnswered.promise;
+          try {
+            return await send();
+          } finally {
+            culpritAnswered.resolve();
+          }
+        }
+        return send();
+      },
+    );
+    const outcome = await run.run();
+
+    expect(requestsAtFatalAnswer).toBe(2);
+    // Batch 1 precedes the culprit, but the quota error stops everything:
+    // its retry is never sent, nor is anything else.
+    expect(startedAfterFatalAnswer).toEqual([]);
+    expect(firstBatchCalls).toBe(1);
+    expect(fx.fake.stats.requests).toBe(3);
+    // The run reports the quota, not the culprit found after it.
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.error?.message).toMatch(/quota/);
+    expect(outcome.summary.error).toMatch(/quota/);
+    expect(fx.fake.stats.seen.has(contents[0] as string)).toBe(false);
+    // Nothing answered, so nothing billed and nothing kept.
+    expect(outcome.summary).toMatchObject({ requestsBilled: 0, tokensBilled: 0, embedded: 0 });
+    expect(await storedIds()).toEqual([]);
+    const row = await runRow(outcome.summary.runId);
+    expect(row.status).toBe('failed');
+    expect(row.error).toMatch(/quota/);
+  });
+
   it('an interrupted run reports what it was billed, with its heartbeat and at the end, though a lost lease threw an answer away', async () => {
     const contents = texts(12);
     await seedMessages(fx.database.db, contents);
