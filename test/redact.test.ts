@@ -249,3 +249,137 @@ describe('the sinks', () => {
     });
   });
 });
+
+/** A JSON logger writing into `lines`, as the CLI's log does. */
+function captureLog(): { lines: string[]; logger: ReturnType<typeof createLogger> } {
+  const lines: string[] = [];
+  const destination = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(String(chunk));
+      done();
+    },
+  });
+  return { lines, logger: createLogger('debug', { pretty: false, destination }) };
+}
+
+/** Remembers the settings' secrets as runCli does. */
+function rememberSettings(env: NodeJS.ProcessEnv): void {
+  rememberSecrets(secretsOfSettings(env, []));
+}
+
+describe('what is not a secret stays readable', () => {
+  it('a password equal to the product, user and database name (docker-compose) is redacted only inside URLs', () => {
+    const url = 'postgres://pgembed:pgembed@db:5432/pgembed';
+    rememberSettings({ DATABASE_URL: url, OPENAI_API_KEY: 'sk-s3cr3t-key' });
+    expect(redactSecrets('pgembed: seeded 10 messages from messages.jsonl\n')).toBe(
+      'pgembed: seeded 10 messages from messages.jsonl\n',
+    );
+    expect(redactSecrets(`pgembed: cannot connect to ${url}`)).toBe(
+      'pgembed: cannot connect to postgres://***@db:5432/pgembed',
+    );
+    const { lines, logger } = captureLog();
+    logger.info({ name: 'pgembed', database: url, key: 'sk-s3cr3t-key' }, 'pgembed starting');
+    const line = JSON.parse(lines[0] as string) as Record<string, unknown>;
+    expect(line).toMatchObject({
+      name: 'pgembed',
+      msg: 'pgembed starting',
+      database: 'postgres://***@db:5432/pgembed',
+      key: '***',
+    });
+  });
+
+  it('a password equal to the user name (postgres:postgres) does not mangle commands or package names', () => {
+    const url = 'postgresql://postgres:postgres@127.0.0.1:5432/postgres';
+    rememberSettings({ DATABASE_URL: url });
+    const text =
+      'psql -h /tmp/pgembed-x -p 5432 -U postgres postgres\napt-get install postgresql-17-pgvector\n';
+    expect(redactSecrets(text)).toBe(text);
+    expect(redactSecrets(`at ${url}`)).toBe('at postgresql://***@127.0.0.1:5432/postgres');
+  });
+
+  it('PGPASSWORD equal to the user or database name is not hunted either', () => {
+    rememberSettings({
+      DATABASE_URL: 'postgres://127.0.0.1:5432/app',
+      PGUSER: 'appadmin',
+      PGPASSWORD: 'appadmin',
+    });
+    expect(redactSecrets('psql -U appadmin app')).toBe('psql -U appadmin app');
+  });
+
+  it('an all-digit password leaves numbers alone, and every log line stays JSON', () => {
+    rememberSettings({ DATABASE_URL: 'postgres://app:12345678@db/app' });
+    expect(redactSecrets('embedded 10 messages, 123456789 tokens')).toBe(
+      'embedded 10 messages, 123456789 tokens',
+    );
+    const { lines, logger } = captureLog();
+    logger.info({ tokens: 123456789, requests: 12345678 }, 'run finished');
+    expect(JSON.parse(lines[0] as string)).toMatchObject({
+      tokens: 123456789,
+      requests: 12345678,
+    });
+  });
+
+  it('the log replaces a known secret only inside string values, never in numbers or keys', () => {
+    // An API key is hunted verbatim whatever it looks like, even all digits.
+    rememberSettings({ OPENAI_API_KEY: '9876543210' });
+    const { lines, logger } = captureLog();
+    logger.info({ tokens: 98765432101, 9876543210: 'x', said: 'key 9876543210' }, 'done');
+    const line = JSON.parse(lines[0] as string) as Record<string, unknown>;
+    expect(line).toMatchObject({ tokens: 98765432101, 9876543210: 'x', said: 'key ***' });
+  });
+
+  it("an Azure base URL's api-version is redacted inside the URL, not hunted through the text", () => {
+    const base = 'https://x.openai.azure.com/openai?api-version=2024-02-01';
+    rememberSettings({ OPENAI_BASE_URL: base, OPENAI_API_KEY: 'sk-s3cr3t-key' });
+    expect(redactSecrets('run 3 started 2024-02-01 12:00, finished 2024-02-01 12:05')).toBe(
+      'run 3 started 2024-02-01 12:00, finished 2024-02-01 12:05',
+    );
+    expect(redactSecrets(`cannot reach ${base}`)).toBe(
+      'cannot reach https://x.openai.azure.com/openai?api-version=***',
+    );
+    const { lines, logger } = captureLog();
+    logger.info({ base_url: base, day: '2024-02-01' }, 'started');
+    expect(JSON.parse(lines[0] as string)).toMatchObject({
+      base_url: 'https://x.openai.azure.com/openai?api-version=***',
+      day: '2024-02-01',
+    });
+  });
+});
+
+describe('what is a secret is still hunted', () => {
+  it('a long, specific password is hunted verbatim in free text', () => {
+    rememberSettings({ DATABASE_URL: 'postgres://pgembed:c0rrect-h0rse@db:5432/pgembed' });
+    expect(redactSecrets('the server said c0rrect-h0rse is wrong')).toBe(
+      'the server said *** is wrong',
+    );
+  });
+
+  it('PGPASSWORD long and specific enough is hunted verbatim', () => {
+    rememberSettings({ DATABASE_URL: 'postgres://app@db/app', PGPASSWORD: 'b4ttery-st4ple' });
+    expect(redactSecrets('echo b4ttery-st4ple')).toBe('echo ***');
+  });
+
+  it('query values under keys that sound secret are hunted verbatim; others only inside URLs', () => {
+    const base =
+      'https://x.openai.azure.com/openai?api-version=2024-02-01&api-key=az-s3cr3t-key&sig=s1gn4ture-v4lue';
+    rememberSettings({ OPENAI_BASE_URL: base });
+    expect(redactSecrets('key az-s3cr3t-key, sig s1gn4ture-v4lue, day 2024-02-01')).toBe(
+      'key ***, sig ***, day 2024-02-01',
+    );
+  });
+
+  it('a password is not hunted when it is short, all digits or a word of its URL, but always redacted in it', () => {
+    for (const url of [
+      'postgres://app:s3cr3t@db/app',
+      'postgres://app:87654321@db/app',
+      'postgres://app:database@database/app',
+      'postgres://app:warehouse@db/warehouse',
+    ]) {
+      forgetSecrets();
+      rememberSettings({ DATABASE_URL: url });
+      const password = decodeURIComponent(new URL(url).password);
+      expect(redactSecrets(`said ${password}`), url).toBe(`said ${password}`);
+      expect(redactSecrets(`at ${url}`), url).toMatch(/^at postgres:\/\/\*\*\*@/);
+    }
+  });
+});
