@@ -1,3 +1,4 @@
+import { setImmediate } from 'node:timers/promises';
 import { resolveSettings } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
@@ -37,6 +38,28 @@ await runCli(async (argv) => {
   const logger = createLogger(settings.logLevel);
   const database = await openDatabase(settings.databaseUrl, { command: 'seed', serve: true });
   announceServing(database, logger, false);
+  // The first signal stops seeding between batches: each batch is one INSERT,
+  // its own transaction, so what committed stays and a rerun adds the rest.
+  // The database is then closed, which releases the directory's lock.
+  let stopSignal: NodeJS.Signals | undefined;
+  let seeded = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopSignal) {
+      process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
+      process.exit(signal === 'SIGINT' ? 130 : 143);
+    }
+    stopSignal = signal;
+    logger.warn(
+      { signal },
+      seeded
+        ? 'seeded; no longer waiting for connected clients'
+        : 'stopping after the batch being written commits; signal again to exit at once',
+    );
+    // This process is going away: closing will not wait for the ones it serves.
+    database.serving?.cutOffClients();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
   try {
     await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
@@ -50,17 +73,38 @@ await runCli(async (argv) => {
           ? spamAssassin(corpusLimit)
           : jsonLines(jsonl as string);
     let read = 0;
+    let committed = 0;
     let changed = 0;
     let chunk: SeedMessage[] = [];
+    const write = async () => {
+      changed += await upsertMessages(database.db, chunk);
+      committed += chunk.length;
+      logger.debug({ committed, inserted_or_changed: changed }, 'seed batch committed');
+      chunk = [];
+      // A corpus read with readFileSync into PGlite may never wait on I/O:
+      // let a signal (and the clients served) in between batches.
+      await setImmediate();
+    };
     for await (const message of source) {
+      // Messages read but not yet written are dropped: a rerun reads them again.
+      if (stopSignal) break;
       chunk.push(message);
       read++;
-      if (chunk.length === CHUNK_ROWS) {
-        changed += await upsertMessages(database.db, chunk);
-        chunk = [];
-      }
+      if (chunk.length === CHUNK_ROWS) await write();
     }
-    changed += await upsertMessages(database.db, chunk);
+    if (!stopSignal && chunk.length > 0) await write();
+    // A signal during the last batch is a stop too: the exit code says a signal came.
+    if (stopSignal) {
+      logger.info(
+        { signal: stopSignal, seeded: committed, inserted_or_changed: changed },
+        'seed stopped',
+      );
+      process.stderr.write(
+        `pgembed: stopped by ${stopSignal}: seeded ${committed} messages (${changed} new or changed) before the stop; run the same seed again to add the rest, without duplicates\n`,
+      );
+      return stopSignal === 'SIGINT' ? 130 : 143;
+    }
+    seeded = true;
     logger.info(
       { read, inserted_or_changed: changed, database: database.describe },
       'seeded messages',
