@@ -7,7 +7,7 @@ import pg from 'pg';
 import { ConfigError, DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { PGliteDialect } from './pglite-dialect.js';
-import { acquireDirectoryLock, type HeldLock, holderIsGone } from './pglite-lock.js';
+import { acquireDirectoryLock, type HeldLock, stillServing } from './pglite-lock.js';
 import { PGliteServer, pgConfig, psqlCommand } from './pglite-server.js';
 import { PGliteSession } from './pglite-session.js';
 import type { DB } from './schema.js';
@@ -136,8 +136,9 @@ export async function openDatabase(
         (error) => `cannot connect to ${where}: ${firstLine((error as Error).message)}`,
       );
     } catch (error) {
-      // Killed since it wrote its lock: take the directory over.
-      if (holderIsGone(dir, holder)) continue;
+      // It is closing, or was killed, since it wrote its lock: look again,
+      // to wait for it or take the directory over.
+      if (!stillServing(dir, holder)) continue;
       throw error;
     }
   }
@@ -153,28 +154,43 @@ async function openPGlite(
     // int8 as text, like pg, so ids stay exact and identical on both backends.
     parsers: { 20: (value: string) => value },
   });
-  const session = new PGliteSession();
+  const session = new PGliteSession(async () => {
+    await pglite.exec('discard all');
+  });
   const db = new Kysely<DB>({ dialect: new PGliteDialect(pglite, session) });
+  const notice = options.notice ?? (() => {});
   let server: PGliteServer | undefined;
-  let cutOff = false;
-  let stopWaiting = () => {};
-  try {
-    if (lock && options.serve) {
-      server = await PGliteServer.start(pglite, session, lock.dir);
+  if (lock && options.serve) {
+    try {
+      server = await PGliteServer.start(pglite, session, lock.dir, { notice });
       lock.announce(server.address);
+    } catch (error) {
+      await server?.stop();
+      await pglite.close();
+      throw error;
     }
-  } catch (error) {
-    await pglite.close();
-    throw error;
   }
+  /** No longer serving: the lock says so first, so no one new tries to connect. */
+  let stopping: Promise<void> | undefined;
+  const stopServing = () =>
+    (stopping ??= (async () => {
+      if (!server) return;
+      lock?.announce(undefined);
+      await server.stop();
+    })());
+  let stopWaiting = () => {};
+  let cutOff = false;
   openHandles++;
   let closed = false;
   const serving: Serving | undefined = server && {
     psql: psqlCommand(server.address),
     clients: () => server?.clients ?? 0,
     cutOffClients() {
+      // Now, not at close: a client holding the session must not keep this
+      // process's last commits (or its exit) waiting.
       cutOff = true;
       stopWaiting();
+      void stopServing();
     },
   };
   return {
@@ -189,20 +205,18 @@ async function openPGlite(
       if (closed) return;
       closed = true;
       openHandles--;
-      if (server) {
-        if (!cutOff && server.clients > 0) {
-          options.notice?.(
-            `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
-          );
-          await Promise.race([
-            server.whenIdle(),
-            new Promise<void>((resolve) => {
-              stopWaiting = resolve;
-            }),
-          ]);
-        }
-        await server.stop();
+      if (server && !cutOff && server.clients > 0) {
+        notice(
+          `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
+        );
+        await Promise.race([
+          server.whenIdle(),
+          new Promise<void>((resolve) => {
+            stopWaiting = resolve;
+          }),
+        ]);
       }
+      await stopServing();
       await db.destroy();
       await pglite.close();
       lock?.release();

@@ -30,7 +30,8 @@ export interface LockInfo {
   serving?: ServeAddress;
 }
 
-export type ServeAddress = { socketDir: string; port: number } | { host: string; port: number };
+/** A unix socket directory: `psql -h socketDir -p port`. */
+export type ServeAddress = { socketDir: string; port: number };
 
 export const LOCK_FILE = 'pgembed.lock';
 const TAKEOVER_FILE = 'pgembed.lock.takeover';
@@ -80,8 +81,11 @@ export async function acquireDirectoryLock(
     const read = readLock(path);
     if (read === 'missing') continue; // released between our create and read: try again
     if (read === 'unreadable') {
-      if (ageMs(path) > HALF_WRITTEN_STALE_MS) removeStale(dir, path, undefined, options.notice);
-      else await sleep(POLL_MS);
+      if (
+        ageMs(path) <= HALF_WRITTEN_STALE_MS ||
+        !removeStale(dir, path, undefined, options.notice)
+      )
+        await sleep(POLL_MS);
       continue;
     }
     const holder = read.info;
@@ -91,7 +95,8 @@ export async function acquireDirectoryLock(
       );
     }
     if (!isAlive(holder)) {
-      removeStale(dir, path, read.text, options.notice);
+      // Another process may be taking it over right now: look again shortly.
+      if (!removeStale(dir, path, read.text, options.notice)) await sleep(POLL_MS);
       continue;
     }
     if (holder.serving) return { kind: 'served', holder: { ...holder, serving: holder.serving } };
@@ -111,15 +116,19 @@ export async function acquireDirectoryLock(
 }
 
 /**
- * After a holder vanished without its lock (kill -9): is its lock still there,
- * and its process gone? Then the caller may take the directory over.
+ * After a connection to a serving holder failed: does the lock still say
+ * that this live holder serves there? If not (it is closing, or it died),
+ * the caller looks again: it waits for the holder, or takes the directory over.
  */
-export function holderIsGone(dir: string, holder: LockInfo): boolean {
+export function stillServing(dir: string, holder: LockInfo & { serving: ServeAddress }): boolean {
   const read = readLock(join(dir, LOCK_FILE));
-  if (read === 'missing') return true;
-  if (read === 'unreadable') return false;
+  if (typeof read !== 'object') return false;
+  const { info } = read;
   return (
-    read.info.pid !== holder.pid || read.info.procStart !== holder.procStart || !isAlive(read.info)
+    info.pid === holder.pid &&
+    info.procStart === holder.procStart &&
+    info.serving?.socketDir === holder.serving.socketDir &&
+    isAlive(info)
   );
 }
 
@@ -137,9 +146,13 @@ export class HeldLock {
     process.once('exit', this.#onExit);
   }
 
-  /** Records where the holder serves, atomically (write and rename), so readers never see half of it. */
-  announce(serving: ServeAddress): void {
-    this.info = { ...this.info, serving };
+  /**
+   * Records where the holder serves (or, with undefined, that it no longer
+   * does), atomically (write and rename), so readers never see half of it.
+   */
+  announce(serving: ServeAddress | undefined): void {
+    const { serving: _previous, ...rest } = this.info;
+    this.info = serving ? { ...rest, serving } : rest;
     const temp = `${this.path}.${process.pid}.tmp`;
     writeFileSync(temp, JSON.stringify(this.info));
     renameSync(temp, this.path);
@@ -221,7 +234,7 @@ function removeStale(
   path: string,
   judgedText: string | undefined,
   notice: (message: string) => void,
-): void {
+): boolean {
   const marker = join(dir, TAKEOVER_FILE);
   let fd: number;
   try {
@@ -229,13 +242,13 @@ function removeStale(
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
     if (ageMs(marker) > HALF_WRITTEN_STALE_MS) unlinkQuietly(marker);
-    return; // another process is taking over; the caller looks again
+    return false; // another process is taking over; the caller looks again
   }
   try {
     closeSync(fd);
     const now = readLock(path);
     const current = typeof now === 'object' ? now.text : now === 'unreadable' ? undefined : null;
-    if (current === null || current !== judgedText) return; // it changed meanwhile
+    if (current === null || current !== judgedText) return false; // it changed meanwhile
     unlinkQuietly(path);
     const dead = judgedText ? (JSON.parse(judgedText) as LockInfo) : undefined;
     notice(
@@ -243,6 +256,7 @@ function removeStale(
         ? `took over the embedded database ${dir} from pid ${dead.pid} (${dead.command}, since ${dead.startedAt}), which is no longer running`
         : `took over the embedded database ${dir} from a process that died while taking it`,
     );
+    return true;
   } finally {
     unlinkQuietly(marker);
   }

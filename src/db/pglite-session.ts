@@ -1,13 +1,27 @@
+/** Who takes the session: this process's own driver, or a served client by its handler id. */
+export type SessionOwner = 'holder' | number;
+
 /**
  * PGlite is one Postgres session. Everything that talks to it, this
  * process's Kysely driver and every client served over the socket, takes the
  * session here and holds it until its transaction (or its one statement) is
  * over, so no one's statement ever lands inside another's transaction. One
  * owner for the one piece of state the backend has.
+ *
+ * What a client leaves in the session (a `set search_path`, a prepared
+ * statement, an advisory lock, a LISTEN) would stay in force for whoever
+ * comes next (seen: the holder's next insert failed, "relation does not
+ * exist"), so when the session passes from a client to anyone else, it is
+ * reset first (DISCARD ALL). A client keeps its settings only as long as no
+ * one else takes a turn in between.
  */
 export class PGliteSession {
   #tail: Promise<void> = Promise.resolve();
   #waiting = 0;
+  /** The client whose statements ran last, while its settings may still be in force. */
+  #lastClient: number | undefined;
+
+  constructor(private readonly reset: () => Promise<void>) {}
 
   /** Callers queued behind the holder: for tests that act once a caller is known to wait. */
   get waiting(): number {
@@ -15,7 +29,7 @@ export class PGliteSession {
   }
 
   /** Resolves, in arrival order, with the function that gives the session back. */
-  async acquire(): Promise<() => void> {
+  async acquire(owner: SessionOwner = 'holder'): Promise<() => void> {
     let release!: () => void;
     const previous = this.#tail;
     this.#tail = new Promise<void>((resolve) => {
@@ -24,6 +38,11 @@ export class PGliteSession {
     this.#waiting++;
     await previous;
     this.#waiting--;
+    if (this.#lastClient !== undefined && this.#lastClient !== owner) {
+      this.#lastClient = undefined;
+      await this.reset().catch(() => {});
+    }
+    if (owner !== 'holder') this.#lastClient = owner;
     let released = false;
     return () => {
       if (released) return;

@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from 'node:fs';
+import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
@@ -21,6 +22,7 @@ describe('serving PGlite to other processes', () => {
   let server: PGliteServer;
   let db: Kysely<{ t: { v: string } }>;
   const clients: pg.Client[] = [];
+  const notices: string[] = [];
 
   async function connect(config: Partial<pg.ClientConfig> = {}): Promise<pg.Client> {
     const client = new pg.Client({ ...pgConfig(server.address), ...config });
@@ -39,9 +41,15 @@ describe('serving PGlite to other processes', () => {
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'pgembed-serve-'));
     pglite = await PGlite.create(dir);
-    session = new PGliteSession();
+    session = new PGliteSession(async () => {
+      await pglite.exec('discard all');
+    });
     db = new Kysely({ dialect: new PGliteDialect(pglite, session) });
-    server = await PGliteServer.start(pglite, session, dir);
+    server = await PGliteServer.start(pglite, session, dir, {
+      notice: (message) => notices.push(message),
+      // Short, so the test that leaves a transaction open sees it closed soon.
+      holdIdleMs: 200,
+    });
   });
   beforeEach(async () => {
     await sql`drop table if exists t`.execute(db);
@@ -120,6 +128,52 @@ describe('serving PGlite to other processes', () => {
       (await odd.query(`select current_user as u, current_setting('search_path') as p`)).rows,
     ).toEqual([{ u: 'postgres', p: 'public' }]);
     await sql`insert into t values ('holder')`.execute(db);
+    expect(await values()).toEqual(['holder']);
+  });
+
+  it('resets what a client set in the session before anyone else takes a turn', async () => {
+    const client = await connect();
+    await client.query('set search_path = nowhere');
+    await client.query('set default_transaction_read_only = on');
+    // Its own settings hold for its next statement...
+    expect((await client.query(`select current_setting('search_path') as p`)).rows).toEqual([
+      { p: 'nowhere' },
+    ]);
+    // ...but not for the holder, whose insert would fail under either of them.
+    await sql`insert into t values ('holder')`.execute(db);
+    expect(await values()).toEqual(['holder']);
+  });
+
+  it('closes a client that sends a message type PGlite does not know, and goes on', async () => {
+    // PGlite spins forever on an unknown type: the holder's event loop stopped.
+    const socket = createConnection(join(dir, '.s.PGSQL.5432'));
+    const received: Buffer[] = [];
+    socket.on('data', (chunk) => received.push(chunk));
+    const closed = new Promise((resolve) => socket.once('close', resolve));
+    await new Promise((resolve) => socket.once('connect', resolve));
+    const startup = Buffer.from('\0\0\0\0\0\x03\0\0user\0postgres\0\0', 'latin1');
+    startup.writeInt32BE(startup.length, 0);
+    socket.write(Buffer.concat([startup, Buffer.from([0x7a, 0, 0, 0, 4])]));
+    await closed;
+    expect(Buffer.concat(received).toString('latin1')).toContain(
+      'invalid frontend message type 122',
+    );
+    await sql`insert into t values ('holder')`.execute(db);
+    expect(await values()).toEqual(['holder']);
+  });
+
+  it('closes a client that keeps the session in an open transaction without a statement', async () => {
+    const client = await connect();
+    const ended = new Promise((resolve) => client.once('end', resolve));
+    await client.query('begin');
+    await client.query(`insert into t values ('abandoned')`);
+    // The holder's statement waits behind the open transaction until the
+    // client is closed and its transaction rolled back.
+    await sql`insert into t values ('holder')`.execute(db);
+    await ended;
+    expect(notices.at(-1)).toMatch(
+      /^closed a client that kept the embedded database in an open transaction/,
+    );
     expect(await values()).toEqual(['holder']);
   });
 
