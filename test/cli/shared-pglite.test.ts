@@ -110,6 +110,8 @@ describe('one embedded database, many processes', () => {
     expect((JSON.parse(started) as { database: string }).database).toMatch(
       /^pglite:.* \(served by pid \d+\)$/,
     );
+    // The second embed has claimed work of its own: a third request waits.
+    await fake.until((stats) => stats.held >= 3);
     hold.release();
     const [one, two] = await Promise.all([first.result, second.result]);
     expect(one.code, one.stderr).toBe(0);
@@ -121,11 +123,17 @@ describe('one embedded database, many processes', () => {
     expect(state.embeddings).toEqual({ n: MESSAGES, distinct_ids: MESSAGES });
     expect(state.runs.map((run) => run.status)).toEqual(['succeeded', 'succeeded']);
     expect(state.runs.reduce((sum, run) => sum + run.embedded, 0)).toBe(MESSAGES);
+    expect(state.runs.every((run) => run.embedded > 0)).toBe(true);
   }, 120_000);
 
   it('a holder killed with kill -9 leaves a lock the next process takes over, saying so', async () => {
     const hold = fake.hold();
-    const embed = startCli('embed', ['--batch-size', '10', '--concurrency', '2'], env());
+    // A short lease, so the rerun takes the dead run's range over soon.
+    const embed = startCli(
+      'embed',
+      ['--batch-size', '10', '--concurrency', '2', '--lease-ms', '1000'],
+      env(),
+    );
     await fake.until((stats) => stats.held >= 1);
     const holder = JSON.parse(readFileSync(join(dir, LOCK_FILE), 'utf8')) as LockInfo;
     expect(holder.pid).toBe(embed.child.pid);
