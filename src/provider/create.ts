@@ -15,6 +15,11 @@ export interface ProviderSettings {
 /** The provider a config names: the bundled local model, or an OpenAI-compatible server. */
 export async function createProvider(settings: ProviderSettings): Promise<EmbeddingProvider> {
   if (settings.provider === LOCAL_PROVIDER) return createLocalProvider();
+  return openAIProviderFor(settings);
+}
+
+/** The OpenAI-compatible server a config names, with the model's known dimension. */
+export function openAIProviderFor(settings: ProviderSettings): EmbeddingProvider {
   return createOpenAIProvider({
     apiKey: settings.openaiApiKey,
     baseURL: settings.openaiBaseUrl,

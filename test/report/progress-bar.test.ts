@@ -3,8 +3,8 @@ import pino from 'pino';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { buildEmbedConfig } from '../../src/config.js';
 import { createLogger } from '../../src/log.js';
-import { createOpenAIProvider, type EmbeddingProvider } from '../../src/provider/client.js';
-import { knownModel } from '../../src/provider/models.js';
+import type { EmbeddingProvider } from '../../src/provider/client.js';
+import { openAIProviderFor } from '../../src/provider/create.js';
 import { type ProgressDisplay, terminalProgressBar } from '../../src/report/progress-bar.js';
 import { EmbedRun } from '../../src/worker/run.js';
 import { makeRun, sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
@@ -156,14 +156,7 @@ describe('the progress display', () => {
         { 'batch-size': '4', concurrency: '1' },
         { OPENAI_BASE_URL: baseUrl },
       );
-      const real = createOpenAIProvider({
-        apiKey: undefined,
-        baseURL: config.openaiBaseUrl,
-        model: config.model,
-        dimensions: config.dimensions,
-        defaultDimensions: knownModel(config.model)?.dimensions,
-        timeoutMs: config.timeoutMs,
-      });
+      const real = openAIProviderFor(config);
       // The second batch waits to be sent until the run has been stopped.
       const secondBatchWaiting = deferred();
       const stopped = deferred();

@@ -8,8 +8,7 @@ import {
 } from '../../src/db/embedding-column.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
-import { createOpenAIProvider } from '../../src/provider/client.js';
-import { knownModel } from '../../src/provider/models.js';
+import { openAIProviderFor } from '../../src/provider/create.js';
 import { upsertMessages } from '../../src/sql/seed.js';
 import { EmbedRun, type RunDeps } from '../../src/worker/run.js';
 import { type BackendName, createTestDatabase, openMigrated, type TestDatabase } from './db.js';
@@ -37,14 +36,7 @@ export function makeRun(
     { 'batch-size': '4', 'max-retry-wait-ms': '20', ...flags },
     { OPENAI_BASE_URL: ctx.baseUrl },
   );
-  const provider = createOpenAIProvider({
-    apiKey: undefined,
-    baseURL: config.openaiBaseUrl,
-    model: config.model,
-    dimensions: config.dimensions,
-    defaultDimensions: knownModel(config.model)?.dimensions,
-    timeoutMs: config.timeoutMs,
-  });
+  const provider = openAIProviderFor(config);
   const reports: string[] = [];
   const run = new EmbedRun({
     db: ctx.db,

@@ -15,12 +15,8 @@ import {
 import { describe, expect, it } from 'vitest';
 import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
 import { createLogger } from '../../src/log.js';
-import {
-  createOpenAIProvider,
-  type EmbeddingProvider,
-  type EmbedResult,
-} from '../../src/provider/client.js';
-import { knownModel } from '../../src/provider/models.js';
+import type { EmbeddingProvider, EmbedResult } from '../../src/provider/client.js';
+import { openAIProviderFor } from '../../src/provider/create.js';
 import { EmbedRun } from '../../src/worker/run.js';
 import { backends } from '../support/db.js';
 import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
@@ -102,14 +98,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
       { 'batch-size': '2', 'max-retry-wait-ms': '20', ...flags },
       { OPENAI_BASE_URL: baseUrl },
     );
-    const real = createOpenAIProvider({
-      apiKey: undefined,
-      baseURL: config.openaiBaseUrl,
-      model: config.model,
-      dimensions: config.dimensions,
-      defaultDimensions: knownModel(config.model)?.dimensions,
-      timeoutMs: config.timeoutMs,
-    });
+    const real = openAIProviderFor(config);
     const provider: EmbeddingProvider = {
       get expectedDimensions() {
         return real.expectedDimensions;
