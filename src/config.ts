@@ -3,6 +3,7 @@ import { EMBEDDING_COLUMN_TYPES } from './db/embedding-column.js';
 import { type MessageSource, parseSource } from './db/source.js';
 import { ConfigError } from './errors.js';
 import { knownModel, LOCAL_MODEL, LOCAL_PROVIDER } from './provider/models.js';
+import { redactUrl } from './redact.js';
 
 /**
  * Every setting, once: its flag, its environment variable, its default and its
@@ -458,10 +459,17 @@ export function checkOpenAISettings(settings: {
   openaiBaseUrl?: string | undefined;
 }): void {
   if (settings.openaiBaseUrl) {
+    let url: URL;
     try {
-      new URL(settings.openaiBaseUrl);
+      url = new URL(settings.openaiBaseUrl);
     } catch {
-      throw new ConfigError(`OPENAI_BASE_URL is not a URL: '${settings.openaiBaseUrl}'`);
+      throw new ConfigError(`OPENAI_BASE_URL is not a URL: '${redactUrl(settings.openaiBaseUrl)}'`);
+    }
+    // Node's fetch refuses a URL with credentials in it, on every request.
+    if (url.username || url.password) {
+      throw new ConfigError(
+        `OPENAI_BASE_URL must not hold a user name or password (${redactUrl(settings.openaiBaseUrl)}): put the key in OPENAI_API_KEY`,
+      );
     }
   } else if (!settings.openaiApiKey) {
     throw new ConfigError(

@@ -45,12 +45,13 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): EmbeddingP
   const client = new BodyKeepingOpenAI({
     // Local servers (Ollama, vLLM, TEI) need no key, but the SDK insists on one.
     apiKey: options.apiKey ?? 'no-key',
-    baseURL: options.baseURL,
+    ...splitBaseUrl(options.baseURL),
     // p-retry owns retries (provider/retry.ts), so each attempt is counted once.
     maxRetries: 0,
     timeout: options.timeoutMs,
   });
-  const request = { model: options.model, baseURL: client.baseURL };
+  // Errors name the base URL as it was given (redacted where shown).
+  const request = { model: options.model, baseURL: options.baseURL ?? client.baseURL };
   let expectedDimensions = options.dimensions ?? options.defaultDimensions;
 
   return {
@@ -79,4 +80,25 @@ export function createOpenAIProvider(options: OpenAIProviderOptions): EmbeddingP
       return { vectors, promptTokens: response.usage?.prompt_tokens };
     },
   };
+}
+
+/**
+ * A query in the base URL (Azure's `api-version`, a proxy's `api-key`) must
+ * reach every request, but the SDK appends `/embeddings` to the base URL as a
+ * string, after the query, which then names another path. So the query goes
+ * to the SDK's `defaultQuery`, and the base URL keeps scheme, host and path.
+ */
+export function splitBaseUrl(baseURL: string | undefined): {
+  baseURL: string | undefined;
+  defaultQuery?: Record<string, string>;
+} {
+  if (!baseURL) return { baseURL };
+  const url = new URL(baseURL);
+  if (!url.search && !url.hash) return { baseURL };
+  const defaultQuery = Object.fromEntries(url.searchParams);
+  url.search = '';
+  url.hash = '';
+  return Object.keys(defaultQuery).length
+    ? { baseURL: url.toString(), defaultQuery }
+    : { baseURL: url.toString() };
 }

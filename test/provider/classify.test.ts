@@ -80,7 +80,7 @@ const SECRET = /s3cr3t/;
 describe('messages never quote a secret of the base URL', () => {
   // The SDK appends '/embeddings' to the base URL as a string, so a query
   // survives only when the base URL names the endpoint and ends in '#'.
-  const withQuery = () => `${server.fake.url}/embeddings?api-key=s3cr3t-query#s3cr3t-frag`;
+  const withQuery = () => `${server.fake.url}?api-key=s3cr3t-query#s3cr3t-frag`;
 
   it('a 401 names the base URL redacted', async () => {
     server.fake.options.apiKey = 'the-right-key';
@@ -88,7 +88,7 @@ describe('messages never quote a secret of the base URL', () => {
       providerFor(server.fake, { apiKey: 'a-wrong-key', baseURL: withQuery() }).embed(['x']),
     );
     expect(error).toMatchObject({ status: 401 });
-    expect((error as Error).message).toContain(`for ${server.fake.url}/embeddings?api-key=***#***`);
+    expect((error as Error).message).toContain(`for ${server.fake.url}?api-key=***#***`);
     expect((error as Error).message).not.toMatch(SECRET);
   });
 
@@ -97,16 +97,27 @@ describe('messages never quote a secret of the base URL', () => {
       providerFor(server.fake, { model: 'no-such-model', baseURL: withQuery() }).embed(['x']),
     );
     expect(error).toMatchObject({ status: 404 });
-    expect((error as Error).message).toContain(`at ${server.fake.url}/embeddings?api-key=***#***`);
+    expect((error as Error).message).toContain(`at ${server.fake.url}?api-key=***#***`);
     expect((error as Error).message).not.toMatch(SECRET);
   });
 
-  it('a 404 for a base URL with a query (the server echoes the path) names it redacted', async () => {
+  it('a 404 for a wrong path with a query (the server echoes the path) names it redacted', async () => {
     const error = await rejectionOf(
-      providerFor(server.fake, { baseURL: `${server.fake.url}?api-key=s3cr3t-query` }).embed(['x']),
+      providerFor(server.fake, { baseURL: `${server.fake.url}/nope?api-key=s3cr3t-query` }).embed([
+        'x',
+      ]),
     );
     expect(error).toMatchObject({ status: 404 });
     expect((error as Error).message).not.toMatch(SECRET);
+  });
+
+  it("a base URL's query reaches every request, after the path the SDK appends", async () => {
+    server.fake.reset();
+    const result = await providerFor(server.fake, {
+      baseURL: `${server.fake.url}?api-version=2024-02-01`,
+    }).embed(['x']);
+    expect(result.vectors).toHaveLength(1);
+    expect(server.fake.stats.queries).toEqual(['?api-version=2024-02-01']);
   });
 
   it("a 4xx whose body echoes the request's query keeps it out of the message", async () => {

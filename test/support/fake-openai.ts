@@ -75,6 +75,8 @@ export interface FakeOpenAI {
     /** `seen`, per model: workers on different models must each send every input once. */
     seenByModel: Map<string, Map<string, number>>;
     requestSizes: number[];
+    /** The query string of each embeddings request, as sent ('' for none). */
+    queries: string[];
     /** Requests being handled now, and the most at any one time. */
     inFlight: number;
     maxInFlight: number;
@@ -373,6 +375,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
     seen: new Map(),
     seenByModel: new Map(),
     requestSizes: [],
+    queries: [],
     inFlight: 0,
     maxInFlight: 0,
     replies: 0,
@@ -692,6 +695,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
   const server = createServer((req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     if (req.method === 'POST' && (path === '/v1/embeddings' || path === '/embeddings')) {
+      stats.queries.push((req.url ?? '').slice(path.length));
       stats.inFlight++;
       stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
       res.once('close', () => {
@@ -787,6 +791,7 @@ export async function startFakeOpenAI(options: FakeOpenAIOptions = {}): Promise<
       stats.seen.clear();
       stats.seenByModel.clear();
       stats.requestSizes.length = 0;
+      stats.queries.length = 0;
       stats.maxInFlight = stats.inFlight;
       stats.replies = 0;
       stats.rateChecked = 0;
