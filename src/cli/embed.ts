@@ -12,7 +12,7 @@ import { terminalProgressBar } from '../report/progress-bar.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
-import { announceServing, runCli, warnLoudly } from './main.js';
+import { announceServing, onStopSignals, runCli, warnLoudly } from './main.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
@@ -103,21 +103,13 @@ await runCli(async (argv) => {
       report: (text) => process.stderr.write(`${text}\n`),
       progressDisplay: showBar ? terminalProgressBar() : undefined,
     });
-    let signals = 0;
-    const onSignal = (signal: NodeJS.Signals) => {
-      signals++;
-      if (signals > 1) {
-        process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
-        process.exit(signal === 'SIGINT' ? 130 : 143);
-      }
+    onStopSignals((signal) => {
       // stop() first: it takes the progress bar down before anything is written.
       run.stop(signal);
       logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
       // This process is going away: closing will not wait for the ones it serves.
       database.serving?.cutOffClients();
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    });
     const outcome = await run.run();
     if (outcome.error) process.stderr.write(`pgembed: ${outcome.summary.error}\n`);
     return outcome.exitCode;

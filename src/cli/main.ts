@@ -1,6 +1,6 @@
 import { config as loadDotenv } from 'dotenv';
 import type { Database } from '../db/connect.js';
-import { oneLine, PgembedError } from '../errors.js';
+import { InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { redactSecrets, rememberSecrets, secretsOfSettings } from '../redact.js';
 import { terminalSafe } from '../report/terminal-safe.js';
@@ -66,4 +66,22 @@ export function announceServing(database: Database, logger: Logger, onStderr: bo
   const line = `serving ${database.describe} to other processes while this runs: ${database.serving.psql}`;
   logger.info({ psql: database.serving.psql }, line);
   if (onStderr) process.stderr.write(`pgembed: ${line}\n`);
+}
+
+/**
+ * The first SIGINT or SIGTERM calls `stop`, which lets the work in flight
+ * commit before the command exits 130 / 143; a second exits at once.
+ */
+export function onStopSignals(stop: (signal: NodeJS.Signals) => void): void {
+  let stopped = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopped) {
+      process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
+      process.exit(new InterruptedError(signal).exitCode);
+    }
+    stopped = true;
+    stop(signal);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
 }

@@ -2,12 +2,12 @@ import { setImmediate } from 'node:timers/promises';
 import { resolveSettings } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
-import { ConfigError } from '../errors.js';
+import { ConfigError, InterruptedError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { jsonLines, type SeedMessage, spamAssassin, spamAssassinText } from '../seed/sources.js';
 import { upsertMessages } from '../sql/seed.js';
 import { helpText, parseFlags } from './args.js';
-import { announceServing, runCli, warnLoudly } from './main.js';
+import { announceServing, onStopSignals, runCli, warnLoudly } from './main.js';
 
 const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
 const EXTRA = {
@@ -43,11 +43,7 @@ await runCli(async (argv) => {
   // The database is then closed, which releases the directory's lock.
   let stopSignal: NodeJS.Signals | undefined;
   let seeded = false;
-  const onSignal = (signal: NodeJS.Signals) => {
-    if (stopSignal) {
-      process.stderr.write(`pgembed: second ${signal}, exiting now\n`);
-      process.exit(signal === 'SIGINT' ? 130 : 143);
-    }
+  onStopSignals((signal) => {
     stopSignal = signal;
     logger.warn(
       { signal },
@@ -57,9 +53,7 @@ await runCli(async (argv) => {
     );
     // This process is going away: closing will not wait for the ones it serves.
     database.serving?.cutOffClients();
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  });
   try {
     await migrateToLatest(database, {
       forcedColumnType: settings.embeddingColumnType,
@@ -102,7 +96,7 @@ await runCli(async (argv) => {
       process.stderr.write(
         `pgembed: stopped by ${stopSignal}: seeded ${committed} messages (${changed} new or changed) before the stop; run the same seed again to add the rest, without duplicates\n`,
       );
-      return stopSignal === 'SIGINT' ? 130 : 143;
+      return new InterruptedError(stopSignal).exitCode;
     }
     seeded = true;
     logger.info(

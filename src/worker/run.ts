@@ -133,10 +133,6 @@ export class EmbedRun {
       tokensBilled: 0,
       requestsBilled: 0,
     };
-    const billed = () => ({
-      tokensBilled: totals.tokensBilled,
-      requestsBilled: totals.requestsBilled,
-    });
     // Not shown at all if a stop came before it could start.
     const display = this.#displayStopped ? undefined : this.deps.progressDisplay;
     display?.start(planned);
@@ -168,7 +164,7 @@ export class EmbedRun {
     const heartbeatMs = Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3);
     // It carries the spend billed so far, so a run that dies still shows it.
     const heartbeat = setInterval(() => {
-      touchRun(db, runId, billed()).catch((error: unknown) =>
+      touchRun(db, runId, totals).catch((error: unknown) =>
         log.warn({ err: oneLine(error) }, 'heartbeat failed'),
       );
     }, heartbeatMs);
@@ -275,7 +271,7 @@ export class EmbedRun {
     };
     // Concurrent commits each wrote the cursor they could see; settle it now.
     await dbRetry('finish the run', () =>
-      finishRun(db, runId, status, { ...summary }, summary.error, cursorId, billed()),
+      finishRun(db, runId, status, { ...summary }, summary.error, cursorId, totals),
     ).catch((caught: unknown) =>
       log.error({ err: oneLine(caught) }, 'could not record the end of the run'),
     );
