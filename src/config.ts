@@ -89,15 +89,52 @@ export const SETTINGS = {
     kind: 'int',
     min: 1000,
     default: 30_000,
-    help: "a range's lease; renewed every third of it, taken over by another worker once it lapses",
+    help: 'a worker silent this long (it beats every third of it) is presumed dead: its claimed messages go to others',
   },
-  rangeSize: {
-    env: 'PGEMBED_RANGE_SIZE',
-    flag: 'range-size',
+  watch: {
+    env: 'PGEMBED_WATCH',
+    flag: 'watch',
+    kind: 'bool',
+    default: false,
+    help: 'keep running: embed inserts and edits, and drop deleted messages, as they happen (until SIGINT/SIGTERM)',
+  },
+  pollIntervalMs: {
+    env: 'PGEMBED_POLL_INTERVAL_MS',
+    flag: 'poll-interval-ms',
     kind: 'int',
-    min: 1,
+    min: 10,
     default: 1000,
-    help: 'eligible messages per leased range when a sweep is planned (the unit workers share)',
+    help: '--watch: the longest wait between looks at the queue when no wake-up comes (NOTIFY wakes it at once)',
+  },
+  reconcileIntervalMs: {
+    env: 'PGEMBED_RECONCILE_INTERVAL_MS',
+    flag: 'reconcile-interval-ms',
+    kind: 'int',
+    min: 1000,
+    default: 60_000,
+    help: '--watch on a source without triggers (a view, --no-triggers): how often to scan it for changes',
+  },
+  triggers: {
+    env: 'PGEMBED_TRIGGERS',
+    flag: 'triggers',
+    negatedFlag: 'no-triggers',
+    kind: 'bool',
+    default: true,
+    help: "capture a table's inserts, edits and deletes with triggers (--no-triggers: scan for them instead)",
+  },
+  reconcile: {
+    env: 'PGEMBED_RECONCILE',
+    flag: 'reconcile',
+    kind: 'bool',
+    default: false,
+    help: 'scan the whole source for missing, stale and orphaned embeddings first (rows that bypass triggers: logical replication, triggers disabled)',
+  },
+  retrySkipped: {
+    env: 'PGEMBED_RETRY_SKIPPED',
+    flag: 'retry-skipped',
+    kind: 'bool',
+    default: false,
+    help: 'try again the messages skipped before whose text has not changed since',
   },
   dbRetryMs: {
     env: 'PGEMBED_DB_RETRY_MS',
@@ -361,6 +398,9 @@ function parseValue(def: SettingDefinition, raw: string | boolean, source: strin
 /** Where the messages are: every command that reads them takes these. */
 export const SOURCE_SETTINGS = ['source', 'idColumn', 'textColumn'] as const;
 
+/** How a source's changes are captured: set by `migrate` and by `embed`. */
+export const CAPTURE_SETTINGS = ['triggers'] as const;
+
 export const EMBED_SETTINGS = [
   'databaseUrl',
   ...SOURCE_SETTINGS,
@@ -371,8 +411,13 @@ export const EMBED_SETTINGS = [
   'batchSize',
   'concurrency',
   'dbPoolSize',
+  ...CAPTURE_SETTINGS,
   'leaseMs',
-  'rangeSize',
+  'watch',
+  'pollIntervalMs',
+  'reconcileIntervalMs',
+  'reconcile',
+  'retrySkipped',
   'dbRetryMs',
   'maxRpm',
   'maxTpm',
@@ -418,6 +463,11 @@ export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): Emb
   }
   const model = knownModel(target.model);
   const messageSource = parseSource(settings);
+  if (settings.watch && settings.dryRun) {
+    throw new ConfigError(
+      '--watch and --dry-run do not go together: a dry run counts once and ends',
+    );
+  }
   return Object.freeze({
     ...settings,
     ...target,

@@ -117,12 +117,13 @@ export class StrictModeError extends PgembedError {
 }
 
 /**
- * This run's lease on a range lapsed and another worker took the range over
- * (this worker stalled for longer than --lease-ms). The batch rolls back and
- * the worker leaves the range to its new owner; the run goes on.
+ * The circuit breaker tripped in a one-shot run: several batches in a row
+ * exhausted their retries, so the provider is failing, not one input. The
+ * run stops (exit 1) rather than mark every message it reaches as skipped;
+ * the messages stay pending for the next run.
  */
-export class LeaseLostError extends PgembedError {
-  readonly code = 'LEASE_LOST';
+export class ProviderFailingError extends PgembedError {
+  readonly code = 'PROVIDER_FAILING';
 }
 
 /** A signal stopped the run; exit 130 for SIGINT, 143 for SIGTERM. */

@@ -215,9 +215,10 @@ describe('the sinks', () => {
           options: { base_url: base },
           planned: 0,
           blank: 0,
+          watch: false,
         });
         const error = `connection error: ${base} refused the key sk-s3cr3t-key`;
-        await finishRun(database.db, runId, 'failed', { ...summary(error) }, error, null);
+        await finishRun(database.db, runId, 'failed', { ...summary(error) }, error);
         const row = await database.db
           .selectFrom('embedding_runs')
           .select(['options', 'error', 'summary'])

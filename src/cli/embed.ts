@@ -9,6 +9,7 @@ import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
 import { redactUrl } from '../redact.js';
 import { terminalProgressBar } from '../report/progress-bar.js';
+import { registerSource } from '../sql/capture.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
@@ -16,8 +17,9 @@ import { announceServing, onStopSignals, runCli, warnLoudly } from './main.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
-  '  retries exhausted, bad settings, database unreachable or lost past --db-retry-ms); 2 finished',
-  '  with skips (--allow-partial); 130/143 SIGINT/SIGTERM.',
+  '  retries exhausted in strict mode, the provider failing 3 batches in a row, bad settings, database',
+  '  unreachable or lost past --db-retry-ms); 2 finished with skips or deferred messages',
+  '  (--allow-partial); 130/143 SIGINT/SIGTERM (the way a --watch worker ends).',
   '',
 ];
 
@@ -30,7 +32,8 @@ await runCli(async (argv) => {
   const config = buildEmbedConfig(args.flags, process.env);
   // On a terminal a progress bar shows the run; info lines would only break
   // it up, so they are left out unless a log level was asked for.
-  const showBar = process.stderr.isTTY === true && !config.dryRun;
+  // Not in watch mode: a watcher never ends, and its log lines are its progress.
+  const showBar = process.stderr.isTTY === true && !config.dryRun && !config.watch;
   const levelAsked = args.flags['log-level'] !== undefined || !!process.env.LOG_LEVEL;
   const logger = createLogger(showBar && !levelAsked ? 'warn' : config.logLevel);
   if (config.localByDefault) {
@@ -64,9 +67,14 @@ await runCli(async (argv) => {
             forcedColumnType: config.embeddingColumnType,
             warn: warnLoudly(logger),
             source: config.messageSource,
+            triggers: config.triggers,
           })
         ).embeddingColumnType
       : await requireMigrated(database.db, 'run `npm run migrate`, or drop --no-migrate');
+    // With --no-migrate too: the one-source rule and the capture mode hold.
+    if (!config.migrate) {
+      await registerSource(database.db, config.messageSource, { triggers: config.triggers });
+    }
     // The source must exist with usable columns before anything is embedded
     // (a missing one already failed the migration, which inspects it too).
     const idType = await inspectSource(database.db, config.messageSource);
@@ -102,6 +110,7 @@ await runCli(async (argv) => {
       logger,
       report: (text) => process.stderr.write(`${text}\n`),
       progressDisplay: showBar ? terminalProgressBar() : undefined,
+      watchChanges: database.watchChanges,
     });
     onStopSignals((signal) => {
       // stop() first: it takes the progress bar down before anything is written.

@@ -1,4 +1,4 @@
-import { resolveSettings, SOURCE_SETTINGS } from '../config.js';
+import { CAPTURE_SETTINGS, resolveSettings, SOURCE_SETTINGS } from '../config.js';
 import { openDatabase } from '../db/connect.js';
 import { migrateToLatest } from '../db/migrator.js';
 import { parseSource } from '../db/source.js';
@@ -6,7 +6,13 @@ import { createLogger } from '../log.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli, warnLoudly } from './main.js';
 
-const SETTINGS = ['databaseUrl', ...SOURCE_SETTINGS, 'embeddingColumnType', 'logLevel'] as const;
+const SETTINGS = [
+  'databaseUrl',
+  ...SOURCE_SETTINGS,
+  ...CAPTURE_SETTINGS,
+  'embeddingColumnType',
+  'logLevel',
+] as const;
 
 await runCli(async (argv) => {
   const args = parseFlags(argv, SETTINGS);
@@ -22,6 +28,7 @@ await runCli(async (argv) => {
       forcedColumnType: settings.embeddingColumnType,
       warn: warnLoudly(logger),
       source: parseSource(settings),
+      triggers: settings.triggers,
     });
     logger.info(
       {

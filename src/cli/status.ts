@@ -3,7 +3,7 @@ import { openDatabase } from '../db/connect.js';
 import { requireMigrated } from '../db/embedding-column.js';
 import { parseSource } from '../db/source.js';
 import { formatStatus } from '../report/status.js';
-import { coverage, latestRuns, openSweeps } from '../sql/status.js';
+import { coverage, latestRuns, queueDepth } from '../sql/status.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli } from './main.js';
 
@@ -22,7 +22,7 @@ await runCli(async (argv) => {
     await requireMigrated(database.db, 'run `npm run migrate` or `npm run embed`');
     const report = {
       coverage: await coverage(database.db, source),
-      sweeps: await openSweeps(database.db),
+      queue: await queueDepth(database.db),
       runs: await latestRuns(database.db, settings.statusRuns),
     };
     process.stdout.write(

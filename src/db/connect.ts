@@ -6,6 +6,7 @@ import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
 import { ConfigError, DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
+import { WAKE_CHANNEL } from '../sql/capture.js';
 import { PGliteDialect } from './pglite-dialect.js';
 import { acquireDirectoryLock, type HeldLock, stillServing } from './pglite-lock.js';
 import { PGliteServer, pgConfig, psqlCommand } from './pglite-server.js';
@@ -31,6 +32,14 @@ export interface Database {
   readonly describe: string;
   /** Set while this process serves its PGlite directory to other processes. */
   readonly serving?: Serving | undefined;
+  /**
+   * Calls `onChange` whenever other sessions may have queued work: a NOTIFY
+   * from the capture triggers on a Postgres server (one LISTEN connection of
+   * its own), a served client's turn on PGlite. Undefined where neither can
+   * be heard (a client of a PGlite another process serves): poll instead.
+   * Returns the function that stops listening.
+   */
+  readonly watchChanges?: ((onChange: () => void) => Promise<() => Promise<void>>) | undefined;
   close(): Promise<void>;
 }
 
@@ -80,6 +89,8 @@ export interface OpenOptions {
   lockWaitMs?: number;
   /** One line for a person: a lock taken over, a wait, clients still served at close. */
   notice?: (message: string) => void;
+  /** Postgres: whether watchChanges may open a LISTEN connection (default true). */
+  listen?: boolean;
 }
 
 /** This process serves its PGlite directory to others. */
@@ -132,7 +143,9 @@ export async function openDatabase(
       return await openPostgres(
         pgConfig(holder.serving),
         `pglite:${target.dataDir} (served by pid ${holder.pid})`,
-        options,
+        // LISTEN on the one session the holder shares would not last: its
+        // reset between owners unlistens. A client polls.
+        { ...options, listen: false },
         (error) => `cannot connect to ${where}: ${firstLine((error as Error).message)}`,
       );
     } catch (error) {
@@ -198,6 +211,12 @@ async function openPGlite(
     backend: 'pglite',
     describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
     serving,
+    async watchChanges(onChange) {
+      const stop = session.onClientTurn(onChange);
+      return async () => {
+        stop();
+      };
+    },
     async copyFromBlob(copySql, data) {
       await pglite.query(copySql, [], { blob: new Blob([data]) });
     },
@@ -260,12 +279,56 @@ async function openPostgres(
     db,
     backend: 'postgres',
     describe,
+    watchChanges:
+      options.listen === false ? undefined : (onChange) => listenForChanges(connection, onChange),
     async close() {
       if (closed) return;
       closed = true;
       openHandles--;
       await db.destroy(); // ends the pool
     },
+  };
+}
+
+/**
+ * LISTENs for the capture triggers' NOTIFY on a connection of its own (a
+ * pooled one would be handed to a query). A notification from another
+ * pgembed schema in the database is ignored. A lost connection is made again
+ * after a second, waking the caller, since a change may have gone unheard.
+ */
+async function listenForChanges(
+  connection: pg.PoolConfig,
+  onChange: () => void,
+): Promise<() => Promise<void>> {
+  let stopped = false;
+  let client: pg.Client | undefined;
+  let retry: NodeJS.Timeout | undefined;
+  const connect = async (): Promise<void> => {
+    const next = new pg.Client({ ...connection, application_name: 'pgembed listen' });
+    next.on('error', () => {});
+    next.on('end', () => {
+      if (stopped) return;
+      retry = setTimeout(() => {
+        void connect()
+          .then(onChange)
+          .catch(() => next.emit('end'));
+      }, 1000);
+      retry.unref();
+    });
+    await next.connect();
+    const { rows } = await next.query<{ schema: string }>('select current_schema() as schema');
+    const schema = rows[0]?.schema;
+    next.on('notification', (message) => {
+      if (message.channel === WAKE_CHANNEL && message.payload === schema) onChange();
+    });
+    await next.query(`listen ${WAKE_CHANNEL}`);
+    client = next;
+  };
+  await connect();
+  return async () => {
+    stopped = true;
+    clearTimeout(retry);
+    await client?.end().catch(() => {});
   };
 }
 

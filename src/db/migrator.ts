@@ -1,6 +1,7 @@
 import { readdir } from 'node:fs/promises';
 import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } from 'kysely';
 import { MigrationError, oneLine, PgembedError } from '../errors.js';
+import { registerSource } from '../sql/capture.js';
 import type { Database } from './connect.js';
 import {
   type EmbeddingColumnType,
@@ -54,6 +55,8 @@ export interface MigrateOptions {
   warn: (message: string) => void;
   /** The messages' table or view; default pgembed's own `messages`. */
   source?: MessageSource | undefined;
+  /** Capture a table's changes with triggers (default); false: reconciliation scans only. */
+  triggers?: boolean | undefined;
 }
 
 export interface MigrateResult {
@@ -80,9 +83,16 @@ export async function migrateToLatest(
         ? 'bigint'
         : inspectSource(db, source),
   };
+  // The bookkeeping tables live in the schema pgembed's own do: Kysely would
+  // otherwise find another schema's (a second source in a schema of its own,
+  // reached with search_path) and take this one for migrated.
+  const { rows } = await sql<{ schema: string }>`select current_schema() as schema`.execute(
+    database.db,
+  );
   const migrator = new Migrator({
     db: database.db,
     provider: new DirectoryMigrationProvider(ctx),
+    ...(rows[0]?.schema ? { migrationTableSchema: rows[0].schema } : {}),
   });
   const { error, results } = await migrator.migrateToLatest();
   if (error) {
@@ -94,6 +104,9 @@ export async function migrateToLatest(
       { cause: error },
     );
   }
+  // The source's change capture follows the schema: the triggers are (re)made
+  // here, so `migrate` alone readies a database for workers and writers.
+  await registerSource(database.db, source, { triggers: options.triggers ?? true });
   const actual = await readEmbeddingColumnType(database.db);
   if (options.forcedColumnType && actual !== options.forcedColumnType) {
     throw new MigrationError(

@@ -21,7 +21,20 @@ export class PGliteSession {
   /** The client whose statements ran last, while its settings may still be in force. */
   #lastClient: number | undefined;
 
+  readonly #onClientTurn = new Set<() => void>();
+
   constructor(private readonly reset: () => Promise<void>) {}
+
+  /**
+   * Calls `listener` each time a served client gives the session back: it
+   * may have written messages, which the capture triggers queued. PGlite's
+   * own LISTEN cannot serve here: the reset between owners (DISCARD ALL)
+   * unlistens. Returns the function that stops the calls.
+   */
+  onClientTurn(listener: () => void): () => void {
+    this.#onClientTurn.add(listener);
+    return () => this.#onClientTurn.delete(listener);
+  }
 
   /** Callers queued behind the holder: for tests that act once a caller is known to wait. */
   get waiting(): number {
@@ -48,6 +61,7 @@ export class PGliteSession {
       if (released) return;
       released = true;
       release();
+      if (owner !== 'holder') for (const listener of this.#onClientTurn) listener();
     };
   }
 }

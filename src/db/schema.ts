@@ -40,7 +40,7 @@ export type RunStatus =
   | 'partial'
   | 'failed'
   | 'interrupted'
-  /** Set by the worker that took over its lease: no heartbeat for longer than the lease. */
+  /** No heartbeat for longer than its --lease-ms: its claims are released to others. */
   | 'abandoned';
 
 export interface EmbeddingRunsTable {
@@ -54,8 +54,6 @@ export interface EmbeddingRunsTable {
   started_at: Generated<Timestamp>;
   finished_at: Timestamp | null;
   heartbeat_at: Generated<Timestamp>;
-  /** The highest range cursor this run committed; the resume points are embedding_ranges.cursor_id. */
-  cursor_id: ColumnType<string | null, string | number | null | undefined, string | number | null>;
   /** Eligible messages this run set out to handle (capped by --limit), counted at start. */
   planned: Counter;
   embedded: Counter;
@@ -74,7 +72,10 @@ export interface EmbeddingRunsTable {
   requests_billed: Counter;
   error: string | null;
   summary: ColumnType<unknown, string | undefined, string>;
-  sweep_id: ColumnType<string | null, string | null | undefined, string | null>;
+  /** Messages given back after a transient failure, to be retried (migration 0005). */
+  deferred: Counter;
+  /** A --watch run: it runs until stopped (migration 0005). */
+  watch: ColumnType<boolean, boolean | undefined, boolean>;
 }
 
 export interface EmbeddingBatchesTable {
@@ -99,43 +100,33 @@ export interface EmbeddingSkipsTable {
   reason: string;
   detail: string;
   input_tokens: number | null;
+  /** The content skipped (migration 0005; null for older skips). */
+  content_sha256: ColumnType<
+    Buffer | Uint8Array | null,
+    Buffer | Uint8Array | null | undefined,
+    Buffer | Uint8Array | null
+  >;
   created_at: Generated<Timestamp>;
 }
 
-export interface EmbeddingSweepsTable {
-  id: Generated<string>;
+export interface EmbeddingTargetsTable {
+  id: Generated<number>;
   provider: string;
   model: string;
-  force: boolean;
-  planned: number;
-  ranges: number;
-  created_by_run: string | null;
+  backfilled_at: Timestamp | null;
   created_at: Generated<Timestamp>;
-  finished_at: Timestamp | null;
 }
 
-export type RangeState = 'pending' | 'leased' | 'done';
-
-type NullableId = ColumnType<string | null, string | null | undefined, string | null>;
-
-export interface EmbeddingRangesTable {
-  sweep_id: BigintId;
-  range_no: number;
-  /** Exclusive lower bound; null: from the first id. */
-  lo_id: NullableId;
-  /** Inclusive upper bound; null: to the last id, including ids inserted later. */
-  hi_id: NullableId;
-  planned: number;
-  state: ColumnType<RangeState, RangeState | undefined, RangeState>;
-  cursor_id: NullableId;
-  lease_owner: NullableId;
-  lease_expires_at: Timestamp | null;
-  heartbeat_at: Timestamp | null;
-  leases: Counter;
-  takeovers: Counter;
-  embedded: Counter;
-  skipped: Counter;
-  done_at: Timestamp | null;
+export interface EmbeddingQueueTable {
+  target_id: number;
+  message_id: BigintId;
+  changed_at: Generated<Timestamp>;
+  not_before: Timestamp | null;
+  attempts: Counter;
+  last_error: string | null;
+  force: ColumnType<boolean, boolean | undefined, boolean>;
+  claimed_by: ColumnType<string | null, string | null | undefined, string | null>;
+  claimed_at: Timestamp | null;
 }
 
 export interface DB {
@@ -144,6 +135,6 @@ export interface DB {
   embedding_runs: EmbeddingRunsTable;
   embedding_batches: EmbeddingBatchesTable;
   embedding_skips: EmbeddingSkipsTable;
-  embedding_sweeps: EmbeddingSweepsTable;
-  embedding_ranges: EmbeddingRangesTable;
+  embedding_targets: EmbeddingTargetsTable;
+  embedding_queue: EmbeddingQueueTable;
 }

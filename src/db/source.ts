@@ -69,7 +69,8 @@ const TEXT_TYPE = /^(text|character varying|character|varchar|char)\b/;
 // Relations that carry constraints: a table, a partitioned table.
 const TABLE_KINDS = new Set(['r', 'p']);
 
-function quoted(source: MessageSource): string {
+/** The source's name quoted for SQL text and to_regclass(): `"schema"."table"`. */
+export function quotedSource(source: MessageSource): string {
   return source.table
     .split('.')
     .map((p) => `"${p}"`)
@@ -107,7 +108,7 @@ export async function inspectSource<T>(db: Kysely<T>, source: MessageSource): Pr
            ${uniqueIndexOn('c.oid', 'a.attnum')} as unique
     from pg_class c
     left join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
-    where c.oid = to_regclass(${quoted(source)})`.execute(db);
+    where c.oid = to_regclass(${quotedSource(source)})`.execute(db);
   const where = `--source ${source.table}`;
   if (rows.length === 0) {
     throw new ConfigError(`${where}: no such table or view (names are case-sensitive as given)`);
@@ -163,7 +164,7 @@ function idsProvenUnique<T>(db: Kysely<T>, source: MessageSource): Promise<boole
     answer = sql<{ unique: boolean }>`
       select ${uniqueIndexOn('a.attrelid', 'a.attnum')} as unique
       from pg_attribute a
-      where a.attrelid = to_regclass(${quoted(source)}) and a.attname = ${source.idColumn}
+      where a.attrelid = to_regclass(${quotedSource(source)}) and a.attname = ${source.idColumn}
         and not a.attisdropped`
       .execute(db)
       .then(({ rows }) => rows[0]?.unique === true);
@@ -198,11 +199,32 @@ export async function assertUniqueIds<T>(
     group by m.id having count(*) > 1
     order by m.id limit 1`.execute(db);
   const repeated = rows[0];
-  if (repeated) {
-    throw new ConfigError(
-      `--source ${source.table} has ${repeated.copies} rows with ${source.idColumn} ${repeated.id}: ids must be unique (they key the embeddings); make it return each id once`,
-    );
-  }
+  if (repeated) throw duplicateIdError(source, repeated.id, repeated.copies);
+}
+
+/** The one line for a source (a view) that returns an id more than once. */
+export function duplicateIdError(source: MessageSource, id: string, copies: number): ConfigError {
+  return new ConfigError(
+    `--source ${source.table} has ${copies} rows with ${source.idColumn} ${id}: ids must be unique (they key the embeddings); make it return each id once`,
+  );
+}
+
+/**
+ * The first id after `after` that the source returns more than once, if any:
+ * asked only once a statement has failed on one (a view; a table's ids are
+ * unique by its constraint).
+ */
+export async function firstDuplicateId<T>(
+  db: Kysely<T>,
+  source: MessageSource,
+  after: string | null,
+): Promise<ConfigError | undefined> {
+  const from = after === null ? sql`true` : sql`m.id > ${after}`;
+  const { rows } = await sql<{ id: string; copies: number }>`
+    select m.id::text as id, count(*)::int as copies from ${sourceRelation(source)} m
+    where ${from} group by m.id having count(*) > 1 order by m.id limit 1`.execute(db);
+  const repeated = rows[0];
+  return repeated && duplicateIdError(source, repeated.id, repeated.copies);
 }
 
 /** The id type the embeddings tables were created with. */

@@ -1,9 +1,9 @@
-import type { CoverageRow, OpenSweepRow, RunStatusRow } from '../sql/status.js';
+import type { CoverageRow, QueueRow, RunStatusRow } from '../sql/status.js';
 import { terminalSafe as safe } from './terminal-safe.js';
 
 export interface StatusReport {
   coverage: CoverageRow[];
-  sweeps: OpenSweepRow[];
+  queue: QueueRow[];
   runs: RunStatusRow[];
 }
 
@@ -16,7 +16,7 @@ function duration(seconds: number): string {
 }
 
 /**
- * The operator's view in plain text: coverage per model, open sweeps, latest
+ * The operator's view in plain text: coverage per model, the queue, latest
  * runs. Every string from the database goes through terminalSafe: a provider
  * label, host or error text holding escape sequences is shown, not obeyed.
  */
@@ -29,12 +29,16 @@ export function formatStatus(report: StatusReport): string {
       `  ${safe(c.provider)}/${safe(c.model)}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}`,
     );
   }
-  if (report.sweeps.length > 0) {
-    lines.push('', 'open sweeps (work shared by workers):');
-    for (const s of report.sweeps) {
+  if (report.queue.length > 0) {
+    lines.push('', 'queue (pending changes, per provider/model):');
+    for (const q of report.queue) {
+      const lag = q.lagSeconds === null ? 'nothing pending' : `lag ${duration(q.lagSeconds)}`;
+      const backoff = q.backingOff ? `, ${n(q.backingOff)} backing off` : '';
+      const scan = q.backfilled ? '' : ', not scanned yet (the next run scans the source)';
       lines.push(
-        `  sweep ${s.sweepId} ${safe(s.provider)}/${safe(s.model)}: ${s.percent}%, ranges ${s.rangesDone} done, ${s.rangesLeased} leased by ${s.workers} worker(s), ${s.rangesExpired} lapsed, of ${s.ranges}`,
+        `  ${safe(q.provider)}/${safe(q.model)}: ${n(q.pending)} pending (${n(q.claimed)} claimed${backoff}), ${lag}${scan}`,
       );
+      if (q.lastError) lines.push(`    last error: ${safe(q.lastError)}`);
     }
   }
   lines.push('', 'runs (latest first):');

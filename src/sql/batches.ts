@@ -14,6 +14,8 @@ export interface EmbeddedRow {
 
 export interface SkippedRow {
   messageId: string;
+  /** The content skipped: it is not tried again until it changes (or --retry-skipped). */
+  sha256Hex: string;
   reason: string;
   detail: string;
   inputTokens: number | null;
@@ -32,8 +34,6 @@ export interface BatchRecord {
   attempts: number;
   retries: number;
   latencyMs: number;
-  /** Every eligible message up to here is handled; the run's resume point. Null: no change. */
-  cursorId: string | null;
 }
 
 /**
@@ -94,10 +94,25 @@ export async function insertSkips(
         reason: r.reason,
         detail: r.detail,
         input_tokens: r.inputTokens,
+        content_sha256: sql<Buffer>`decode(${r.sha256Hex}, 'hex')`,
       })),
     )
     .onConflict((oc) => oc.columns(['run_id', 'message_id']).doNothing())
     .execute();
+}
+
+/**
+ * Whether the batch's row exists: a COMMIT whose answer was lost with the
+ * connection did commit, and redoing the batch must write nothing twice.
+ */
+export async function batchCommitted(trx: Transaction<DB>, batch: BatchRecord): Promise<boolean> {
+  const row = await trx
+    .selectFrom('embedding_batches')
+    .select('batch_no')
+    .where('run_id', '=', batch.runId)
+    .where('batch_no', '=', batch.batchNo)
+    .executeTakeFirst();
+  return row !== undefined;
 }
 
 /**
@@ -130,11 +145,7 @@ export async function insertBatch(
   return inserted !== undefined;
 }
 
-/**
- * Advances the run's cursor and counts in the batch's transaction, so they
- * never disagree. greatest(): batches commit concurrently, out of order, and
- * the cursor must never move back (greatest ignores a null).
- */
+/** Advances the run's counts in the batch's transaction, so they never disagree. */
 export async function advanceRun(
   trx: Transaction<DB>,
   batch: BatchRecord,
@@ -143,7 +154,6 @@ export async function advanceRun(
   await trx
     .updateTable('embedding_runs')
     .set((eb) => ({
-      cursor_id: sql`greatest(cursor_id, ${batch.cursorId})`,
       embedded: eb('embedded', '+', counts.embedded),
       skipped: eb('skipped', '+', counts.skipped),
       truncated: eb('truncated', '+', counts.truncated),

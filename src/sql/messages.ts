@@ -62,19 +62,12 @@ export async function fetchEligiblePage(
   target: EmbeddingTarget,
   window: IdWindow,
   limit: number,
-  options: { notSkippedByRun?: string } = {},
 ): Promise<EligibleMessage[]> {
-  // A run that makes a second pass (see run.ts) does not retry what it skipped.
-  const notSkipped =
-    options.notSkippedByRun === undefined
-      ? sql`true`
-      : sql`not exists (select 1 from embedding_skips s
-                        where s.run_id = ${options.notSkippedByRun} and s.message_id = m.id)`;
   const { rows } = await sql<EligibleMessage>`
     select m.id::text as id, m.content,
            encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex"
     from ${sourceRelation(target.source)} m
-    where ${windowFilter(window)} and ${eligibleFilter(target, window)} and ${notSkipped}
+    where ${windowFilter(window)} and ${eligibleFilter(target, window)}
     order by m.id
     limit ${limit}`.execute(db);
   // A view's id may repeat: refuse it here, naming the id, before a batch
@@ -83,37 +76,6 @@ export async function fetchEligiblePage(
   const last = rows[rows.length - 1];
   if (first && last) await assertUniqueIds(db, target.source, first.id, last.id);
   return rows;
-}
-
-export interface EligibleTile {
-  /** Last eligible id of the tile; ranges end here. */
-  hiId: string;
-  eligible: number;
-}
-
-/**
- * Eligible ids cut into tiles of `size`, in id order: one scan, for planning
- * a sweep's ranges so each holds about the same work whatever the gaps.
- */
-export async function eligibleTiles(
-  db: Kysely<DB>,
-  target: EmbeddingTarget,
-  size: number,
-): Promise<EligibleTile[]> {
-  // Each tile ends at its size-th id (or the last one): max() has no uuid form.
-  const { rows } = await sql<{ hiId: string; rowNo: string }>`
-    select id::text as "hiId", rn::text as "rowNo"
-    from (select m.id, row_number() over (order by m.id) as rn, count(*) over () as total
-          from ${sourceRelation(target.source)} m where ${eligibleFilter(target)}) t
-    where rn % ${size} = 0 or rn = total
-    order by rn`.execute(db);
-  let previous = 0;
-  return rows.map((row) => {
-    const rn = Number(row.rowNo);
-    const tile = { hiId: row.hiId, eligible: rn - previous };
-    previous = rn;
-    return tile;
-  });
 }
 
 export interface MessageCensus {

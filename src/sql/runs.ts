@@ -11,6 +11,7 @@ export async function insertRun(
     options: Record<string, unknown>;
     planned: number;
     blank: number;
+    watch: boolean;
   },
 ): Promise<string> {
   const row = await db
@@ -24,6 +25,7 @@ export async function insertRun(
       pid: process.pid,
       planned: run.planned,
       ineligible_blank: run.blank,
+      watch: run.watch,
     })
     .returning('id')
     .executeTakeFirstOrThrow();
@@ -46,11 +48,16 @@ export async function markAbandonedRuns(db: Kysely<DB>): Promise<number> {
   return Number(result.numAffectedRows ?? 0);
 }
 
-/** Which sweep the run works on, for the progress view. */
-export async function setRunSweep(db: Kysely<DB>, runId: string, sweepId: string): Promise<void> {
+/** What a one-shot run set out to do, once its queue is ready. */
+export async function setPlanned(
+  db: Kysely<DB>,
+  runId: string,
+  planned: number,
+  blank: number,
+): Promise<void> {
   await db
     .updateTable('embedding_runs')
-    .set({ sweep_id: sweepId })
+    .set({ planned, ineligible_blank: blank })
     .where('id', '=', runId)
     .execute();
 }
@@ -59,6 +66,10 @@ export async function setRunSweep(db: Kysely<DB>, runId: string, sweepId: string
 export interface BilledSpend {
   tokensBilled: number;
   requestsBilled: number;
+  /** Messages given back after a transient failure (retries exhausted). */
+  deferred?: number;
+  /** A watcher's planned grows with every claim. */
+  planned?: number;
 }
 
 /**
@@ -76,10 +87,32 @@ export async function touchRun(db: Kysely<DB>, runId: string, billed?: BilledSpe
     .execute();
 }
 
+/**
+ * A run marked abandoned while it stalled (no heartbeat for --lease-ms) that
+ * beats again is running again: its claims were released to others, and its
+ * commits since found nothing of theirs to write. Without this, others
+ * would release every claim it makes from now on. True if it was revived.
+ */
+export async function reviveRun(db: Kysely<DB>, runId: string): Promise<boolean> {
+  const result = await db
+    .updateTable('embedding_runs')
+    .set({ status: 'running', finished_at: null, error: null })
+    .where('id', '=', runId)
+    .where('status', '=', 'abandoned')
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows) > 0;
+}
+
 function billedColumns(billed: BilledSpend) {
   return {
     tokens_billed: sql<number>`greatest(tokens_billed, ${billed.tokensBilled})`,
     requests_billed: sql<number>`greatest(requests_billed, ${billed.requestsBilled})`,
+    ...(billed.deferred === undefined
+      ? {}
+      : { deferred: sql<number>`greatest(deferred, ${billed.deferred})` }),
+    ...(billed.planned === undefined
+      ? {}
+      : { planned: sql<number>`greatest(planned, ${billed.planned})` }),
   };
 }
 
@@ -89,14 +122,12 @@ export async function finishRun(
   status: Exclude<RunStatus, 'running'>,
   summary: Record<string, unknown>,
   error: string | null,
-  cursorId: string | null,
   billed?: BilledSpend,
 ): Promise<void> {
   await db
     .updateTable('embedding_runs')
     .set({
       status,
-      cursor_id: sql`greatest(cursor_id, ${cursorId})`,
       finished_at: sql`now()`,
       heartbeat_at: sql`now()`,
       ...(billed ? billedColumns(billed) : {}),

@@ -81,24 +81,32 @@ export async function coverage(db: Kysely<DB>, source: MessageSource): Promise<C
   return rows;
 }
 
-export interface OpenSweepRow {
-  sweepId: string;
+export interface QueueRow {
   provider: string;
   model: string;
-  ranges: number;
-  rangesDone: number;
-  rangesLeased: number;
-  rangesExpired: number;
-  percent: number;
-  workers: number;
+  /** Messages waiting to be embedded (or found unchanged, or gone). */
+  pending: number;
+  /** Of those, held by a worker now. */
+  claimed: number;
+  /** Of those, waiting out a backoff after a transient failure. */
+  backingOff: number;
+  /** Age of the oldest pending change, in seconds; null when nothing is pending. */
+  lagSeconds: number | null;
+  /** The last transient failure still pending, if any. */
+  lastError: string | null;
+  /** False until a reconciliation scan has run for this model. */
+  backfilled: boolean;
 }
 
-/** Sweeps still open: the fleet's shared work in progress. */
-export async function openSweeps(db: Kysely<DB>): Promise<OpenSweepRow[]> {
-  const { rows } = await sql<OpenSweepRow>`
-    select sweep_id::text as "sweepId", provider, model, ranges, ranges_done as "rangesDone",
-      ranges_leased as "rangesLeased", ranges_expired as "rangesExpired",
-      percent::float8 as percent, workers
-    from embedding_sweep_progress where status = 'open' order by sweep_id`.execute(db);
+/** Per (provider, model): the queue's depth and lag, as embedding_queue_status shows them. */
+export async function queueDepth(db: Kysely<DB>): Promise<QueueRow[]> {
+  const { rows } = await sql<QueueRow>`
+    select s.provider, s.model, s.pending, s.claimed, s.backing_off as "backingOff",
+      round(extract(epoch from s.lag))::int as "lagSeconds",
+      (select q.last_error from embedding_queue q join embedding_targets t on t.id = q.target_id
+       where t.provider = s.provider and t.model = s.model and q.last_error is not null
+       order by q.changed_at desc limit 1) as "lastError",
+      s.backfilled_at is not null as backfilled
+    from embedding_queue_status s order by s.provider, s.model`.execute(db);
   return rows;
 }

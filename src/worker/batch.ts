@@ -254,7 +254,7 @@ async function sendIsolating(
   } catch (error) {
     if (error instanceof NotSentError || isStopped(error)) {
       // Not sent (or its retry cut by a stop signal): the batch keeps what
-      // came before it, and the range resumes here.
+      // came before it, and the rest goes back to the queue.
       outcome.unsent.push(...inputs);
       return;
     }

@@ -1,11 +1,10 @@
 import type { Kysely } from 'kysely';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
-import type { IdType } from '../db/source.js';
-import { LeaseLostError } from '../errors.js';
 import {
   advanceRun,
   type BatchRecord,
+  batchCommitted,
   type EmbeddedRow,
   insertBatch,
   insertSkips,
@@ -13,59 +12,133 @@ import {
   upsertEmbeddings,
   upsertEmbeddingsViaCopy,
 } from '../sql/batches.js';
-import { advanceRange, type RangeKey } from '../sql/ranges.js';
+import {
+  type ClaimScope,
+  deleteEmbeddingsOf,
+  type Handled,
+  releaseClaims,
+  settleClaims,
+} from '../sql/queue.js';
 
 export interface CommitTarget {
   db: Kysely<DB>;
+  scope: ClaimScope;
   columnType: EmbeddingColumnType;
+  /** The backend's binary COPY, when it has one (see Database.copyFromBlob). */
   copyFromBlob: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
-  range: RangeKey;
-  leaseMs: number;
-  /** The binary COPY stage writes int8 ids; uuid ids take the multi-row upsert. */
-  idType: IdType;
+}
+
+/** What one batch hands to its commit. */
+export interface BatchWork {
+  embedded: EmbeddedRow[];
+  skipped: SkippedRow[];
+  /** Claimed, found gone: their embeddings (every model's) are orphans. */
+  gone: string[];
+  /** Claimed, found blank: never embedded; the target's old embedding goes. */
+  blank: Handled[];
+  /** Claimed, found with an embedding of their current content: nothing to do. */
+  unchanged: Handled[];
+  /** Claimed and failed for now (retries exhausted): back in the queue after a backoff. */
+  deferred: string[];
+  /** Why they were deferred, for `embedding_queue.last_error`. */
+  deferredError?: string;
+  /** Claimed and not handled (a stop, a strict-mode cut): back in the queue at once. */
+  released: string[];
+}
+
+export interface Committed {
+  embedded: number;
+  skipped: number;
+  truncated: number;
+  tokens: number;
+  /** Gone, blank and unchanged messages settled without a request. */
+  gone: number;
+  blank: number;
+  unchanged: number;
+  /** Handled from content that changed before the commit: left to be embedded again. */
+  changed: number;
 }
 
 /**
- * One transaction per batch: its progress row, its range's cursor and lease,
- * its vectors, its skips and the run's counts. A crash loses at most the
- * batch in flight and never leaves half of one. Safe to redo after a lost
- * connection: a batch whose COMMIT did land is found by its row and skipped.
- * Throws LeaseLostError (and writes nothing) when the range is no longer ours.
+ * One transaction per batch: the fence (settleClaims: the queue rows this
+ * run still holds, of messages still as they were read), then only those
+ * rows' vectors and skips, the rest given back, the batch's progress row and
+ * the run's counts. A crash loses at most the batch in flight: its claims
+ * are released when the run is found dead, and eligibility (no embedding of
+ * the current content) is the resume point. Safe to redo after a lost
+ * connection: a batch whose COMMIT did land is found by its row.
  */
 export async function commitBatch(
   to: CommitTarget,
-  batch: BatchRecord,
-  embedded: EmbeddedRow[],
-  skipped: SkippedRow[],
-): Promise<void> {
-  const { columnType, copyFromBlob } = to;
-  const target = { provider: batch.provider, model: batch.model, runId: batch.runId, columnType };
-  const counts = {
-    embedded: embedded.length,
-    skipped: skipped.length,
-    truncated: embedded.filter((e) => e.truncated).length,
-  };
-  await to.db.transaction().execute(async (trx) => {
-    if (!(await insertBatch(trx, batch, counts))) return;
-    const held = await advanceRange(trx, to.range, {
-      cursorId: batch.cursorId,
-      embedded: counts.embedded,
-      skipped: counts.skipped,
-      leaseMs: to.leaseMs,
-    });
-    if (!held) {
-      throw new LeaseLostError(
-        `lease on range ${to.range.rangeNo} of sweep ${to.range.sweepId} lapsed and was taken over; batch ${batch.batchNo} rolled back`,
-      );
-    }
+  batch: BatchRecord | undefined,
+  work: BatchWork,
+): Promise<Committed | undefined> {
+  const { scope } = to;
+  return to.db.transaction().execute(async (trx) => {
+    if (batch && (await batchCommitted(trx, batch))) return undefined;
+    const settled = await settleClaims(trx, scope, [
+      ...work.embedded.map((e) => ({ id: e.messageId, sha256Hex: e.sha256Hex })),
+      ...work.skipped.map((s) => ({ id: s.messageId, sha256Hex: s.sha256Hex })),
+      ...work.gone.map((id) => ({ id, sha256Hex: null })),
+      ...work.blank,
+      ...work.unchanged,
+    ]);
+    const embedded = work.embedded.filter((e) => settled.has(e.messageId));
+    const skipped = work.skipped.filter((s) => settled.has(s.messageId));
+    const gone = work.gone.filter((id) => settled.has(id));
+    const blank = work.blank.filter((h) => settled.has(h.id)).map((h) => h.id);
+    const target = {
+      provider: scope.provider,
+      model: scope.model,
+      runId: scope.runId,
+      columnType: to.columnType,
+    };
     // Binary COPY where the backend offers it (PGlite) and the types have a
     // binary form we write (not halfvec, not uuid ids); else one multi-row upsert.
-    if (copyFromBlob && columnType !== 'halfvec' && to.idType === 'bigint') {
-      await upsertEmbeddingsViaCopy(trx, copyFromBlob, { ...target, columnType }, embedded);
+    if (to.copyFromBlob && to.columnType !== 'halfvec' && scope.idType === 'bigint') {
+      await upsertEmbeddingsViaCopy(
+        trx,
+        to.copyFromBlob,
+        { ...target, columnType: to.columnType },
+        embedded,
+      );
     } else {
       await upsertEmbeddings(trx, target, embedded);
     }
     await insertSkips(trx, target, skipped);
-    await advanceRun(trx, batch, counts);
+    await deleteEmbeddingsOf(trx, scope, gone);
+    await deleteEmbeddingsOf(trx, scope, blank, 'target');
+    // What was handled from content that changed since, and what was not
+    // handled at all, goes back to the queue.
+    const handledIds = [
+      ...work.embedded.map((e) => e.messageId),
+      ...work.skipped.map((s) => s.messageId),
+      ...work.gone,
+      ...work.blank.map((h) => h.id),
+      ...work.unchanged.map((h) => h.id),
+    ];
+    const changed = handledIds.filter((id) => !settled.has(id));
+    await releaseClaims(trx, scope, [...changed, ...work.released]);
+    await releaseClaims(trx, scope, work.deferred, {
+      error: work.deferredError ?? 'retries exhausted',
+    });
+    const counts = {
+      embedded: embedded.length,
+      skipped: skipped.length,
+      truncated: embedded.filter((e) => e.truncated).length,
+      tokens: embedded.reduce((sum, e) => sum + e.inputTokens, 0),
+    };
+    if (batch && counts.embedded + counts.skipped > 0) {
+      const record = { ...batch, size: counts.embedded + counts.skipped, tokens: counts.tokens };
+      await insertBatch(trx, record, counts);
+      await advanceRun(trx, record, counts);
+    }
+    return {
+      ...counts,
+      gone: gone.length,
+      blank: blank.length,
+      unchanged: work.unchanged.filter((h) => settled.has(h.id)).length,
+      changed: changed.length,
+    };
   });
 }

@@ -54,18 +54,13 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
     usdPerMillionTokens: null,
     estimatedCostUsd: null,
   };
-  // Pages hold whole batches and end where a fresh sweep's ranges end (every
-  // --range-size eligible messages), so batches fall where the run's would;
+  // Pages hold whole batches, so batches fall where a run's claims would;
   // each is prepared and split into requests by the worker's own code.
   const pageRows = config.batchSize * Math.max(1, Math.floor(PAGE_ROWS / config.batchSize));
   const settings = { maxInputTokens: limit, truncate: config.truncate };
   let cursor: string | null = null;
   while (config.limit === undefined || report.eligible < config.limit) {
-    const size = Math.min(
-      pageRows,
-      config.rangeSize - (report.eligible % config.rangeSize),
-      (config.limit ?? Number.POSITIVE_INFINITY) - report.eligible,
-    );
+    const size = Math.min(pageRows, (config.limit ?? Number.POSITIVE_INFINITY) - report.eligible);
     const page = await fetchEligiblePage(db, target, { after: cursor, upTo: null }, size);
     if (page.length === 0) break;
     cursor = page[page.length - 1]?.id ?? cursor;

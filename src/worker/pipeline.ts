@@ -1,8 +1,15 @@
 import pLimit, { type LimitFunction } from 'p-limit';
-import { asError, LeaseLostError, StrictModeError } from '../errors.js';
+import { asError, ProviderFailingError, StrictModeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
-import { type EligibleMessage, type EmbeddingTarget, fetchEligiblePage } from '../sql/messages.js';
+import type { EligibleMessage } from '../sql/messages.js';
+import {
+  type ClaimedMessage,
+  type ClaimScope,
+  claimBatch,
+  type Handled,
+  queueState,
+} from '../sql/queue.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
 import {
   type BatchOutcome,
@@ -15,8 +22,8 @@ import {
   type SendControl,
   sendBatch,
 } from './batch.js';
-import { commitBatch } from './commit.js';
-import { RangeLeases, type RangeWalk } from './range-leases.js';
+import { CircuitBreaker } from './breaker.js';
+import { type BatchWork, commitBatch } from './commit.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
 import type { RunTotals } from './summary.js';
@@ -24,61 +31,58 @@ import type { RunTotals } from './summary.js';
 /** What the pipeline needs from its run. */
 export interface PipelineContext {
   deps: RunDeps;
-  runId: string;
-  sweepId: string;
-  target: EmbeddingTarget;
+  scope: ClaimScope;
   /** Updated as batches commit (kept) and as answers arrive (billed); the run's summary reads them. */
   totals: RunTotals;
   log: Logger;
   /** The signal that stopped the run, once one has. */
   stopped: () => NodeJS.Signals | undefined;
-  /** Aborted on stop: cuts retry waits and waits for ranges, never an answered request. */
+  /** Aborted on stop: cuts retry waits and idle waits, never an answered request. */
   abortSignal: AbortSignal;
   /** Redoes database work lost with a connection, up to --db-retry-ms. */
   dbRetry: <T>(what: string, fn: () => Promise<T>) => Promise<T>;
-  /** Most messages to read in this pass (what --limit leaves); undefined: no cap. */
+  /** Most messages to send (--limit); undefined: no cap. */
   limit: number | undefined;
   /**
-   * The run's batch numbers, shared by its passes: embedding_batches is keyed
-   * by (run_id, batch_no), and a redone commit recognises itself by that key.
+   * --watch: when the queue is empty, wait here (a wake-up from the capture
+   * triggers, or the poll) and claim again; undefined: a one-shot run ends.
    */
-  batchNumbers: { last: number };
-  /** How often the run beats; leases are renewed on the same beat. */
-  heartbeatMs: number;
+  idle: ((waitMs: number) => Promise<void>) | undefined;
+  /** The longest idle wait between polls (--poll-interval-ms). */
+  pollIntervalMs: number;
+  /** Told how many messages each claim took on to send (a watcher's planned grows so). */
+  onClaimed: (count: number) => void;
+  /** Waits `ms` or until the run stops: the circuit breaker's pause. */
+  pause: (ms: number) => Promise<void>;
+  /** Waits while other workers hold the rest of the queue (one-shot), releasing dead runs' claims. */
+  waitForOthers: () => Promise<void>;
 }
 
 export interface PipelineResult {
-  /** The highest committed range cursor, for the run row. */
-  cursorId: string | null;
-  /** Eligible messages read. */
+  /** Messages claimed to be sent. */
   taken: number;
-  /** What ended the pass early, if anything did. */
+  /** What ended the run early, if anything did. */
   error: Error | undefined;
 }
 
+// An idle watcher polls soon after work (50 ms), then less often, doubling up
+// to --poll-interval-ms: a change the wake-up gate let pass silently (see
+// capture.ts) waits 50–100 ms while writes are frequent.
+const FIRST_IDLE_MS = 50;
+
 /**
- * The batch pipeline: a reader leases ranges of the sweep, pages eligible
- * messages in each with its keyset cursor and prepares them one batch ahead;
- * up to --concurrency batches are sent at once; each commits in its own
- * transaction as it finishes, moving its range's cursor.
+ * The batch pipeline, claim → prepare → send → commit: a reader claims
+ * pending messages from the queue in id order and prepares them one batch
+ * ahead; up to --concurrency batches are sent at once; each commits in its
+ * own transaction as it finishes, fenced by its claims.
  */
 export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult> {
-  const { target, log } = ctx;
+  const { log, scope } = ctx;
   const { db, config } = ctx.deps;
   const limit = pLimit(config.concurrency);
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
   const gate = createRateGate(config);
-  const leases = new RangeLeases({
-    db,
-    sweepId: ctx.sweepId,
-    runId: ctx.runId,
-    leaseMs: config.leaseMs,
-    log,
-    dbRetry: ctx.dbRetry,
-    abortSignal: ctx.abortSignal,
-    ended: () => failure !== undefined,
-  });
-  leases.startRenewal(ctx.heartbeatMs);
+  const breaker = new CircuitBreaker();
   const inFlight = new Set<Promise<void>>();
   const track = (task: Promise<void>) => {
     inFlight.add(task);
@@ -94,6 +98,10 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     const next = { seq, position, error: asError(error) };
     if (!failure || outranks(next, failure)) failure = next;
   };
+  // A transient failure (retries exhausted) is never a skip in watch mode or
+  // with --allow-partial: the message goes back to the queue after a backoff.
+  const deferrable = (f: Failure) =>
+    f.reason === 'retries_exhausted' && (config.allowPartial || ctx.idle !== undefined);
   const settings: BatchSettings = {
     provider: ctx.deps.provider,
     maxInputTokens: config.effectiveMaxInputTokens,
@@ -117,83 +125,143 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       },
     },
   };
-  const finish = (walk: RangeWalk) =>
-    track(
-      leases
-        .finishWhenSettled(walk)
-        .catch((error: unknown) => fail(ctx.batchNumbers.last + 1, error)),
+  const onBatchResult = (seq: number, failed: boolean) => {
+    if (!breaker.record(failed)) return;
+    const what = `${breaker.failedInRow} batches in a row exhausted their retries with nothing embedded`;
+    if (ctx.idle === undefined) {
+      fail(
+        seq,
+        new ProviderFailingError(
+          `the provider is failing: ${what}; nothing more is sent, and the messages not embedded stay pending for the next run`,
+        ),
+      );
+      return;
+    }
+    log.error(
+      { pause_ms: breaker.pauseMs },
+      `the provider is failing: ${what}; pausing, then trying one batch`,
     );
+  };
 
-  let walk: RangeWalk | undefined;
+  let after: string | null = null;
   let taken = 0;
   let lastPage = false;
+  let idleMs = FIRST_IDLE_MS;
+  let batchNo = 0;
+  let waitingLogged = false;
   try {
     while (!ctx.stopped() && !failure && !lastPage) {
       if (ctx.limit !== undefined && taken >= ctx.limit) break;
-      // Backpressure: one batch read and tokenized ahead of the free send slots,
-      // so reading, tokenizing, sending and committing overlap, while memory
-      // holds at most `concurrency` + 1 batches however large the table is.
+      // Backpressure: one batch claimed and tokenized ahead of the free send
+      // slots, so claiming, tokenizing, sending and committing overlap, while
+      // memory holds at most `concurrency` + 1 batches however long the queue.
       while (inFlight.size > adaptive.current) await Promise.race(inFlight);
       if (ctx.stopped() || failure) break;
-      if (!walk?.readable) {
-        walk = await leases.next();
-        if (!walk) break;
-      }
-      const current = walk;
-      const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
-      const page = await ctx.dbRetry('read a page', () =>
-        fetchEligiblePage(
-          db,
-          target,
-          { after: current.readCursor, upTo: current.lease.hiId },
-          pageSize,
-          { notSkippedByRun: ctx.runId },
-        ),
-      );
-      // A short page is the range's last: no need to read an empty one to know.
-      const lastOfRange = page.length < pageSize;
-      if (page.length > 0) {
-        taken += page.length;
-        let prepared = prepareBatch(page, settings);
-        if (!config.allowPartial && prepared.failed.length > 0) {
-          // Strict mode knows the run ends here: send nothing after the culprit.
-          prepared = cutAtFirstFailure(prepared);
-          lastPage = true;
+      if (breaker.state !== 'closed') {
+        // Watch mode only (a one-shot run has failed by now): wait out the
+        // pause with nothing in flight, then one batch at a time until one works.
+        await Promise.allSettled(inFlight);
+        if (breaker.state === 'open') {
+          await ctx.pause(breaker.pauseMs);
+          if (ctx.stopped()) break;
+          breaker.halfOpen();
         }
-        const batchSeq = ++ctx.batchNumbers.last;
-        const rangeSeq = current.register((page[page.length - 1] as EligibleMessage).id);
-        const task: Promise<void> = processBatch(ctx, {
-          seq: batchSeq,
-          walk: current,
-          rangeSeq,
-          prepared,
-          settings,
-          sendSlots: limit,
-          currentFailure: () => failure,
-          recordFailure: fail,
-        }).then(
-          (committed) => {
-            if (!committed) current.incomplete = true;
-          },
-          (error: unknown) => {
-            current.incomplete = true;
-            fail(batchSeq, error);
-          },
-        );
-        current.tasks.add(task);
-        track(task);
       }
-      if (lastOfRange) finish(current);
+      const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
+      const claimAfter: string | null = after;
+      const page: ClaimedMessage[] = await ctx.dbRetry('claim a batch', () =>
+        claimBatch(db, scope, { after: claimAfter, limit: pageSize, ignoreBackoff: false }),
+      );
+      if (page.length === 0) {
+        // The keyset passed the end: start again from the first id once, for
+        // rows given back since (an edit during a send, a dead worker's).
+        if (after !== null) {
+          after = null;
+          continue;
+        }
+        if (ctx.idle) {
+          // Watching: until a wake-up, the poll, or a batch in flight settles.
+          await Promise.race([ctx.idle(idleMs), ...inFlight]);
+          idleMs = Math.min(idleMs * 2, ctx.pollIntervalMs);
+          continue;
+        }
+        if (inFlight.size > 0) {
+          // What is in flight may give rows back: claim again once it settles.
+          await Promise.race(inFlight);
+          continue;
+        }
+        const state = await ctx.dbRetry('read the queue', () =>
+          queueState(db, scope.targetId, scope.runId),
+        );
+        if (state.claimedByOthers === 0) break;
+        // One-shot runs end with the queue done, so exit 0 means nothing was
+        // left: wait for the other workers, taking over from any that die.
+        if (!waitingLogged) {
+          waitingLogged = true;
+          log.info(
+            { claimed_by_others: state.claimedByOthers, lease_ms: config.leaseMs },
+            'the rest of the queue is claimed by other workers; waiting for them, or to take over from any that die',
+          );
+        }
+        await ctx.waitForOthers();
+        continue;
+      }
+      idleMs = FIRST_IDLE_MS;
+      after = (page[page.length - 1] as ClaimedMessage).id;
+      const sorted = sortClaimed(page);
+      taken += sorted.toEmbed.length;
+      ctx.onClaimed(sorted.toEmbed.length);
+      let prepared = prepareBatch(sorted.toEmbed, settings);
+      if (!config.allowPartial && prepared.failed.length > 0) {
+        // Strict mode knows the run ends here: send nothing after the culprit.
+        prepared = cutAtFirstFailure(prepared);
+        lastPage = true;
+      }
+      const seq = ++batchNo;
+      const trial = breaker.state === 'half-open';
+      const task = processBatch(ctx, {
+        seq,
+        prepared,
+        settled: sorted,
+        settings,
+        sendSlots: limit,
+        currentFailure: () => failure,
+        recordFailure: fail,
+        deferrable,
+        onResult: (failed) => onBatchResult(seq, failed),
+      }).catch((error: unknown) => fail(seq, error));
+      track(task);
+      // Half-open: the trial batch alone, and its verdict before the next.
+      if (trial) await task;
     }
     await Promise.all(inFlight);
   } finally {
-    // Whatever ended the loop: settle what is in flight, then hand back the
-    // ranges not walked to the end so other workers take them at once.
     await Promise.allSettled(inFlight);
-    leases.stopRenewal();
-    await leases.releaseAll();
   }
-  return { cursorId: leases.highestCursor(), taken, error: failure?.error };
+  return { taken, error: failure?.error };
+}
+
+/** A claimed page sorted: what to send, and what settles without a request. */
+interface SortedClaims {
+  toEmbed: EligibleMessage[];
+  gone: string[];
+  blank: Handled[];
+  unchanged: Handled[];
+}
+
+function sortClaimed(page: ClaimedMessage[]): SortedClaims {
+  const sorted: SortedClaims = { toEmbed: [], gone: [], blank: [], unchanged: [] };
+  for (const m of page) {
+    if (!m.exists) sorted.gone.push(m.id);
+    else if (m.content === null || m.sha256Hex === null || !m.nonBlank) {
+      // A NULL text is blank: the settle's hash of it is '' as for a gone one.
+      sorted.blank.push({ id: m.id, sha256Hex: m.sha256Hex });
+    }
+    // An update that left the text as it was costs no request.
+    else if (m.current && !m.force) sorted.unchanged.push({ id: m.id, sha256Hex: m.sha256Hex });
+    else sorted.toEmbed.push({ id: m.id, content: m.content, sha256Hex: m.sha256Hex });
+  }
+  return sorted;
 }
 
 /**
@@ -209,13 +277,17 @@ interface RunFailure {
 
 interface BatchJob {
   seq: number;
-  walk: RangeWalk;
-  rangeSeq: number;
   prepared: PreparedBatch;
+  /** The page's messages that settle without a request. */
+  settled: SortedClaims;
   settings: BatchSettings;
   sendSlots: LimitFunction;
   currentFailure: () => RunFailure | undefined;
   recordFailure: (seq: number, error: unknown, position?: number) => void;
+  /** A failure that goes back to the queue rather than stop the run or be skipped. */
+  deferrable: (failure: Failure) => boolean;
+  /** For the circuit breaker: whether the batch failed on retries with nothing embedded. */
+  onResult: (failed: boolean) => void;
 }
 
 function isCulprit(failure: RunFailure): boolean {
@@ -253,17 +325,16 @@ function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Inp
  * own transaction, outside the slot, so the next request need not wait for
  * this commit.
  */
-async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolean> {
-  const { seq, walk, rangeSeq, prepared, settings, sendSlots, currentFailure, recordFailure } = job;
-  const { runId, totals, log } = ctx;
+async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> {
+  const { seq, prepared, settings, sendSlots, currentFailure, recordFailure, deferrable } = job;
+  const { totals, log, scope } = ctx;
   const { db, config, columnType } = ctx.deps;
-  const watermark = walk.watermark;
-  const blog = log.child({ batch: seq, range_no: walk.key.rangeNo });
+  const blog = log.child({ batch: seq });
   // Asked before every request of this batch, parts and retries included.
   const control: SendControl = {
     sendable: (inputs) => sendableAfter(currentFailure(), seq, inputs),
     onFailure: (found) => {
-      if (config.allowPartial) return;
+      if (config.allowPartial || deferrable(found)) return;
       // Strict mode: the run stops at this message. Known now, from the
       // provider's answer, not when this batch commits: from here on nothing
       // after it is sent, by this batch or any other.
@@ -276,109 +347,124 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<boolea
       );
     },
   };
+  const nothingToSend = prepared.toSend.length === 0 && prepared.failed.length === 0;
   let latencyMs = 0;
-  const outcome = await sendSlots(async () => {
-    // Read ahead but not yet sent: after a stop or a failure, it never is.
-    if (ctx.stopped() || currentFailure()) return undefined;
-    const startedAt = Date.now();
-    try {
-      const sent = await sendBatch(prepared, settings, control);
-      latencyMs = Date.now() - startedAt;
-      return sent;
-    } catch (error) {
-      // Recorded before the slot is freed: p-limit starts the next queued
-      // batch at once, and it must see this failure and not send.
-      recordFailure(seq, error);
-      throw error;
-    }
-  });
-  if (!outcome) return false;
+  const outcome: BatchOutcome | undefined = nothingToSend
+    ? { embedded: [], failed: [], unsent: [], attempts: 0, sends: 0 }
+    : await sendSlots(async () => {
+        // Claimed but not yet sent: after a stop or a failure, it never is.
+        if (ctx.stopped() || currentFailure()) return undefined;
+        const startedAt = Date.now();
+        try {
+          const sent = await sendBatch(prepared, settings, control);
+          latencyMs = Date.now() - startedAt;
+          return sent;
+        } catch (error) {
+          // Recorded before the slot is freed: p-limit starts the next queued
+          // batch at once, and it must see this failure and not send.
+          recordFailure(seq, error);
+          throw error;
+        }
+      });
+  // Not sent: its claims go back when the run ends.
+  if (!outcome) return;
   const page = prepared.messages;
+  const deferred = outcome.failed.filter(deferrable);
+  const failures = outcome.failed.filter((f) => !deferrable(f));
+  if (!nothingToSend) job.onResult(deferred.length > 0 && outcome.embedded.length === 0);
 
-  // Strict mode: keep what precedes the first failure, then stop, so the
-  // committed set is the eligible prefix before that message.
-  const firstFailure = config.allowPartial ? undefined : outcome.failed[0];
+  // Strict mode: keep what precedes the first failure, then stop.
+  const firstFailure = config.allowPartial ? undefined : failures[0];
   const earlier = currentFailure();
   if (earlier && earlier.seq < seq && isCulprit(earlier)) {
     blog.debug('discarded: a strict-mode failure precedes this batch');
-    return false;
+    return;
   }
-  // Where the committed prefix ends: before the strict-mode culprit, or
-  // before the first input not sent because the run was stopping.
+  // Where the kept part ends: before the strict-mode culprit, or before the
+  // first input not sent because the run was stopping.
   const cut = minDefined(firstFailure?.position, outcome.unsent[0]?.position);
-  const kept =
-    cut === undefined ? outcome.embedded : outcome.embedded.filter((e) => e.position < cut);
-  const skipped = firstFailure
-    ? []
-    : cut === undefined
-      ? outcome.failed
-      : outcome.failed.filter((f) => f.position < cut);
-  // A prefix commit: where it ends (null: nothing before the cut).
-  const prefixEnd = cut === undefined ? undefined : (page[cut - 1]?.id ?? null);
-
-  if (kept.length > 0 || skipped.length > 0) {
-    const lastHandled = cut === undefined ? page[page.length - 1] : page[cut - 1];
-    const batch = {
-      runId,
-      provider: config.provider,
-      model: config.model,
-      batchNo: seq,
-      firstMessageId: page[0]?.id as string,
-      lastMessageId: lastHandled?.id as string,
-      size: kept.length + skipped.length,
-      tokens: kept.reduce((sum, e) => sum + e.tokens, 0),
-      attempts: outcome.attempts,
-      retries: outcome.attempts - outcome.sends,
-      latencyMs,
-      cursorId: watermark.cursorWith(rangeSeq, prefixEnd),
-    };
-    const to = {
-      db,
-      columnType,
-      copyFromBlob: ctx.deps.copyFromBlob,
-      range: walk.key,
-      leaseMs: config.leaseMs,
-      idType: ctx.deps.idType ?? 'bigint',
-    };
-    try {
-      await ctx.dbRetry('commit a batch', () =>
-        commitBatch(to, batch, kept.map(toRow), skipped.map(toSkip)),
-      );
-    } catch (error) {
-      if (!(error instanceof LeaseLostError)) throw error;
-      // Another worker owns the range now and redoes this batch from the
-      // committed cursor; this worker leaves the range to it.
-      walk.lost = true;
-      blog.warn({ err: error.message }, 'lease lost; leaving the range to its new owner');
-      return false;
+  const before = <T extends { position: number }>(list: T[]) =>
+    cut === undefined ? list : list.filter((x) => x.position < cut);
+  const kept = before(outcome.embedded);
+  const skipped = firstFailure ? [] : before(failures);
+  const deferredKept = before(deferred);
+  const handled = new Set([...kept, ...skipped, ...deferredKept].map((x) => x.message.id));
+  const work: BatchWork = {
+    embedded: kept.map(toRow),
+    skipped: skipped.map(toSkip),
+    gone: job.settled.gone,
+    blank: job.settled.blank,
+    unchanged: job.settled.unchanged,
+    deferred: deferredKept.map((f) => f.message.id),
+    deferredError: deferredKept[0]?.detail,
+    released: page.map((m) => m.id).filter((id) => !handled.has(id)),
+  };
+  const first = page[0];
+  const batch = first && {
+    runId: scope.runId,
+    provider: scope.provider,
+    model: scope.model,
+    batchNo: seq,
+    firstMessageId: first.id,
+    lastMessageId: (page[page.length - 1] as EligibleMessage).id,
+    size: 0,
+    tokens: 0,
+    attempts: outcome.attempts,
+    retries: outcome.attempts - outcome.sends,
+    latencyMs,
+  };
+  const to = {
+    db,
+    scope,
+    columnType,
+    copyFromBlob: ctx.deps.copyFromBlob,
+  };
+  const committed = await ctx.dbRetry('commit a batch', () => commitBatch(to, batch, work));
+  if (committed) {
+    if (committed.embedded + committed.skipped > 0) {
+      totals.batches += 1;
+      totals.requests += outcome.attempts;
+      totals.retries += outcome.attempts - outcome.sends;
     }
-    totals.batches += 1;
-    totals.embedded += kept.length;
-    totals.skipped += skipped.length;
-    totals.truncated += kept.filter((e) => e.truncated).length;
-    totals.tokens += batch.tokens;
-    totals.requests += batch.attempts;
-    totals.retries += batch.retries;
+    totals.embedded += committed.embedded;
+    totals.skipped += committed.skipped;
+    totals.truncated += committed.truncated;
+    totals.tokens += committed.tokens;
+    totals.deferred += work.deferred.length;
+    totals.unchanged += committed.unchanged;
+    totals.blank += committed.blank;
+    totals.gone += committed.gone;
+    if (committed.changed > 0) {
+      blog.debug(
+        { changed: committed.changed },
+        'messages edited while in flight go back to the queue',
+      );
+    }
     blog.debug(
       {
-        first_id: batch.firstMessageId,
-        last_id: batch.lastMessageId,
-        embedded: kept.length,
-        skipped: skipped.length,
+        first_id: batch?.firstMessageId,
+        last_id: batch?.lastMessageId,
+        embedded: committed.embedded,
+        skipped: committed.skipped,
+        deferred: work.deferred.length,
+        unchanged: committed.unchanged,
         attempts: outcome.attempts,
         latency_ms: latencyMs,
       },
       'batch committed',
     );
   }
-  watermark.commit(rangeSeq, prefixEnd);
   for (const failure of skipped) {
     blog.warn({ message_id: failure.message.id, reason: failure.reason }, failure.detail);
   }
+  if (deferredKept.length > 0) {
+    blog.warn(
+      { messages: deferredKept.length, first_id: deferredKept[0]?.message.id },
+      `retries exhausted; back in the queue for a later try: ${deferredKept[0]?.detail}`,
+    );
+  }
   // Already recorded if the provider's answer told; a pre-counted culprit is recorded here.
   if (firstFailure) recordFailure(seq, strictError(firstFailure), firstFailure.position);
-  // Committed in full, or only a prefix (the range is then handed back at its cursor).
-  return cut === undefined;
 }
 
 function minDefined(a: number | undefined, b: number | undefined): number | undefined {
@@ -411,5 +497,11 @@ function toRow(e: BatchOutcome['embedded'][number]): EmbeddedRow {
 }
 
 function toSkip(f: Failure): SkippedRow {
-  return { messageId: f.message.id, reason: f.reason, detail: f.detail, inputTokens: f.tokens };
+  return {
+    messageId: f.message.id,
+    sha256Hex: f.message.sha256Hex,
+    reason: f.reason,
+    detail: f.detail,
+    inputTokens: f.tokens,
+  };
 }

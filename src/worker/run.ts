@@ -1,27 +1,39 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
+import type { Database } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
-import type { IdType } from '../db/source.js';
+import { firstDuplicateId, type IdType } from '../db/source.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { redactUrl } from '../redact.js';
 import type { ProgressDisplay } from '../report/progress-bar.js';
-import { countMessages } from '../sql/messages.js';
-import { openSweep } from '../sql/ranges.js';
+import { captureMode } from '../sql/capture.js';
+import {
+  type ClaimScope,
+  clearBackoff,
+  countOutstandingSkips,
+  enqueueSkipped,
+  ensureTarget,
+  pendingCount,
+  queueState,
+  releaseDeadClaims,
+  releaseRunClaims,
+} from '../sql/queue.js';
+import { reconcile } from '../sql/reconcile.js';
 import {
   finishRun,
   insertRun,
   markAbandonedRuns,
-  setRunSweep,
+  reviveRun,
+  setPlanned,
   skipsByReason,
   touchRun,
 } from '../sql/runs.js';
 import { runPipeline } from './pipeline.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
-import { highestId } from './watermark.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
@@ -39,6 +51,8 @@ export interface RunDeps {
   progressIntervalMs?: number;
   /** A terminal progress bar; when given, it replaces the periodic progress log lines. */
   progressDisplay?: ProgressDisplay | undefined;
+  /** --watch: how the run hears of changes (Database.watchChanges); without it, it polls. */
+  watchChanges?: Database['watchChanges'];
 }
 
 export interface RunOutcome {
@@ -51,9 +65,11 @@ export interface RunOutcome {
 const EXIT = { succeeded: 0, partial: 2, failed: 1 } as const;
 
 /**
- * One invocation of the worker: pages through eligible messages with a keyset
- * cursor and commits each batch in its own transaction. `stop()` lets the
- * batch in flight commit (or roll back) and then ends the run as interrupted.
+ * One invocation of the worker: readies the target's queue (a reconciliation
+ * scan where the triggers cannot answer), then claims, embeds and commits
+ * batches until the queue is done, or, with --watch, until stopped. `stop()`
+ * lets the batches in flight commit (or roll back) and ends the run as
+ * interrupted; what the run still holds goes back to the queue.
  */
 export class EmbedRun {
   #stopSignal: NodeJS.Signals | undefined;
@@ -84,44 +100,40 @@ export class EmbedRun {
 
   async run(): Promise<RunOutcome> {
     const { db, config, logger } = this.deps;
-    const target = {
-      provider: config.provider,
-      model: config.model,
-      force: config.force,
-      source: config.messageSource,
-    };
-    const census = await countMessages(db, target);
-    const planned = Math.min(census.eligible, config.limit ?? Number.POSITIVE_INFINITY);
+    const startedAt = Date.now();
+    const watch = config.watch;
+    const bootLog = logger.child({ provider: config.provider, model: config.model });
+    const bootRetry = <T>(what: string, fn: () => Promise<T>) =>
+      withDbRetry(what, fn, { retryMs: config.dbRetryMs, log: bootLog });
+    const target = await bootRetry('register the target', () =>
+      ensureTarget(db, config.provider, config.model),
+    );
+    // Runs that stopped beating are dead: their claims go back to the queue.
+    const abandoned = await bootRetry('mark abandoned runs', () => markAbandonedRuns(db));
+    if (abandoned > 0)
+      bootLog.warn({ runs: abandoned }, 'marked runs without a heartbeat abandoned');
+    await bootRetry('release dead claims', () => releaseDeadClaims(db));
+    const capture = (await captureMode(db)) ?? 'reconcile';
     const runId = await insertRun(db, {
       provider: config.provider,
       model: config.model,
       options: runOptions(config),
-      planned,
-      blank: census.blank,
+      planned: 0,
+      blank: 0,
+      watch,
     });
     const log = logger.child({ run_id: runId });
     const dbRetry = <T>(what: string, fn: () => Promise<T>) =>
       withDbRetry(what, fn, { retryMs: config.dbRetryMs, log });
-    const abandoned = await dbRetry('mark abandoned runs', () => markAbandonedRuns(db));
-    if (abandoned > 0) log.warn({ runs: abandoned }, 'marked runs without a heartbeat abandoned');
-    const sweep = await dbRetry('open a sweep', () =>
-      openSweep(db, target, { rangeSize: config.rangeSize, runId }),
-    );
-    await dbRetry('record the sweep', () => setRunSweep(db, runId, sweep.id));
-    log.info(
-      {
-        planned,
-        blank: census.blank,
-        up_to_date: census.upToDate,
-        model: config.model,
-        sweep_id: sweep.id,
-        sweep_ranges: sweep.ranges,
-        sweep: sweep.created ? 'planned' : 'joined',
-      },
-      'run started',
-    );
+    const scope: ClaimScope = {
+      targetId: target.id,
+      runId,
+      provider: config.provider,
+      model: config.model,
+      source: config.messageSource,
+      idType: this.deps.idType ?? 'bigint',
+    };
 
-    const startedAt = Date.now();
     const totals: RunTotals = {
       embedded: 0,
       skipped: 0,
@@ -132,97 +144,193 @@ export class EmbedRun {
       batches: 0,
       tokensBilled: 0,
       requestsBilled: 0,
+      deferred: 0,
+      unchanged: 0,
+      blank: 0,
+      gone: 0,
     };
-    // Not shown at all if a stop came before it could start.
-    const display = this.#displayStopped ? undefined : this.deps.progressDisplay;
-    display?.start(planned);
-    const progress = setInterval(
-      () => {
-        const done = totals.embedded + totals.skipped;
-        const rate = done / ((Date.now() - startedAt) / 1000);
-        if (display) {
-          if (!this.#displayStopped) display.update(done, { ...totals, ratePerSecond: rate });
-          return;
-        }
-        log.info(
-          {
-            ...totals,
-            planned,
-            percent: planned ? +((100 * done) / planned).toFixed(1) : 100,
-            rate: +rate.toFixed(1),
-            eta_s: rate ? Math.round((planned - done) / rate) : null,
-          },
-          'progress',
-        );
-      },
-      display ? 250 : (this.deps.progressIntervalMs ?? 5000),
-    );
-    progress.unref();
-    // The run's heartbeat, for the progress view and for takers to tell a
-    // dead run; the pipeline renews its leases on the same beat, a third of
-    // the lease, so two beats can fail in a blip before a range may be taken.
+    let planned = 0;
+    let reconciled: RunSummary['reconciled'] = null;
+    const census = { blank: 0, upToDate: 0 };
+    // The run's heartbeat, for the progress view and for others to tell a
+    // dead run (--lease-ms without one) and take its claims: a third of the
+    // lease, so two beats can fail in a blip. It carries the spend billed so far.
     const heartbeatMs = Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3);
-    // It carries the spend billed so far, so a run that dies still shows it.
     const heartbeat = setInterval(() => {
-      touchRun(db, runId, totals).catch((error: unknown) =>
-        log.warn({ err: oneLine(error) }, 'heartbeat failed'),
-      );
+      const beat = async () => {
+        await touchRun(db, runId, { ...totals, ...(watch ? { planned } : {}) });
+        if (await reviveRun(db, runId)) {
+          log.warn(
+            'this run stalled past --lease-ms and was marked abandoned; its claims went to others; running again',
+          );
+        }
+        // A watcher also finds dead peers, whose claims would otherwise wait.
+        if (watch && (await markAbandonedRuns(db)) > 0) await releaseDeadClaims(db);
+      };
+      beat().catch((error: unknown) => log.warn({ err: oneLine(error) }, 'heartbeat failed'));
     }, heartbeatMs);
     heartbeat.unref();
 
     let error: PgembedError | Error | undefined;
-    const cursors: Array<string | null> = [];
+    let display: ProgressDisplay | undefined;
+    let progress: NodeJS.Timeout | undefined;
+    let stopListening: (() => Promise<void>) | undefined;
     try {
-      let current = sweep;
-      let limitLeft = config.limit;
-      const batchNumbers = { last: 0 };
-      // At most two passes: the sweep it joined, then one planned after it started.
-      for (let passNo = 1; ; passNo++) {
-        const pass = await runPipeline({
-          deps: this.deps,
-          runId,
-          sweepId: current.id,
-          target,
-          totals,
-          log,
-          stopped: () => this.#stopSignal,
-          abortSignal: this.#abort.signal,
-          dbRetry,
-          limit: limitLeft,
-          batchNumbers,
-          heartbeatMs,
-        });
-        cursors.push(pass.cursorId);
-        if (pass.error) throw pass.error;
-        // A --force sweep re-embeds everything anyway: a second pass would pay twice.
-        if (this.#stopSignal || target.force || passNo === 2 || !current.progressedBeforeJoin) {
-          break;
-        }
-        if (limitLeft !== undefined) limitLeft -= pass.taken;
-        if (limitLeft !== undefined && limitLeft <= 0) break;
-        // It joined a sweep others had already made progress in: messages
-        // behind their cursors may have changed since. One more pass, over a
-        // sweep planned now.
-        const next = await dbRetry('open a sweep', () =>
-          openSweep(db, target, { rangeSize: config.rangeSize, runId }),
-        );
-        if (next.id === current.id) break; // still open: other workers are finishing it
-        await dbRetry('record the sweep', () => setRunSweep(db, runId, next.id));
+      // A scan where the triggers cannot answer: a target's first run, a
+      // source without triggers, or when asked.
+      const scanWhy = !target.backfilledAt
+        ? 'first run for this model'
+        : capture === 'reconcile'
+          ? 'the source has no triggers'
+          : config.reconcile
+            ? '--reconcile'
+            : config.force
+              ? '--force'
+              : config.retrySkipped
+                ? '--retry-skipped'
+                : undefined;
+      const scan = async (why: string) => {
         log.info(
-          {
-            sweep_id: next.id,
-            sweep_ranges: next.ranges,
-            sweep: next.created ? 'planned' : 'joined',
-          },
-          'the joined sweep had progress from before this run joined; one more pass over a new sweep',
+          { why },
+          'reconciling: scanning the source for missing, stale and deleted messages',
         );
-        current = next;
+        const counts = await dbRetry('reconcile', () =>
+          reconcile(db, scope, {
+            force: config.force,
+            retrySkipped: config.retrySkipped,
+            onChunk: () => !this.#stopSignal,
+          }),
+        ).catch(async (caught: unknown) => {
+          // 21000: one chunk queued an id twice, so the source (a view)
+          // returns it twice. Say which, rather than Postgres's words.
+          if ((caught as { code?: string }).code !== '21000') throw caught;
+          throw (await firstDuplicateId(db, config.messageSource, null)) ?? caught;
+        });
+        log.info({ ...counts }, 'reconciled');
+        return counts;
+      };
+      if (scanWhy) {
+        const counts = await scan(scanWhy);
+        census.blank = counts.blank;
+        census.upToDate = counts.upToDate;
+        reconciled = {
+          scanned: counts.scanned,
+          enqueued: counts.enqueued,
+          orphansDeleted: counts.orphansDeleted,
+        };
       }
+      if (!watch) {
+        // An explicit run retries now what a watcher deferred for later.
+        await dbRetry('ready deferred messages', () => clearBackoff(db, target.id));
+      }
+      if (config.retrySkipped || !config.allowPartial) {
+        // Strict mode stops on a message it cannot embed, even one an earlier
+        // --allow-partial run skipped: complete, or it says which is not.
+        const retried = await dbRetry('queue the skipped', () => enqueueSkipped(db, scope));
+        if (retried > 0) log.info({ messages: retried }, 'trying again messages skipped before');
+      }
+      const pending = await dbRetry('count the queue', () => pendingCount(db, target.id));
+      planned = watch ? 0 : Math.min(pending, config.limit ?? Number.POSITIVE_INFINITY);
+      await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
+      log.info(
+        {
+          planned,
+          pending,
+          capture,
+          watch,
+          ...(reconciled ? { reconciled } : {}),
+          model: config.model,
+        },
+        'run started',
+      );
+
+      // Not shown at all if a stop came before it could start; nor in watch mode.
+      display = this.#displayStopped || watch ? undefined : this.deps.progressDisplay;
+      display?.start(planned);
+      progress = setInterval(
+        () => {
+          const done = totals.embedded + totals.skipped;
+          const rate = done / ((Date.now() - startedAt) / 1000);
+          if (display) {
+            if (!this.#displayStopped) display.update(done, { ...totals, ratePerSecond: rate });
+            return;
+          }
+          log.info(
+            {
+              ...totals,
+              planned,
+              ...(watch
+                ? {}
+                : {
+                    percent: planned ? +((100 * done) / planned).toFixed(1) : 100,
+                    eta_s: rate ? Math.round((planned - done) / rate) : null,
+                  }),
+              rate: +rate.toFixed(1),
+            },
+            'progress',
+          );
+        },
+        display ? 250 : (this.deps.progressIntervalMs ?? 5000),
+      );
+      progress.unref();
+
+      // Watch mode: wake on a change, or poll; a source without triggers is
+      // scanned again every --reconcile-interval-ms.
+      let wake: (() => void) | undefined;
+      let lastScanAt = Date.now();
+      if (watch && this.deps.watchChanges) {
+        stopListening = await this.deps.watchChanges(() => wake?.());
+      }
+      const idle = watch
+        ? async (waitMs: number) => {
+            if (capture === 'reconcile' && Date.now() - lastScanAt >= config.reconcileIntervalMs) {
+              lastScanAt = Date.now();
+              await scan('the source has no triggers');
+              return;
+            }
+            await new Promise<void>((resolve) => {
+              const done = () => {
+                clearTimeout(timer);
+                this.#abort.signal.removeEventListener('abort', done);
+                wake = undefined;
+                resolve();
+              };
+              const timer = setTimeout(done, waitMs);
+              wake = done;
+              this.#abort.signal.addEventListener('abort', done, { once: true });
+              if (this.#abort.signal.aborted) done();
+            });
+          }
+        : undefined;
+      const result = await runPipeline({
+        deps: this.deps,
+        scope,
+        totals,
+        log,
+        stopped: () => this.#stopSignal,
+        abortSignal: this.#abort.signal,
+        dbRetry,
+        limit: config.limit,
+        idle,
+        pollIntervalMs: config.pollIntervalMs,
+        onClaimed: (n) => {
+          if (watch) planned += n;
+        },
+        pause: (ms) => sleep(ms, this.#abort.signal),
+        waitForOthers: async () => {
+          if ((await dbRetry('mark abandoned runs', () => markAbandonedRuns(db))) > 0) {
+            await dbRetry('release dead claims', () => releaseDeadClaims(db));
+          }
+          await sleep(Math.min(1000, config.leaseMs / 4), this.#abort.signal);
+        },
+      });
+      if (result.error) throw result.error;
     } catch (caught) {
       error = this.#stopSignal ? new InterruptedError(this.#stopSignal) : asError(caught);
     } finally {
       clearInterval(progress);
       clearInterval(heartbeat);
+      await stopListening?.().catch(() => {});
       // The bar's last frame, then down, before the summary or any error is
       // written. After a stop it is down already and draws nothing more.
       if (display && !this.#displayStopped) {
@@ -233,18 +341,47 @@ export class EmbedRun {
       }
       this.#stopDisplay();
     }
-    const cursorId = highestId(cursors);
     if (!error && this.#stopSignal) error = new InterruptedError(this.#stopSignal);
+    // What this run still holds goes back at once, for others (or the next run).
+    await dbRetry('release claims', () => releaseRunClaims(db, runId)).then(
+      (released) => {
+        if (released > 0) log.info({ messages: released }, 'claims released');
+      },
+      (caught: unknown) =>
+        log.warn(
+          { err: oneLine(caught) },
+          'could not release claims; they go back once the run is found dead',
+        ),
+    );
 
+    // Messages earlier runs skipped, still as they were, are still missing:
+    // a run that leaves them is partial, never a success.
+    // (Those this run skipped are among them.)
+    const skippedEarlier =
+      error || watch
+        ? 0
+        : Math.max(
+            0,
+            (await dbRetry('count earlier skips', () => countOutstandingSkips(db, scope)).catch(
+              () => totals.skipped,
+            )) - totals.skipped,
+          );
+    // Rows another worker deferred while this one ran are still pending.
+    if (!error && !watch) {
+      const left = await dbRetry('read the queue', () => queueState(db, target.id, runId)).catch(
+        () => undefined,
+      );
+      totals.deferred = Math.max(totals.deferred, left?.backingOff ?? 0);
+    }
     const status = error
       ? error instanceof InterruptedError
         ? 'interrupted'
         : 'failed'
-      : totals.skipped > 0
+      : totals.skipped > 0 || totals.deferred > 0 || skippedEarlier > 0
         ? 'partial'
         : 'succeeded';
     // With the database gone for good, the summary still goes out and the
-    // exit code is still 1; the run row is marked abandoned by whoever takes over.
+    // exit code is still 1; the run row is marked abandoned by whoever comes next.
     const skippedIds = await dbRetry('read the skips', () => skipsByReason(db, runId)).catch(
       (caught: unknown) => {
         log.warn({ err: oneLine(caught) }, 'could not read the skips');
@@ -259,7 +396,12 @@ export class EmbedRun {
       model: config.model,
       planned,
       ...totals,
-      ineligible: { blank: census.blank, upToDate: census.upToDate },
+      ineligible: {
+        blank: census.blank + totals.blank,
+        upToDate: census.upToDate + totals.unchanged,
+      },
+      reconciled,
+      skippedEarlier,
       skippedByReason: Object.fromEntries(
         Object.entries(skippedIds).map(([reason, ids]) => [reason, ids.length]),
       ),
@@ -269,14 +411,16 @@ export class EmbedRun {
       peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
       error: error ? oneLine(error) : null,
     };
-    // Concurrent commits each wrote the cursor they could see; settle it now.
     await dbRetry('finish the run', () =>
-      finishRun(db, runId, status, { ...summary }, summary.error, cursorId, totals),
+      finishRun(db, runId, status, { ...summary }, summary.error, {
+        ...totals,
+        ...(watch ? { planned } : {}),
+      }),
     ).catch((caught: unknown) =>
       log.error({ err: oneLine(caught) }, 'could not record the end of the run'),
     );
-    // Again at the end: a worker killed before it held any lease is found
-    // here, not only by the next run to start.
+    // Again at the end: a worker killed before it claimed anything holds no
+    // claims for others to wait on, and is found here.
     await markAbandonedRuns(db).catch(() => 0);
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
@@ -295,6 +439,19 @@ export class EmbedRun {
   }
 }
 
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', done);
+      resolve();
+    }
+    signal.addEventListener('abort', done, { once: true });
+  });
+}
+
 /** What the run was asked to do, for the run row; no secrets. */
 function runOptions(config: EmbedConfig): Record<string, unknown> {
   return {
@@ -308,7 +465,8 @@ function runOptions(config: EmbedConfig): Record<string, unknown> {
     max_input_tokens: config.effectiveMaxInputTokens ?? null,
     truncate: config.truncate,
     lease_ms: config.leaseMs,
-    range_size: config.rangeSize,
+    watch: config.watch,
+    triggers: config.triggers,
     base_url: config.openaiBaseUrl ? redactUrl(config.openaiBaseUrl) : null,
   };
 }

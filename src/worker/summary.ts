@@ -29,6 +29,14 @@ export interface RunTotals {
   tokensBilled: number;
   /** Requests the provider answered (HTTP 200), kept or not. */
   requestsBilled: number;
+  /** Given back to the queue after their retries ran out, to be tried later. */
+  deferred: number;
+  /** Claimed, and found with an embedding of their current content already. */
+  unchanged: number;
+  /** Claimed, and found blank (a stale embedding of theirs removed). */
+  blank: number;
+  /** Claimed, and found deleted (their embeddings removed). */
+  gone: number;
 }
 
 export interface RunSummary extends RunTotals {
@@ -38,6 +46,13 @@ export interface RunSummary extends RunTotals {
   model: string;
   planned: number;
   ineligible: { blank: number; upToDate: number };
+  /**
+   * Messages earlier runs skipped, unchanged since and still not embedded:
+   * left alone (--retry-skipped tries them), but they make the run partial.
+   */
+  skippedEarlier: number;
+  /** What the reconciliation scan did, when the run made one. */
+  reconciled: { scanned: number; enqueued: number; orphansDeleted: number } | null;
   skippedByReason: Record<string, number>;
   elapsedMs: number;
   messagesPerSecond: number;
@@ -54,6 +69,21 @@ export function formatSummary(summary: RunSummary, skippedIds: Record<string, st
   const lines = [
     `pgembed run ${summary.runId} ${summary.status}: ${summary.provider}/${summary.model}`,
     `  embedded ${n(summary.embedded)}${summary.truncated ? ` (${n(summary.truncated)} truncated)` : ''}, skipped ${n(summary.skipped)}, ineligible ${n(summary.ineligible.blank)} blank + ${n(summary.ineligible.upToDate)} already up to date`,
+    ...(summary.skippedEarlier > 0
+      ? [
+          `  still skipped from earlier runs: ${n(summary.skippedEarlier)}, their text unchanged (--retry-skipped tries them again)`,
+        ]
+      : []),
+    ...(summary.deferred > 0
+      ? [
+          `  deferred ${n(summary.deferred)}: retries exhausted; left in the queue for a later run (select * from embedding_queue where last_error is not null)`,
+        ]
+      : []),
+    ...(summary.reconciled
+      ? [
+          `  reconciled: scanned ${n(summary.reconciled.scanned)} messages, queued ${n(summary.reconciled.enqueued)}, removed ${n(summary.reconciled.orphansDeleted)} embeddings of deleted messages`,
+        ]
+      : []),
     `  kept: tokens ${n(summary.tokens)}, requests ${n(summary.requests)} (retries ${n(summary.retries)}) in ${n(summary.batches)} committed batches`,
     `  billed: tokens ${n(summary.tokensBilled)} in ${n(summary.requestsBilled)} answered requests, kept or not`,
     `  elapsed ${(summary.elapsedMs / 1000).toFixed(1)} s, ${summary.messagesPerSecond.toFixed(1)} messages/s, peak memory ${summary.peakRssMiB} MiB`,

@@ -99,11 +99,7 @@ describe('one embedded database, many processes', () => {
 
   it('a second embed started while one runs connects through it; they share the work', async () => {
     const hold = fake.hold();
-    const first = startCli(
-      'embed',
-      ['--batch-size', '10', '--concurrency', '2', '--range-size', '20'],
-      env(),
-    );
+    const first = startCli('embed', ['--batch-size', '10', '--concurrency', '2'], env());
     await fake.until((stats) => stats.held >= 1);
     const second = startCli('embed', ['--batch-size', '10', '--concurrency', '2'], env());
     const started = await second.waitForStdoutLine((line) => isLog(line, 'pgembed starting'));

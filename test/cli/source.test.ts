@@ -81,29 +81,23 @@ describe.each(backends())("the application's own table on %s", (backend) => {
          'note number ' || g from generate_series(1, 9) g`,
     ]);
     const args = ['--source', 'notes', '--id-column', 'note_id', '--text-column', 'txt'];
-    const first = await embed(url, [...args, '--range-size', '4', '--concurrency', '2']);
+    const first = await embed(url, [...args, '--batch-size', '4', '--concurrency', '2']);
     expect(first.code, first.stderr).toBe(0);
     const types = await query<{ table: string; type: string }>(
       url,
       `select attrelid::regclass::text as table, format_type(atttypid, atttypmod) as type
        from pg_attribute
-       where attname in ('message_id', 'cursor_id', 'hi_id') and attrelid in
-         ('message_embeddings'::regclass, 'embedding_skips'::regclass, 'embedding_ranges'::regclass)
+       where attname = 'message_id' and attrelid in
+         ('message_embeddings'::regclass, 'embedding_skips'::regclass, 'embedding_queue'::regclass)
        order by 1`,
     );
-    // message_embeddings.message_id, embedding_skips.message_id, embedding_ranges' cursor_id and hi_id.
-    expect(types.map((t) => t.type)).toEqual(['uuid', 'uuid', 'uuid', 'uuid']);
+    // message_embeddings', embedding_skips' and embedding_queue's message_id.
+    expect(types.map((t) => t.type)).toEqual(['uuid', 'uuid', 'uuid']);
     const count = await query<{ n: number }>(
       url,
       'select count(*)::int as n from message_embeddings',
     );
     expect(count[0]?.n).toBe(9);
-    const ranges = await query<{ state: string; cursor: string }>(
-      url,
-      'select state, cursor_id::text as cursor from embedding_ranges order by range_no',
-    );
-    expect(ranges.map((r) => r.state)).toEqual(['done', 'done', 'done']);
-    expect(ranges.at(-1)?.cursor).toBe('00000000-0000-4000-8000-000000000009');
 
     fake.reset();
     expect((await embed(url, args)).code).toBe(0);
@@ -178,22 +172,23 @@ describe.each(backends())("the application's own table on %s", (backend) => {
     },
   );
 
-  it('refuses such a table before any work on a database already migrated for another source', async () => {
+  it('refuses a second source in one schema, naming the first, before any work', async () => {
     const url = await freshDatabase([
       'create table good (turn_id bigint primary key, body text not null)',
       "insert into good values (1, 'the good one')",
-      'create table turns (turn_id bigint, body text not null)',
-      "insert into turns values (1, 'one'), (1, 'one again'), (null, 'no id')",
+      'create table other (turn_id bigint primary key, body text not null)',
+      "insert into other values (1, 'a different first message')",
     ]);
     const columns = ['--id-column', 'turn_id', '--text-column', 'body'];
     const first = await embed(url, ['--source', 'good', ...columns]);
     expect(first.code, first.stderr).toBe(0);
     fake.reset();
-    const result = await embed(url, ['--source', 'turns', ...columns]);
+    // Its id 1 would overwrite the embedding of good's id 1.
+    const result = await embed(url, ['--source', 'other', ...columns]);
     expect(result.code, result.stderr).toBe(1);
     expect(stderrLines(result), result.stderr).toHaveLength(1);
     expect(stderrLines(result)[0]).toMatch(
-      /^pgembed: --id-column turn_id of turns is not declared unique/,
+      /^pgembed: this schema's embeddings belong to --source good \(--id-column turn_id, --text-column body\); one schema holds one source/,
     );
     expect(fake.stats.requests).toBe(0);
     const runs = await query<{ n: number }>(url, 'select count(*)::int as n from embedding_runs');
@@ -305,4 +300,84 @@ describe.each(backends())("the application's own table on %s", (backend) => {
       expect(tables[0]?.exists).toBe(false);
     },
   );
+});
+
+// Ids key the embeddings, so two sources whose ids overlap live in two
+// schemas: each schema has its own embeddings, queue and triggers.
+describe.runIf(backends().includes('postgres'))('two sources with the same ids', () => {
+  let fake: FakeOpenAI;
+  let database: TestDatabase;
+  beforeAll(async () => {
+    fake = await startFakeOpenAI();
+    database = await createTestDatabase('postgres');
+    const db = await openDatabase(database.url);
+    try {
+      for (const schema of ['sales', 'support']) {
+        await sql.raw(`create schema ${schema}`).execute(db.db);
+        await sql
+          .raw(`create table ${schema}.notes (id bigint primary key, body text not null)`)
+          .execute(db.db);
+        await sql
+          .raw(
+            `insert into ${schema}.notes select g, '${schema} note ' || g from generate_series(1, 3) g`,
+          )
+          .execute(db.db);
+      }
+    } finally {
+      await db.close();
+    }
+  });
+  afterAll(async () => {
+    await fake?.close();
+    await database?.drop();
+  });
+
+  const inSchema = (schema: string) => {
+    const url = new URL(database.url);
+    url.searchParams.set('options', `-csearch_path=${schema}`);
+    return url.toString();
+  };
+
+  it('embeds each in a schema of its own, neither overwriting the other, and an edit in one re-embeds only it', async () => {
+    const args = ['--source', 'notes', '--text-column', 'body'];
+    for (const schema of ['sales', 'support']) {
+      const result = await runCli('embed', args, {
+        DATABASE_URL: inSchema(schema),
+        OPENAI_BASE_URL: fake.url,
+      });
+      expect(result.code, result.stderr).toBe(0);
+    }
+    const db = await openDatabase(database.url);
+    try {
+      for (const schema of ['sales', 'support']) {
+        const { rows } = await sql<{ id: string; embedding: string; body: string }>`
+          select e.message_id::text as id, e.embedding::text as embedding, n.body
+          from ${sql.id(schema, 'message_embeddings')} e
+          join ${sql.id(schema, 'notes')} n on n.id = e.message_id order by e.message_id`.execute(
+          db.db,
+        );
+        expect(rows.map((r) => r.id)).toEqual(['1', '2', '3']);
+        for (const row of rows) {
+          expect(row.body).toBe(`${schema} note ${row.id}`);
+          expect(parseVector(row.embedding).map(Math.fround)).toEqual(
+            Array.from(fakeEmbedding(row.body, 1536)),
+          );
+        }
+      }
+      fake.reset();
+      await sql`update support.notes set body = 'support note 2, edited' where id = 2`.execute(
+        db.db,
+      );
+      for (const schema of ['sales', 'support']) {
+        const result = await runCli('embed', args, {
+          DATABASE_URL: inSchema(schema),
+          OPENAI_BASE_URL: fake.url,
+        });
+        expect(result.code, result.stderr).toBe(0);
+      }
+      expect([...fake.stats.seen.keys()]).toEqual(['support note 2, edited']);
+    } finally {
+      await db.close();
+    }
+  }, 60_000);
 });

@@ -46,7 +46,7 @@ describe.each(backends())('status and search on %s', (backend) => {
     const report = JSON.parse(result.stdout) as {
       coverage: Array<Record<string, unknown>>;
       runs: Array<Record<string, unknown>>;
-      sweeps: Array<Record<string, unknown>>;
+      queue: Array<Record<string, unknown>>;
     };
     // 29 non-blank messages; 20 embedded, one of them since edited.
     expect(report.coverage).toEqual([
@@ -61,8 +61,19 @@ describe.each(backends())('status and search on %s', (backend) => {
     ]);
     expect(report.runs).toHaveLength(1);
     expect(report.runs[0]).toMatchObject({ status: 'succeeded', embedded: 20, skipped: 0 });
-    // The --limit left the sweep open, half walked.
-    expect(report.sweeps).toHaveLength(1);
+    // The --limit left 9 messages in the queue, and the edit queued one more.
+    expect(report.queue).toEqual([
+      {
+        provider: 'openai',
+        model: 'text-embedding-3-small',
+        pending: 10,
+        claimed: 0,
+        backingOff: 0,
+        lagSeconds: expect.any(Number),
+        lastError: null,
+        backfilled: true,
+      },
+    ]);
 
     const text = await runCli('status', [], { DATABASE_URL: database.url });
     expect(text.code, text.stderr).toBe(0);
@@ -70,6 +81,9 @@ describe.each(backends())('status and search on %s', (backend) => {
       'openai/text-embedding-3-small: 19 / 29 (65.5%), stale 1, missing 9',
     );
     expect(text.stdout).toMatch(/run \d+ succeeded +openai\/text-embedding-3-small: embedded 20/);
+    expect(text.stdout).toMatch(
+      /openai\/text-embedding-3-small: 10 pending \(0 claimed\), lag \d+ (s|min)\n/,
+    );
   }, 60_000);
 
   it('finds a message by its own text first, with the same provider the embeddings came from', async () => {

@@ -89,7 +89,7 @@ function describeWorkers() {
     const contents = sampleTexts(6000);
     await seedMessages(fx.database.db, contents);
     fx.fake.options.latencyMs = 50;
-    const args = ['--batch-size', '16', '--concurrency', '2', '--range-size', '250'];
+    const args = ['--batch-size', '16', '--concurrency', '2'];
     // Nothing is answered until all three have both their batches at the
     // server: each had work of its own before any could finish, however
     // slowly one of them started.
@@ -115,16 +115,8 @@ function describeWorkers() {
     expect(rows.reduce((sum, r) => sum + r.embedded, 0)).toBe(6000);
     // The work was shared, not done by whoever started first.
     for (const row of rows) expect(row.embedded).toBeGreaterThan(0);
-    // One sweep shared; a worker that joined it after some ranges were done
-    // made one more pass over a new sweep, which found nothing left to do.
-    const sweeps = await fx.database.db
-      .selectFrom('embedding_sweeps')
-      .selectAll()
-      .orderBy('id')
-      .execute();
-    expect(sweeps[0]?.planned).toBe(6000);
-    expect(sweeps.every((s) => s.finished_at !== null)).toBe(true);
-    expect(sweeps.slice(1).every((s) => s.planned === 0)).toBe(true);
+    // The queue they shared is drained, nothing left claimed.
+    expect(await fx.database.db.selectFrom('embedding_queue').selectAll().execute()).toEqual([]);
   }, 180_000);
 
   it('ends with the exact table after a worker is killed with SIGKILL 10 times at random moments, redoing at most the batches in flight', async ({
@@ -140,8 +132,6 @@ function describeWorkers() {
       String(batchSize),
       '--concurrency',
       String(concurrency),
-      '--range-size',
-      '200',
       '--lease-ms',
       '2000',
     ];
@@ -198,57 +188,52 @@ function describeWorkers() {
     ).toBe(true);
   }, 300_000);
 
-  it('shows its leases and heartbeats in the progress views, and on SIGTERM hands its ranges back for another worker to take at once', async () => {
+  it('shows its claims, heartbeat, queue depth and lag in the views, and on SIGTERM gives its claims back for another worker to take at once', async () => {
     const contents = sampleTexts(2000);
     await seedMessages(fx.database.db, contents);
-    fx.fake.options.latencyMs = 50;
+    // Answers wait until the views are read: the worker's batches stay claimed.
+    const held = fx.fake.hold();
     // A lease far longer than the test: only a release lets the next worker in.
-    const args = [
-      '--batch-size',
-      '10',
-      '--concurrency',
-      '2',
-      '--range-size',
-      '400',
-      '--lease-ms',
-      '600000',
-    ];
+    const args = ['--batch-size', '10', '--concurrency', '2', '--lease-ms', '600000'];
     const first = worker(args);
-    await first.waitForStdoutLine((line) => isLog(line, 'range leased'), 60_000);
-    const progress = await sql<{
-      ranges_leased: number;
-      lease_in_future: boolean;
-      heartbeat_since_start: boolean;
-    }>`select ranges_leased, lease_expires_at > now() as lease_in_future,
-              heartbeat_age between interval '0' and now() - started_at as heartbeat_since_start
-       from embedding_progress where status = 'running'`.execute(fx.database.db);
-    expect(progress.rows).toHaveLength(1);
-    // A heartbeat of this run's own (no older than the run, none from the future).
-    expect(progress.rows[0]).toMatchObject({
-      ranges_leased: 1,
-      lease_in_future: true,
-      heartbeat_since_start: true,
+    await fx.fake.until((stats) => stats.held >= 2);
+    // Two batches at the server and one claimed ahead; then the reader waits.
+    await waitFor(async () => {
+      const n = await fx.database.db
+        .selectFrom('embedding_queue')
+        .select((eb) => eb.fn.countAll().as('n'))
+        .where('claimed_by', 'is not', null)
+        .executeTakeFirstOrThrow();
+      return Number(n.n) === 30;
     });
-    const fleet = await sql<{ workers: number; ranges: number; status: string }>`
-      select workers, ranges, status from embedding_sweep_progress`.execute(fx.database.db);
-    expect(fleet.rows).toEqual([{ workers: 1, ranges: 5, status: 'open' }]);
+    const progress = await sql<{ claimed: number; heartbeat_since_start: boolean }>`
+      select claimed, heartbeat_age between interval '0' and now() - started_at as heartbeat_since_start
+      from embedding_progress where status = 'running'`.execute(fx.database.db);
+    expect(progress.rows).toHaveLength(1);
+    // Two batches sent and one read ahead, claimed; a heartbeat of this run's own.
+    expect(progress.rows[0]).toEqual({ claimed: 30, heartbeat_since_start: true });
+    const queue = await sql<{ pending: number; claimed: number; has_lag: boolean }>`
+      select pending, claimed, lag >= interval '0' as has_lag from embedding_queue_status`.execute(
+      fx.database.db,
+    );
+    expect(queue.rows).toEqual([{ pending: 2000, claimed: 30, has_lag: true }]);
 
     first.child.kill('SIGTERM');
+    held.release();
     const stopped = await first.result;
     expect(stopped.code).toBe(143);
-    const leased = await fx.database.db
-      .selectFrom('embedding_ranges')
+    const claimed = await fx.database.db
+      .selectFrom('embedding_queue')
       .select((eb) => eb.fn.countAll().as('n'))
-      .where('state', '=', 'leased')
+      .where('claimed_by', 'is not', null)
       .executeTakeFirstOrThrow();
-    expect(Number(leased.n)).toBe(0);
+    expect(Number(claimed.n)).toBe(0);
 
     const second = worker(args);
     const result = await second.result;
     expect(result.code, result.stderr).toBe(0);
-    // It took the handed-back range as a plain lease: no takeover, no wait.
-    expect(result.stdout).not.toContain('taken over');
-    expect(result.stdout).not.toContain('waiting to take over');
+    // It took what the first gave back at once: no wait for a lease.
+    expect(result.stdout).not.toContain('claimed by other workers');
     await expectExactTable(contents);
     const runRows = await runs();
     expect(runRows.map((r) => r.status)).toEqual(['interrupted', 'succeeded']);
@@ -331,8 +316,11 @@ function describeWorkers() {
     fx.fake.options.latencyMs = 30;
     const proxy = await startTcpProxy(fx.url);
     try {
-      const throughProxy = (retryMs: string) =>
-        worker(['--batch-size', '10', '--concurrency', '2', '--db-retry-ms', retryMs], proxy.url);
+      const throughProxy = (retryMs: string, ...more: string[]) =>
+        worker(
+          ['--batch-size', '10', '--concurrency', '2', '--db-retry-ms', retryMs, ...more],
+          proxy.url,
+        );
       const committed = async () =>
         Number(
           (
@@ -356,9 +344,9 @@ function describeWorkers() {
       await expectExactTable(contents);
 
       // An outage longer than the bound: exit 1 with one clear line, commits kept.
+      // Embeddings deleted behind the triggers' back: --reconcile finds them missing.
       await fx.database.db.deleteFrom('message_embeddings').execute();
-      await fx.database.db.deleteFrom('embedding_sweeps').execute();
-      const outage = throughProxy('1500');
+      const outage = throughProxy('1500', '--reconcile');
       await waitFor(async () => (await committed()) >= 50);
       await proxy.cut();
       const failed = await outage.result;
@@ -385,7 +373,7 @@ function describeWorkers() {
     const contents = sampleTexts(1500);
     await seedMessages(fx.database.db, contents);
     fx.fake.options.models = ['text-embedding-3-small', SECOND_MODEL];
-    const args = ['--batch-size', '16', '--concurrency', '2', '--range-size', '300'];
+    const args = ['--batch-size', '16', '--concurrency', '2'];
     const [first, second] = await Promise.all([
       worker(args).result,
       worker([...args, '--model', SECOND_MODEL]).result,
@@ -399,18 +387,19 @@ function describeWorkers() {
       expect(seen?.size).toBe(1500);
       expect([...(seen?.values() ?? [])].every((n) => n === 1)).toBe(true);
     }
-    // Each model's rows were written by that model's run, in that model's sweep.
+    // Each model's rows were written by that model's run, from its own queue.
     const crossed = await sql<{ n: number }>`
       select count(*)::int as n from message_embeddings e
       join embedding_runs r on r.id = e.run_id
       where r.model <> e.model`.execute(fx.database.db);
     expect(crossed.rows[0]?.n).toBe(0);
-    const sweeps = await fx.database.db
-      .selectFrom('embedding_sweeps')
-      .select(['model', 'finished_at'])
-      .orderBy('model')
-      .execute();
-    expect(sweeps.map((s) => s.model)).toEqual([SECOND_MODEL, 'text-embedding-3-small']);
+    const targets = await sql<{ model: string; pending: number; backfilled: boolean }>`
+      select model, pending, backfilled_at is not null as backfilled
+      from embedding_queue_status order by model`.execute(fx.database.db);
+    expect(targets.rows).toEqual([
+      { model: SECOND_MODEL, pending: 0, backfilled: true },
+      { model: 'text-embedding-3-small', pending: 0, backfilled: true },
+    ]);
   }, 120_000);
 }
 

@@ -40,17 +40,16 @@ describe('terminalSafe', () => {
       coverage: [
         { provider: hostile, model: hostile, eligible: 1, upToDate: 1, stale: 0, missing: 0 },
       ],
-      sweeps: [
+      queue: [
         {
-          sweepId: '1',
           provider: hostile,
           model: hostile,
-          percent: 50,
-          ranges: 2,
-          rangesDone: 1,
-          rangesLeased: 1,
-          rangesExpired: 0,
-          workers: 1,
+          pending: 2,
+          claimed: 1,
+          backingOff: 1,
+          lagSeconds: 3,
+          lastError: hostile,
+          backfilled: true,
         },
       ],
       runs: [

@@ -115,7 +115,7 @@ export function useWorkerFixture(
       shuffle: false,
       ...fakeDefaults,
     });
-    await sql`truncate messages, message_embeddings, embedding_runs, embedding_sweeps cascade`.execute(
+    await sql`truncate messages, message_embeddings, embedding_runs, embedding_targets cascade`.execute(
       database.db,
     );
   });

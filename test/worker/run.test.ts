@@ -87,7 +87,9 @@ describe.each(backends())('the embed run on %s', (backend) => {
     const outcome = await embed();
     expect(fx.fake.stats.requests).toBe(requestsBefore);
     expect(outcome.summary).toMatchObject({ embedded: 0, skipped: 0, status: 'succeeded' });
-    expect(outcome.summary.ineligible.upToDate).toBe(12);
+    // The rerun read the (empty) queue the triggers keep, not the table: no scan.
+    expect(outcome.summary.reconciled).toBeNull();
+    expect(outcome.summary.planned).toBe(0);
     expect(await storedRows()).toEqual(before);
   });
 
@@ -154,7 +156,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     // Counted before sending: the long input never cost an API call.
     expect(fx.fake.stats.seen.has(TOO_LONG)).toBe(false);
     const run = await runRow(outcome.summary.runId);
-    expect(run).toMatchObject({ status: 'failed', embedded: 5, cursor_id: '5' });
+    expect(run).toMatchObject({ status: 'failed', embedded: 5 });
     expect(run.error).toContain('message 6');
   });
 
@@ -229,7 +231,7 @@ describe.each(backends())('the embed run on %s', (backend) => {
     expect(batch.attempts).toBe(3);
   });
 
-  it('fails a strict run when retries run out, and skips the batch with a reason in partial mode', async () => {
+  it('fails a strict run when retries run out; in partial mode defers the batch to the queue, never skips it', async () => {
     await seed(texts(4));
     fx.fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
     const strict = await embed({ 'max-retries': '2' });
@@ -238,11 +240,43 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
     fx.fake.enqueueFault(...Array.from({ length: 3 }, () => ({ kind: 'server-error' as const })));
     const partial = await embed({ 'max-retries': '2', 'allow-partial': true });
+    expect(partial.exitCode).toBe(2);
     expect(partial.summary).toMatchObject({
       status: 'partial',
-      skipped: 4,
-      skippedByReason: { retries_exhausted: 4 },
+      skipped: 0,
+      deferred: 4,
+      skippedByReason: {},
     });
+    // A transient failure is not a verdict on the messages: they wait in the
+    // queue with the attempt counted and the error, and the next run embeds them.
+    const { rows } = await sql<{ n: number; attempts: number; error: string }>`
+      select count(*)::int as n, min(attempts) as attempts, min(last_error) as error
+      from embedding_queue`.execute(fx.database.db);
+    expect(rows[0]).toMatchObject({ n: 4, attempts: 1 });
+    expect(rows[0]?.error).toMatch(/500|server/i);
+    const next = await embed({ 'allow-partial': true });
+    expect(next.summary).toMatchObject({ status: 'succeeded', embedded: 4, deferred: 0 });
+  });
+
+  it('stops a partial run with exit 1 once 3 batches in a row exhaust their retries, leaving every message pending and none skipped', async () => {
+    await seed(texts(40));
+    fx.fake.enqueueFault(...Array.from({ length: 100 }, () => ({ kind: 'server-error' as const })));
+    const outcome = await embed({
+      'max-retries': '1',
+      'allow-partial': true,
+      concurrency: '1',
+    });
+    expect(outcome.exitCode).toBe(1);
+    expect(outcome.error?.message).toMatch(
+      /^the provider is failing: 3 batches in a row exhausted their retries with nothing embedded/,
+    );
+    // Two attempts for each of the three batches; nothing after the third.
+    expect(fx.fake.stats.requests).toBe(6);
+    expect(outcome.summary).toMatchObject({ status: 'failed', skipped: 0, deferred: 12 });
+    const { rows } = await sql<{ n: number; attempted: number }>`
+      select count(*)::int as n, count(*) filter (where attempts > 0)::int as attempted
+      from embedding_queue`.execute(fx.database.db);
+    expect(rows[0]).toEqual({ n: 40, attempted: 12 });
   });
 
   it.for([
@@ -346,7 +380,6 @@ describe.each(backends())('the embed run on %s', (backend) => {
       embedded: 29,
       skipped: 1,
       batches: 5,
-      cursor_id: '30',
       status: 'partial',
     });
     expect(await storedRows()).toHaveLength(29);

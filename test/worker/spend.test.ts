@@ -395,17 +395,17 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     expect(row.error).toMatch(/quota/);
   });
 
-  it('an interrupted run reports what it was billed, with its heartbeat and at the end, though a lost lease threw an answer away', async () => {
+  it('an interrupted run reports what it was billed, with its heartbeat and at the end, though a claim taken over threw an answer away', async () => {
     const contents = texts(12);
     await seedMessages(fx.database.db, contents);
-    // Ranges of 2: each batch of 2 is a range of its own, with its own lease.
+    // Batches of 2, each with its own claims.
     const heartbeats = new HeartbeatWatch();
     const release = deferred();
     let held = 0;
     const twoHeld = deferred();
     let firstAnswerTokens: number | undefined;
     const { run } = watchedRun(
-      { concurrency: '2', 'range-size': '2' },
+      { concurrency: '2', 'batch-size': '2' },
       async ({ inputs, send }) => {
         const answer = await send();
         if (inputs.includes(contents[0] as string)) {
@@ -435,10 +435,11 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     expect(firstAnswerTokens).toBeGreaterThan(0);
     expect(Number(running.tokens_billed)).toBe(firstAnswerTokens);
 
-    // Another worker takes over the range of [3, 4]; then the run is stopped.
+    // Another worker takes over the claims of [3, 4] (as if this run had
+    // stopped beating); then the run is stopped.
     await sql`
-      update embedding_ranges set lease_owner = lease_owner + 1000000
-      where lease_owner = ${running.id} and lo_id = 2`.execute(fx.database.db);
+      update embedding_queue set claimed_by = claimed_by + 1000000
+      where claimed_by = ${running.id} and message_id in (3, 4)`.execute(fx.database.db);
     run.stop('SIGINT');
     release.resolve();
     const outcome = await finished;

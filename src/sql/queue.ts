@@ -1,0 +1,289 @@
+import { type Kysely, sql, type Transaction } from 'kysely';
+import type { DB } from '../db/schema.js';
+import { duplicateIdError, type IdType, type MessageSource, sourceRelation } from '../db/source.js';
+
+type Db = Kysely<DB> | Transaction<DB>;
+
+/** Whose claims, on which target's queue: fixed for a run. */
+export interface ClaimScope {
+  targetId: number;
+  runId: string;
+  provider: string;
+  model: string;
+  source: MessageSource;
+  /** The embeddings' id type: id lists are cast to it, so the primary key serves the lookups. */
+  idType: IdType;
+}
+
+/** Ids (as text) as an array of the id type, for `= any(...)` on an indexed column. */
+function idArray(scope: Pick<ClaimScope, 'idType'>, ids: string[]) {
+  return sql`${ids}::text[]::${sql.raw(scope.idType)}[]`;
+}
+
+export interface Target {
+  id: number;
+  provider: string;
+  model: string;
+  /** Null until a reconciliation scan has enqueued everything the triggers did not see. */
+  backfilledAt: Date | null;
+}
+
+/** The target row of (provider, model), made on its first run. */
+export async function ensureTarget(db: Db, provider: string, model: string): Promise<Target> {
+  await sql`insert into embedding_targets (provider, model) values (${provider}, ${model})
+            on conflict (provider, model) do nothing`.execute(db);
+  const { rows } = await sql<Target>`
+    select id, provider, model, backfilled_at as "backfilledAt" from embedding_targets
+    where provider = ${provider} and model = ${model}`.execute(db);
+  const target = rows[0];
+  if (!target) throw new Error(`target ${provider}/${model} vanished`);
+  return target;
+}
+
+/** A queue row this run claimed, with the message as it is now. */
+export interface ClaimedMessage {
+  id: string;
+  /** The message still exists. */
+  exists: boolean;
+  /** Null when the message is gone, or its text is NULL (then it is blank). */
+  content: string | null;
+  /** sha256 of the content as read, hex; null when the message is gone. */
+  sha256Hex: string | null;
+  /** Has a non-whitespace character: blank messages are never embedded. */
+  nonBlank: boolean;
+  /** An embedding of exactly this content exists for the target. */
+  current: boolean;
+  force: boolean;
+}
+
+export interface ClaimOptions {
+  /** Keyset: only ids after this one (this run's last claim); null from the start. */
+  after: string | null;
+  limit: number;
+  /** Claim rows in backoff too (a one-shot run retries what a watcher deferred). */
+  ignoreBackoff: boolean;
+}
+
+/**
+ * Claims the next `limit` pending messages in id order and reads them.
+ * FOR UPDATE SKIP LOCKED: workers claiming at once each get other rows
+ * without waiting. The claim is marked with the run (`claimed_by`) and
+ * committed at once, so no transaction stays open across the HTTP request
+ * (PGlite has one session; a pool would need a connection per batch in
+ * flight). The keyset (`message_id > after`) keeps each claim from walking
+ * over the rows this run already holds; it never skips a row, since a claim
+ * that finds nothing after the keyset starts again from the first id.
+ */
+export async function claimBatch(
+  db: Db,
+  scope: ClaimScope,
+  options: ClaimOptions,
+): Promise<ClaimedMessage[]> {
+  const after = options.after === null ? sql`` : sql`and q.message_id > ${options.after}`;
+  const due = options.ignoreBackoff
+    ? sql``
+    : sql`and (q.not_before is null or q.not_before <= now())`;
+  const { rows } = await sql<ClaimedMessage>`
+    with picked as (
+      select q.target_id, q.message_id from embedding_queue q
+      where q.target_id = ${scope.targetId} and q.claimed_by is null ${due} ${after}
+      order by q.message_id
+      limit ${options.limit}
+      for update skip locked),
+    claimed as (
+      update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
+      from picked p where q.target_id = p.target_id and q.message_id = p.message_id
+      returning q.message_id, q.force)
+    select c.message_id::text as id, m.id is not null as exists, m.content,
+      encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex",
+      coalesce(m.content ~ '\\S', false) as "nonBlank",
+      coalesce(e.content_sha256 = sha256(convert_to(m.content, 'UTF8')), false) as current,
+      c.force
+    from claimed c
+    left join ${sourceRelation(scope.source)} m on m.id = c.message_id
+    left join message_embeddings e on e.provider = ${scope.provider} and e.model = ${scope.model}
+      and e.message_id = c.message_id
+    order by c.message_id`.execute(db);
+  // A view may return an id twice: refuse it by name before a batch holding
+  // both copies fails its upsert.
+  for (let i = 1; i < rows.length; i++) {
+    const id = (rows[i] as ClaimedMessage).id;
+    if (id === rows[i - 1]?.id) {
+      throw duplicateIdError(scope.source, id, rows.filter((r) => r.id === id).length);
+    }
+  }
+  return rows;
+}
+
+/** A claimed message as handled, with the content hash the handling was based on. */
+export interface Handled {
+  id: string;
+  /** The content hash embedded, skipped or found; null: the message was gone. */
+  sha256Hex: string | null;
+}
+
+/**
+ * The fence. Deletes the queue rows of `handled` that this run still holds
+ * and whose message is still as it was handled (same content hash, or still
+ * gone), and returns their ids: only those may be written. A row another
+ * worker took over (this run stopped beating) or a message edited since it
+ * was read is left in the queue, to be claimed and embedded again. The
+ * delete locks the rows, so a capture trigger re-enqueueing one of them
+ * waits for this transaction and then inserts it afresh.
+ */
+export async function settleClaims(
+  trx: Transaction<DB>,
+  scope: ClaimScope,
+  handled: Handled[],
+): Promise<Set<string>> {
+  if (handled.length === 0) return new Set();
+  const ids = handled.map((h) => h.id);
+  const hashes = handled.map((h) => h.sha256Hex);
+  const { rows } = await sql<{ id: string }>`
+    with h as (select * from unnest(${idArray(scope, ids)}, ${hashes}::text[]) as h(id, sha256_hex))
+    delete from embedding_queue q
+    using h
+    where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+      and q.message_id = h.id
+      and coalesce((select encode(sha256(convert_to(m.content, 'UTF8')), 'hex')
+                    from ${sourceRelation(scope.source)} m where m.id = q.message_id), '')
+          = coalesce(h.sha256_hex, '')
+    returning q.message_id::text as id`.execute(trx);
+  return new Set(rows.map((r) => r.id));
+}
+
+/**
+ * Gives claimed rows back: claimable at once, or, with `deferral` (a
+ * transient failure), with the attempt counted and a per-row backoff of
+ * 2^attempts seconds, at most 5 minutes, before it is claimed again.
+ */
+export async function releaseClaims(
+  db: Db,
+  scope: ClaimScope,
+  ids: string[],
+  deferral?: { error: string },
+): Promise<void> {
+  if (ids.length === 0) return;
+  const retry = deferral
+    ? sql`, attempts = q.attempts + 1, last_error = ${deferral.error},
+          not_before = now() + least(power(2, least(q.attempts, 9)) * interval '1 second',
+                                     interval '5 minutes')`
+    : sql``;
+  await sql`
+    update embedding_queue q set claimed_by = null, claimed_at = null ${retry}
+    where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+      and q.message_id = any(${idArray(scope, ids)})`.execute(db);
+}
+
+/** Everything the run still holds, given back as it ends. */
+export async function releaseRunClaims(db: Db, runId: string): Promise<number> {
+  const result = await sql`
+    update embedding_queue set claimed_by = null, claimed_at = null
+    where claimed_by = ${runId}`.execute(db);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+/**
+ * Releases the claims of runs that are no longer running (finished, or
+ * marked abandoned for want of a heartbeat): their rows are claimable again.
+ */
+export async function releaseDeadClaims(db: Db): Promise<number> {
+  const result = await sql`
+    update embedding_queue q set claimed_by = null, claimed_at = null
+    where q.claimed_by is not null
+      and not exists (select 1 from embedding_runs r
+                      where r.id = q.claimed_by and r.status = 'running')`.execute(db);
+  return Number(result.numAffectedRows ?? 0);
+}
+
+export interface QueueState {
+  /** Rows no one holds that are due now. */
+  due: number;
+  /** Rows held by other runs (live ones: dead runs' claims are released first). */
+  claimedByOthers: number;
+  /** Rows waiting out a backoff. */
+  backingOff: number;
+}
+
+/** What is left in the target's queue, for a run deciding whether it is done. */
+export async function queueState(db: Db, targetId: number, runId: string): Promise<QueueState> {
+  const { rows } = await sql<QueueState>`
+    select
+      count(*) filter (where claimed_by is null
+                       and (not_before is null or not_before <= now()))::int as due,
+      count(*) filter (where claimed_by is not null and claimed_by <> ${runId})::int
+        as "claimedByOthers",
+      count(*) filter (where claimed_by is null and not_before > now())::int as "backingOff"
+    from embedding_queue where target_id = ${targetId}`.execute(db);
+  return rows[0] ?? { due: 0, claimedByOthers: 0, backingOff: 0 };
+}
+
+/** Makes the target's deferred rows due now: an explicit run retries them at once. */
+export async function clearBackoff(db: Db, targetId: number): Promise<void> {
+  await sql`update embedding_queue set not_before = null
+            where target_id = ${targetId} and not_before is not null`.execute(db);
+}
+
+/** Queue rows of the target no one holds: what a run starting now would take on. */
+export async function pendingCount(db: Db, targetId: number): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    select count(*)::int as n from embedding_queue
+    where target_id = ${targetId} and claimed_by is null`.execute(db);
+  return rows[0]?.n ?? 0;
+}
+
+/**
+ * Removes embeddings of messages that are gone (every model's: they are
+ * orphans) or blank (`only` the target's: its content will never be embedded).
+ */
+export async function deleteEmbeddingsOf(
+  trx: Db,
+  scope: ClaimScope,
+  ids: string[],
+  only?: 'target',
+): Promise<void> {
+  if (ids.length === 0) return;
+  const which =
+    only === 'target' ? sql`and provider = ${scope.provider} and model = ${scope.model}` : sql``;
+  await sql`delete from message_embeddings
+            where message_id = any(${idArray(scope, ids)}) ${which}`.execute(trx);
+}
+
+/**
+ * Messages whose latest skip for the target was of their current content,
+ * and that have no embedding of it: still un-embedded by choice of an
+ * earlier --allow-partial run. Not retried by themselves (their text has not
+ * changed), but never forgotten either: a run that leaves them is partial.
+ */
+function outstandingSkips(scope: ClaimScope) {
+  return sql`
+    select s.message_id from (
+      select distinct on (message_id) message_id, content_sha256 from embedding_skips
+      where provider = ${scope.provider} and model = ${scope.model}
+      order by message_id, created_at desc) s
+    join ${sourceRelation(scope.source)} m on m.id = s.message_id
+      and sha256(convert_to(m.content, 'UTF8')) = s.content_sha256
+    where not exists (select 1 from message_embeddings e
+                      where e.provider = ${scope.provider} and e.model = ${scope.model}
+                        and e.message_id = s.message_id and e.content_sha256 = s.content_sha256)`;
+}
+
+/** How many messages earlier runs skipped that are still as they were. */
+export async function countOutstandingSkips(db: Db, scope: ClaimScope): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    select count(*)::int as n from (${outstandingSkips(scope)}) o`.execute(db);
+  return rows[0]?.n ?? 0;
+}
+
+/**
+ * Queues the messages earlier runs skipped, unchanged since (--retry-skipped,
+ * and every strict run: strict mode stops on a message it cannot embed, even
+ * one an earlier run skipped). O(skips), not O(table).
+ */
+export async function enqueueSkipped(db: Db, scope: ClaimScope): Promise<number> {
+  const result = await sql`
+    insert into embedding_queue (target_id, message_id)
+    select ${scope.targetId}, o.message_id from (${outstandingSkips(scope)}) o
+    on conflict (target_id, message_id) do nothing`.execute(db);
+  return Number(result.numAffectedRows ?? 0);
+}

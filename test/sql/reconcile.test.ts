@@ -1,0 +1,371 @@
+import { createHash } from 'node:crypto';
+import { type Kysely, sql } from 'kysely';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { type Database, openDatabase } from '../../src/db/connect.js';
+import {
+  type EmbeddingColumnType,
+  readEmbeddingColumnType,
+} from '../../src/db/embedding-column.js';
+import { migrateToLatest } from '../../src/db/migrator.js';
+import type { DB } from '../../src/db/schema.js';
+import { DEFAULT_SOURCE, type IdType, type MessageSource } from '../../src/db/source.js';
+import { vectorLiteral } from '../../src/db/vector.js';
+import { type ClaimScope, claimBatch, ensureTarget, settleClaims } from '../../src/sql/queue.js';
+import { type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
+import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+
+const SMALL = { provider: 'openai', model: 'small' };
+const LARGE = { provider: 'openai', model: 'large' };
+const OTHER = { provider: 'local', model: 'minilm' };
+type Model = typeof SMALL;
+
+const sha256 = (text: string) => createHash('sha256').update(text, 'utf8').digest();
+
+/** Test data written as the worker would, on one database and source. */
+class Fixture {
+  constructor(
+    readonly db: Kysely<DB>,
+    readonly columnType: EmbeddingColumnType,
+    readonly source: MessageSource,
+    readonly idType: IdType,
+  ) {}
+
+  async messages(rows: Array<[string, string | null]>): Promise<void> {
+    const { table, idColumn, textColumn } = this.source;
+    for (const [id, content] of rows) {
+      await sql`insert into ${sql.table(table)} (${sql.id(idColumn)}, ${sql.id(textColumn)})
+                values (${id}, ${content})`.execute(this.db);
+    }
+  }
+
+  /** An embedding of `content` (or of nothing the source holds) under `model`. */
+  async embedding(model: Model, id: string, content: string): Promise<void> {
+    await sql`
+      insert into message_embeddings
+        (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens)
+      values (${model.provider}, ${model.model}, ${id},
+              ${vectorLiteral([1, 2, 3], this.columnType)}::${sql.raw(this.columnType)}, 3,
+              ${sha256(content)}, 1)`.execute(this.db);
+  }
+
+  async run(model: Model): Promise<string> {
+    const { rows } = await sql<{ id: string }>`
+      insert into embedding_runs (provider, model, host, pid)
+      values (${model.provider}, ${model.model}, 'test-host', 1)
+      returning id::text as id`.execute(this.db);
+    const id = rows[0]?.id;
+    if (!id) throw new Error('no run id');
+    return id;
+  }
+
+  /** A skip of `content`: null for one recorded before skips kept their content. */
+  async skip(model: Model, id: string, content: string | null): Promise<void> {
+    await sql`
+      insert into embedding_skips (run_id, provider, model, message_id, reason, detail, content_sha256)
+      values (${await this.run(model)}, ${model.provider}, ${model.model}, ${id},
+              'too_long', 'over the token limit', ${content === null ? null : sha256(content)})`.execute(
+      this.db,
+    );
+  }
+
+  async scope(model: Model): Promise<ClaimScope> {
+    const target = await ensureTarget(this.db, model.provider, model.model);
+    return {
+      targetId: target.id,
+      runId: await this.run(model),
+      ...model,
+      source: this.source,
+      idType: this.idType,
+    };
+  }
+
+  /** The target's queue: id → forced. */
+  async queue(targetId: number): Promise<Record<string, boolean>> {
+    const { rows } = await sql<{ id: string; force: boolean }>`
+      select message_id::text as id, force from embedding_queue
+      where target_id = ${targetId} order by message_id`.execute(this.db);
+    return Object.fromEntries(rows.map((r) => [r.id, r.force]));
+  }
+
+  /** Every embedding as `model:id`, sorted. */
+  async embeddings(): Promise<string[]> {
+    const { rows } = await sql<{ key: string }>`
+      select model || ':' || message_id::text as key from message_embeddings
+      order by model, message_id`.execute(this.db);
+    return rows.map((r) => r.key);
+  }
+
+  async backfilled(targetId: number): Promise<boolean> {
+    const { rows } = await sql<{ done: boolean }>`
+      select backfilled_at is not null as done from embedding_targets where id = ${targetId}`.execute(
+      this.db,
+    );
+    return rows[0]?.done === true;
+  }
+}
+
+/** Runs a scan, keeping the running totals it reports after each chunk. */
+async function scan(
+  db: Kysely<DB>,
+  scope: ClaimScope,
+  options: { force?: boolean; retrySkipped?: boolean; stopAfter?: number } = {},
+): Promise<{ counts: ReconcileCounts; chunks: ReconcileCounts[] }> {
+  const chunks: ReconcileCounts[] = [];
+  const counts = await reconcile(db, scope, {
+    force: options.force ?? false,
+    retrySkipped: options.retrySkipped ?? false,
+    chunkSize: 3,
+    onChunk: (totals) => {
+      chunks.push({ ...totals });
+      return options.stopAfter === undefined || chunks.length < options.stopAfter;
+    },
+  });
+  return { counts, chunks };
+}
+
+const queued = (...ids: string[]) => Object.fromEntries(ids.map((id) => [id, false]));
+const forced = (...ids: string[]) => Object.fromEntries(ids.map((id) => [id, true]));
+
+describe.each(backends())('the reconciliation scan on %s', (backend) => {
+  let target: TestDatabase;
+  let database: Database;
+  let f: Fixture;
+
+  beforeAll(async () => {
+    target = await createTestDatabase(backend);
+    database = await openMigrated(target.url);
+    f = new Fixture(
+      database.db,
+      await readEmbeddingColumnType(database.db),
+      DEFAULT_SOURCE,
+      'bigint',
+    );
+  });
+  afterAll(async () => {
+    await database?.close();
+    await target?.drop();
+  });
+  beforeEach(async () => {
+    await sql`delete from messages`.execute(f.db);
+    await sql`delete from embedding_targets`.execute(f.db);
+    await sql`delete from message_embeddings`.execute(f.db);
+    await sql`delete from embedding_runs`.execute(f.db);
+  });
+
+  /**
+   * Ten messages, ids 10..100, and what is known of each; chunks of 3 end at
+   * 30, 60, 90 and past 100. Orphans (embeddings of ids the source does not
+   * have) before the first id, inside a chunk, between two chunks, and past
+   * the last id, of several models.
+   */
+  async function seed(): Promise<ClaimScope> {
+    await f.messages([
+      ['10', 'ten'], // missing
+      ['20', ' \n '], // blank
+      ['30', 'thirty'], // up to date
+      ['40', 'forty'], // stale
+      ['50', 'fifty'], // skipped with this content
+      ['60', 'sixty'], // skipped with other content
+      ['70', ''], // blank
+      ['80', 'eighty'], // up to date for another model only
+      ['90', 'ninety'], // up to date
+      ['100', 'hundred'], // missing
+    ]);
+    await f.embedding(SMALL, '30', 'thirty');
+    await f.embedding(SMALL, '40', 'forty, as it was');
+    await f.embedding(LARGE, '80', 'eighty');
+    await f.embedding(SMALL, '90', 'ninety');
+    await f.skip(SMALL, '50', 'fifty');
+    await f.skip(SMALL, '60', 'sixty, as it was');
+    for (const [model, id] of [
+      [SMALL, '5'],
+      [SMALL, '15'],
+      [OTHER, '35'],
+      [LARGE, '65'],
+      [OTHER, '95'],
+      [SMALL, '1000'],
+    ] as const) {
+      await f.embedding(model, id, 'gone');
+    }
+    const scope = await f.scope(SMALL);
+    // What the triggers queued as the messages arrived is not the scan's.
+    await sql`delete from embedding_queue`.execute(f.db);
+    await sql`update embedding_targets set backfilled_at = null`.execute(f.db);
+    return scope;
+  }
+
+  it('enqueues exactly the messages without an embedding of their content, and deletes orphans', async () => {
+    const scope = await seed();
+    expect(await f.backfilled(scope.targetId)).toBe(false);
+
+    const { counts, chunks } = await scan(f.db, scope);
+    expect(counts).toEqual({
+      scanned: 10,
+      enqueued: 5,
+      blank: 2,
+      upToDate: 2,
+      skippedBefore: 1,
+      orphansDeleted: 6,
+    });
+    expect(chunks.map((c) => [c.scanned, c.orphansDeleted])).toEqual([
+      [3, 2],
+      [6, 3],
+      [9, 4],
+      [10, 6],
+    ]);
+    expect(await f.queue(scope.targetId)).toEqual(queued('10', '40', '60', '80', '100'));
+    expect(await f.embeddings()).toEqual(['large:80', 'small:30', 'small:40', 'small:90']);
+    expect(await f.backfilled(scope.targetId)).toBe(true);
+
+    // Again: the same messages (already queued), no orphans left.
+    expect((await scan(f.db, scope)).counts).toEqual({ ...counts, orphansDeleted: 0 });
+    expect(await f.queue(scope.targetId)).toEqual(queued('10', '40', '60', '80', '100'));
+  });
+
+  it('enqueues what was skipped with the same content only when asked to retry', async () => {
+    const scope = await seed();
+    const { counts } = await scan(f.db, scope, { retrySkipped: true });
+    expect(counts).toMatchObject({ scanned: 10, enqueued: 6, skippedBefore: 0 });
+    expect(await f.queue(scope.targetId)).toEqual(queued('10', '40', '50', '60', '80', '100'));
+  });
+
+  it('enqueues every non-blank message, forced, with force', async () => {
+    const scope = await seed();
+    await scan(f.db, scope);
+    // A queued row someone holds stays theirs; it is only marked forced.
+    await sql`update embedding_queue set claimed_by = ${scope.runId} where message_id = 10`.execute(
+      f.db,
+    );
+
+    const { counts } = await scan(f.db, scope, { force: true });
+    expect(counts).toEqual({
+      scanned: 10,
+      enqueued: 8,
+      blank: 2,
+      upToDate: 2,
+      skippedBefore: 0,
+      orphansDeleted: 0,
+    });
+    const all = forced('10', '30', '40', '50', '60', '80', '90', '100');
+    expect(await f.queue(scope.targetId)).toEqual(all);
+    const { rows } = await sql<{ by: string | null }>`
+      select claimed_by::text as by from embedding_queue where message_id = 10`.execute(f.db);
+    expect(rows).toEqual([{ by: scope.runId }]);
+
+    // A later scan without force does not take the force back.
+    await scan(f.db, scope);
+    expect(await f.queue(scope.targetId)).toEqual(all);
+  });
+
+  it('leaves other targets’ queues alone', async () => {
+    const scope = await seed();
+    const large = await f.scope(LARGE);
+    await scan(f.db, scope);
+    expect(await f.queue(large.targetId)).toEqual({});
+    expect(await f.backfilled(large.targetId)).toBe(false);
+  });
+
+  it('deletes orphans past the last id when the source ends on a chunk’s end', async () => {
+    const scope = await seed();
+    await sql`delete from messages where id = 100`.execute(f.db);
+    const { counts, chunks } = await scan(f.db, scope);
+    // Three full chunks, then one past 90 that finds no message.
+    expect(chunks.map((c) => c.scanned)).toEqual([3, 6, 9, 9]);
+    expect(counts).toMatchObject({ scanned: 9, enqueued: 4, orphansDeleted: 6 });
+    expect(await f.embeddings()).toEqual(['large:80', 'small:30', 'small:40', 'small:90']);
+  });
+
+  it('deletes every embedding when the source is empty', async () => {
+    const scope = await f.scope(SMALL);
+    for (const [model, id] of [
+      [SMALL, '1'],
+      [SMALL, '2'],
+      [LARGE, '1'],
+      [OTHER, '7'],
+    ] as const) {
+      await f.embedding(model, id, 'gone');
+    }
+    const { counts, chunks } = await scan(f.db, scope);
+    expect(counts).toEqual({
+      scanned: 0,
+      enqueued: 0,
+      blank: 0,
+      upToDate: 0,
+      skippedBefore: 0,
+      orphansDeleted: 4,
+    });
+    expect(chunks).toHaveLength(1);
+    expect(await f.embeddings()).toEqual([]);
+    expect(await f.backfilled(scope.targetId)).toBe(true);
+  });
+
+  it('stops when told to after a chunk, leaving the target to scan again', async () => {
+    const scope = await seed();
+    const { counts } = await scan(f.db, scope, { stopAfter: 1 });
+    expect(counts).toMatchObject({ scanned: 3, enqueued: 1, orphansDeleted: 2 });
+    expect(await f.queue(scope.targetId)).toEqual(queued('10'));
+    expect(await f.embeddings()).toContain('small:1000');
+    expect(await f.backfilled(scope.targetId)).toBe(false);
+  });
+
+  it('scans a source with uuid ids', async () => {
+    const own = await createTestDatabase(backend);
+    let uuidDb: Database | undefined;
+    try {
+      uuidDb = await openDatabase(own.url);
+      const source: MessageSource = { table: 'docs', idColumn: 'doc_id', textColumn: 'body' };
+      // A nullable text column: a NULL text is a blank message.
+      await sql`create table docs (doc_id uuid primary key, body text)`.execute(uuidDb.db);
+      await migrateToLatest(uuidDb, { warn() {}, source });
+      const u = new Fixture(uuidDb.db, await readEmbeddingColumnType(uuidDb.db), source, 'uuid');
+      const id = (n: number) => `00000000-0000-4000-8000-${n.toString(16).padStart(12, '0')}`;
+      await u.messages([
+        [id(0x10), 'sixteen'],
+        [id(0x20), null],
+        [id(0x30), 'forty-eight'],
+        [id(0x40), 'sixty-four'],
+        [id(0x50), '  '],
+        [id(0xa0), 'a hundred and sixty'],
+        [id(0xb0), 'a hundred and seventy-six'],
+      ]);
+      await u.embedding(SMALL, id(0x30), 'forty-eight');
+      await u.embedding(SMALL, id(0x40), 'sixty-four, as it was');
+      for (const n of [0x1, 0x35, 0x60, 0x1000]) await u.embedding(SMALL, id(n), 'gone');
+      const scope = await u.scope(SMALL);
+      await sql`delete from embedding_queue`.execute(uuidDb.db);
+
+      const { counts, chunks } = await scan(uuidDb.db, scope);
+      expect(chunks.map((c) => c.scanned)).toEqual([3, 6, 7]);
+      expect(counts).toEqual({
+        scanned: 7,
+        enqueued: 4,
+        blank: 2,
+        upToDate: 1,
+        skippedBefore: 0,
+        orphansDeleted: 4,
+      });
+      expect(await u.queue(scope.targetId)).toEqual(queued(id(0x10), id(0x40), id(0xa0), id(0xb0)));
+      expect(await u.embeddings()).toEqual([`small:${id(0x30)}`, `small:${id(0x40)}`]);
+
+      // The queue's keyset and fence take uuids too.
+      const claimed = await claimBatch(uuidDb.db, scope, {
+        after: id(0x10),
+        limit: 2,
+        ignoreBackoff: false,
+      });
+      expect(claimed.map((c) => c.id)).toEqual([id(0x40), id(0xa0)]);
+      const settled = await uuidDb.db.transaction().execute((trx) =>
+        settleClaims(
+          trx,
+          scope,
+          claimed.map((c) => ({ id: c.id, sha256Hex: c.sha256Hex })),
+        ),
+      );
+      expect(settled).toEqual(new Set([id(0x40), id(0xa0)]));
+      expect(await u.queue(scope.targetId)).toEqual(queued(id(0x10), id(0xb0)));
+    } finally {
+      await uuidDb?.close();
+      await own.drop();
+    }
+  });
+});
