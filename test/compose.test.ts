@@ -236,9 +236,10 @@ describe('docker-compose.yml', () => {
     expect(env).toHaveProperty('OPENAI_BASE_URL', null);
   });
 
-  it('never restarts the worker, so a run that skipped inputs (exit 2) is not repeated in a loop', () => {
+  it('runs the worker in watch mode, restarting it after a failure a few times, not forever', () => {
     const worker = service('worker');
-    expect([undefined, 'no']).toContain(worker.restart);
+    expect(worker.environment).toMatchObject({ PGEMBED_WATCH: 'true' });
+    expect(worker.restart).toBe('on-failure:5');
     expect([undefined, 'none']).toContain(worker.deploy?.restart_policy?.condition);
   });
 

@@ -72,8 +72,7 @@ export async function registerSource<T>(
     // so they are put back and the targets scan.
     const inPlace =
       registered?.capture === capture &&
-      (capture === 'reconcile' ||
-        (await captureTriggers(trx, source)).length === TRIGGERS.length);
+      (capture === 'reconcile' || (await captureTriggers(trx, source)).length === TRIGGERS.length);
     if (inPlace && registered?.version === CAPTURE_VERSION) return { capture, changed: false };
 
     if (capture === 'triggers') await installTriggers(trx, source);
