@@ -34,6 +34,7 @@ import {
 } from '../sql/runs.js';
 import { runPipeline } from './pipeline.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
+import { sleep, Waker } from './waker.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
@@ -276,10 +277,10 @@ export class EmbedRun {
 
       // Watch mode: wake on a change, or poll; a source without triggers is
       // scanned again every --reconcile-interval-ms.
-      let wake: (() => void) | undefined;
+      const waker = new Waker();
       let lastScanAt = Date.now();
       if (watch && this.deps.watchChanges) {
-        stopListening = await this.deps.watchChanges(() => wake?.());
+        stopListening = await this.deps.watchChanges(() => waker.notify());
       }
       const idle = watch
         ? async (waitMs: number) => {
@@ -288,18 +289,7 @@ export class EmbedRun {
               await scan('the source has no triggers');
               return;
             }
-            await new Promise<void>((resolve) => {
-              const done = () => {
-                clearTimeout(timer);
-                this.#abort.signal.removeEventListener('abort', done);
-                wake = undefined;
-                resolve();
-              };
-              const timer = setTimeout(done, waitMs);
-              wake = done;
-              this.#abort.signal.addEventListener('abort', done, { once: true });
-              if (this.#abort.signal.aborted) done();
-            });
+            await waker.wait(waitMs, this.#abort.signal);
           }
         : undefined;
       const result = await runPipeline({
@@ -437,19 +427,6 @@ export class EmbedRun {
           : EXIT[status as keyof typeof EXIT];
     return { summary, exitCode, error };
   }
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener('abort', done);
-      resolve();
-    }
-    signal.addEventListener('abort', done, { once: true });
-  });
 }
 
 /** What the run was asked to do, for the run row; no secrets. */
