@@ -4,7 +4,7 @@ import type { Database } from '../db/connect.js';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
-import { firstDuplicateId, type IdType } from '../db/source.js';
+import type { IdType } from '../db/source.js';
 import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
@@ -13,16 +13,12 @@ import type { ProgressDisplay } from '../report/progress-bar.js';
 import { captureMode } from '../sql/capture.js';
 import {
   type ClaimScope,
-  clearBackoff,
   countOutstandingSkips,
-  enqueueSkipped,
   ensureTarget,
-  pendingCount,
   queueState,
   releaseDeadClaims,
   releaseRunClaims,
 } from '../sql/queue.js';
-import { reconcile } from '../sql/reconcile.js';
 import {
   finishRun,
   insertRun,
@@ -33,6 +29,7 @@ import {
   touchRun,
 } from '../sql/runs.js';
 import { runPipeline } from './pipeline.js';
+import { readyQueue, scanReason, scanSource } from './ready-queue.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
 import { sleep, Waker } from './waker.js';
 
@@ -177,60 +174,17 @@ export class EmbedRun {
     let progress: NodeJS.Timeout | undefined;
     let stopListening: (() => Promise<void>) | undefined;
     try {
-      // A scan where the triggers cannot answer: a target's first run, a
-      // source without triggers, or when asked.
-      const scanWhy = !target.backfilledAt
-        ? 'first run for this model'
-        : capture === 'reconcile'
-          ? 'the source has no triggers'
-          : config.reconcile
-            ? '--reconcile'
-            : config.force
-              ? '--force'
-              : config.retrySkipped
-                ? '--retry-skipped'
-                : undefined;
-      const scan = async (why: string) => {
-        log.info(
-          { why },
-          'reconciling: scanning the source for missing, stale and deleted messages',
-        );
-        const counts = await dbRetry('reconcile', () =>
-          reconcile(db, scope, {
-            force: config.force,
-            retrySkipped: config.retrySkipped,
-            onChunk: () => !this.#stopSignal,
-          }),
-        ).catch(async (caught: unknown) => {
-          // 21000: one chunk queued an id twice, so the source (a view)
-          // returns it twice. Say which, rather than Postgres's words.
-          if ((caught as { code?: string }).code !== '21000') throw caught;
-          throw (await firstDuplicateId(db, config.messageSource, null)) ?? caught;
-        });
-        log.info({ ...counts }, 'reconciled');
-        return counts;
-      };
-      if (scanWhy) {
-        const counts = await scan(scanWhy);
-        census.blank = counts.blank;
-        census.upToDate = counts.upToDate;
+      const ready = { db, config, scope, log, dbRetry, going: () => !this.#stopSignal };
+      const { scan, pending } = await readyQueue(ready, scanReason(config, target, capture));
+      if (scan) {
+        census.blank = scan.blank;
+        census.upToDate = scan.upToDate;
         reconciled = {
-          scanned: counts.scanned,
-          enqueued: counts.enqueued,
-          orphansDeleted: counts.orphansDeleted,
+          scanned: scan.scanned,
+          enqueued: scan.enqueued,
+          orphansDeleted: scan.orphansDeleted,
         };
       }
-      if (!watch) {
-        // An explicit run retries now what a watcher deferred for later.
-        await dbRetry('ready deferred messages', () => clearBackoff(db, target.id));
-      }
-      if (config.retrySkipped || !config.allowPartial) {
-        // Strict mode stops on a message it cannot embed, even one an earlier
-        // --allow-partial run skipped: complete, or it says which is not.
-        const retried = await dbRetry('queue the skipped', () => enqueueSkipped(db, scope));
-        if (retried > 0) log.info({ messages: retried }, 'trying again messages skipped before');
-      }
-      const pending = await dbRetry('count the queue', () => pendingCount(db, target.id));
       planned = watch ? 0 : Math.min(pending, config.limit ?? Number.POSITIVE_INFINITY);
       await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
       log.info(
@@ -286,7 +240,7 @@ export class EmbedRun {
         ? async (waitMs: number) => {
             if (capture === 'reconcile' && Date.now() - lastScanAt >= config.reconcileIntervalMs) {
               lastScanAt = Date.now();
-              await scan('the source has no triggers');
+              await scanSource(ready, 'the source has no triggers');
               return;
             }
             await waker.wait(waitMs, this.#abort.signal);
