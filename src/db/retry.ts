@@ -22,6 +22,15 @@ export function isConnectionLost(error: unknown): boolean {
   return false;
 }
 
+// 55P03 lock_not_available (a batch's commit gave way at its lock_timeout),
+// 40P01 deadlock_detected: the transaction rolled back whole and can be redone.
+const CONTENDED_SQLSTATE = new Set(['55P03', '40P01']);
+
+/** True when the transaction lost a lock wait to another one: redo it. */
+export function isLockContention(error: unknown): boolean {
+  return CONTENDED_SQLSTATE.has((error as { code?: unknown })?.code as string);
+}
+
 export interface DbRetryOptions {
   /** Give up once this long has passed since the first failure. */
   retryMs: number;
@@ -29,7 +38,8 @@ export interface DbRetryOptions {
 }
 
 /**
- * Runs `fn` again while it fails with a lost connection, with exponential
+ * Runs `fn` again while it fails with a lost connection or lost a lock wait
+ * (see commitBatch's lock_timeout), with exponential
  * backoff (250 ms doubling to 5 s) for at most `retryMs`; then fails with a
  * DatabaseConnectionError (exit 1). `fn` must be safe to redo: a whole
  * transaction, or a read. Any other error is thrown at once.
@@ -48,8 +58,15 @@ export async function withDbRetry<T>(
       factor: 2,
       randomize: true,
       maxRetryTime: options.retryMs,
-      shouldRetry: ({ error }) => isConnectionLost(error),
+      shouldRetry: ({ error }) => isConnectionLost(error) || isLockContention(error),
       onFailedAttempt: ({ error, attemptNumber }) => {
+        if (isLockContention(error)) {
+          options.log.debug(
+            { what, attempt: attemptNumber, err: oneLine(error) },
+            'gave way to a concurrent transaction; retrying',
+          );
+          return;
+        }
         if (!isConnectionLost(error)) return;
         options.log.warn(
           { what, attempt: attemptNumber, err: oneLine(error) },

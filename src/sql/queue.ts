@@ -1,6 +1,12 @@
 import { type Kysely, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
-import { duplicateIdError, type IdType, type MessageSource, sourceRelation } from '../db/source.js';
+import {
+  duplicateIdError,
+  type IdType,
+  type MessageSource,
+  quotedSource,
+  sourceRelation,
+} from '../db/source.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 
@@ -28,10 +34,27 @@ export interface Target {
   backfilledAt: Date | null;
 }
 
-/** The target row of (provider, model), made on its first run. */
-export async function ensureTarget(db: Db, provider: string, model: string): Promise<Target> {
-  await sql`insert into embedding_targets (provider, model) values (${provider}, ${model})
-            on conflict (provider, model) do nothing`.execute(db);
+/**
+ * The target row of (provider, model), made on its first run. A new target
+ * is made with the source locked in SHARE mode (when its triggers capture
+ * it): that waits for the writers in flight, whose triggers ran before the
+ * target existed and queued nothing for it, to commit, so the first scan
+ * that follows sees their rows; writers after it see the target.
+ */
+export async function ensureTarget(
+  db: Kysely<DB>,
+  provider: string,
+  model: string,
+  capturedTable?: MessageSource,
+): Promise<Target> {
+  await db.transaction().execute(async (trx) => {
+    const { rows } = await sql<{ id: number }>`
+      insert into embedding_targets (provider, model) values (${provider}, ${model})
+      on conflict (provider, model) do nothing returning id`.execute(trx);
+    if (rows.length > 0 && capturedTable) {
+      await sql`lock table ${sql.raw(quotedSource(capturedTable))} in share mode`.execute(trx);
+    }
+  });
   const { rows } = await sql<Target>`
     select id, provider, model, backfilled_at as "backfilledAt" from embedding_targets
     where provider = ${provider} and model = ${model}`.execute(db);
@@ -139,6 +162,15 @@ export async function settleClaims(
   if (handled.length === 0) return new Set();
   const ids = handled.map((h) => h.id);
   const hashes = handled.map((h) => h.sha256Hex);
+  // Lock first, in id order, and compare after, in a statement of its own:
+  // a writer whose capture trigger holds one of these rows commits before we
+  // get it, and only a new statement's snapshot sees its new content. In one
+  // statement, Postgres rechecks the locked row against the old snapshot,
+  // finds the old hash, and settles a message whose text just changed.
+  await sql`select 1 from embedding_queue q
+    where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+      and q.message_id = any(${idArray(scope, ids)})
+    order by q.message_id for update`.execute(trx);
   const { rows } = await sql<{ id: string }>`
     with h as (select * from unnest(${idArray(scope, ids)}, ${hashes}::text[]) as h(id, sha256_hex))
     delete from embedding_queue q

@@ -107,6 +107,9 @@ export async function reconcile(
           exists (select 1 from message_embeddings e
                   where e.provider = ${scope.provider} and e.model = ${scope.model}
                     and e.message_id = c.id and e.content_sha256 = c.sha256) as current,
+          exists (select 1 from message_embeddings e
+                  where e.provider = ${scope.provider} and e.model = ${scope.model}
+                    and e.message_id = c.id) as embedded,
           exists (select 1 from embedding_skips s
                   where s.provider = ${scope.provider} and s.model = ${scope.model}
                     and s.message_id = c.id and s.content_sha256 = c.sha256) as skipped
@@ -114,8 +117,10 @@ export async function reconcile(
       enqueued as (
         insert into embedding_queue as q (target_id, message_id, force)
         select ${scope.targetId}, j.id, ${options.force} from judged j
-        where j.non_blank and (${options.force} or not j.current)
-          and (${options.force} or ${options.retrySkipped} or not j.skipped)
+        where (j.non_blank and (${options.force} or not j.current)
+               and (${options.force} or ${options.retrySkipped} or not j.skipped))
+          -- blank now, with an embedding of an earlier text: the claim removes it
+          or (not j.non_blank and j.embedded)
         on conflict (target_id, message_id) do update set force = q.force or excluded.force
         returning 1),
       orphans as (

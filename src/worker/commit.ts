@@ -1,4 +1,4 @@
-import type { Kysely } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
 import {
@@ -75,6 +75,12 @@ export async function commitBatch(
 ): Promise<Committed | undefined> {
   const { scope } = to;
   return to.db.transaction().execute(async (trx) => {
+    // The capture triggers lock queue rows inside the application's own
+    // transactions, in their order; this commit locks them in id order. A
+    // deadlock between the two would pick a victim after deadlock_timeout
+    // (1 s), perhaps the application. Giving way first keeps it ours: the
+    // whole batch is redone (withDbRetry), and the application never fails.
+    await sql`set local lock_timeout = '200ms'`.execute(trx);
     if (batch && (await batchCommitted(trx, batch))) return undefined;
     const settled = await settleClaims(trx, scope, [
       ...work.embedded.map((e) => ({ id: e.messageId, sha256Hex: e.sha256Hex })),

@@ -103,15 +103,21 @@ export class EmbedRun {
     const bootLog = logger.child({ provider: config.provider, model: config.model });
     const bootRetry = <T>(what: string, fn: () => Promise<T>) =>
       withDbRetry(what, fn, { retryMs: config.dbRetryMs, log: bootLog });
+    const capture = (await captureMode(db)) ?? 'reconcile';
     const target = await bootRetry('register the target', () =>
-      ensureTarget(db, config.provider, config.model),
+      ensureTarget(
+        db,
+        config.provider,
+        config.model,
+        capture === 'triggers' ? config.messageSource : undefined,
+      ),
     );
     // Runs that stopped beating are dead: their claims go back to the queue.
     const abandoned = await bootRetry('mark abandoned runs', () => markAbandonedRuns(db));
-    if (abandoned > 0)
+    if (abandoned > 0) {
       bootLog.warn({ runs: abandoned }, 'marked runs without a heartbeat abandoned');
+    }
     await bootRetry('release dead claims', () => releaseDeadClaims(db));
-    const capture = (await captureMode(db)) ?? 'reconcile';
     const runId = await insertRun(db, {
       provider: config.provider,
       model: config.model,

@@ -19,6 +19,7 @@ import {
   releaseRunClaims,
   settleClaims,
 } from '../../src/sql/queue.js';
+import { reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
 
 const SMALL = { provider: 'openai', model: 'small' };
@@ -147,6 +148,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       expect(claimed).toEqual([
         {
           id: '1',
+          exists: true,
           content: 'one',
           sha256Hex: sha256Hex('one'),
           nonBlank: true,
@@ -155,6 +157,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         },
         {
           id: '2',
+          exists: true,
           content: ' \n\t',
           sha256Hex: sha256Hex(' \n\t'),
           nonBlank: false,
@@ -163,6 +166,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         },
         {
           id: '3',
+          exists: true,
           content: 'three',
           sha256Hex: sha256Hex('three'),
           nonBlank: true,
@@ -171,6 +175,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         },
         {
           id: '4',
+          exists: true,
           content: 'four',
           sha256Hex: sha256Hex('four'),
           nonBlank: true,
@@ -179,6 +184,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         },
         {
           id: '5',
+          exists: true,
           content: 'five',
           sha256Hex: sha256Hex('five'),
           nonBlank: true,
@@ -187,13 +193,22 @@ describe.each(backends())('the change queue on %s', (backend) => {
         },
         {
           id: '6',
+          exists: true,
           content: 'six',
           sha256Hex: sha256Hex('six'),
           nonBlank: true,
           current: false,
           force: false,
         },
-        { id: '99', content: null, sha256Hex: null, nonBlank: false, current: false, force: false },
+        {
+          id: '99',
+          exists: false,
+          content: null,
+          sha256Hex: null,
+          nonBlank: false,
+          current: false,
+          force: false,
+        },
       ]);
       const mine = scope.runId;
       expect(await holders(scope.targetId)).toEqual({
@@ -316,6 +331,44 @@ describe.each(backends())('the change queue on %s', (backend) => {
     );
   });
 
+  describe('ensureTarget', () => {
+    it.runIf(backend === 'postgres')(
+      'makes a new target only once writers already in flight have committed, so its first scan sees their rows',
+      async () => {
+        const writer = await openMigrated(target.url);
+        try {
+          let made: Promise<unknown> | undefined;
+          let madeEarly = false;
+          await writer.db.transaction().execute(async (trx) => {
+            // Written before the target exists: its trigger queues nothing for it.
+            await sql`insert into messages (id, content) values (1, 'in flight')`.execute(trx);
+            made = ensureTarget(db(), SMALL.provider, SMALL.model, DEFAULT_SOURCE).then(() => {
+              madeEarly = true;
+            });
+            // The new target waits for this transaction (a SHARE lock on messages).
+            await waitFor(async () => {
+              if (madeEarly) return true;
+              const { rows } = await sql<{ n: number }>`
+                select count(*)::int as n from pg_locks
+                where relation = 'messages'::regclass and mode = 'ShareLock' and not granted`.execute(
+                db(),
+              );
+              return (rows[0]?.n ?? 0) > 0;
+            });
+            expect(madeEarly, 'the target was made while a writer was in flight').toBe(false);
+          });
+          await made;
+          // Made after the writer committed: the first scan finds its row.
+          const scope = await scopeOf(SMALL);
+          const counts = await reconcile(db(), scope, { force: false, retrySkipped: false });
+          expect(counts.enqueued).toBe(1);
+        } finally {
+          await writer.close();
+        }
+      },
+    );
+  });
+
   describe('settleClaims', () => {
     it('deletes only rows this run still holds, of messages still as handled', async () => {
       const scope = await scopeOf(SMALL);
@@ -368,6 +421,39 @@ describe.each(backends())('the change queue on %s', (backend) => {
           .execute((trx) => settleClaims(trx, scope, [])),
       ).toEqual(new Set());
     });
+
+    it.runIf(backend === 'postgres')(
+      'does not settle a message whose edit commits while the settle waits for its row',
+      async () => {
+        const scope = await scopeOf(SMALL);
+        await insertMessages([[1, 'old']]);
+        await claimBatch(db(), scope, { after: null, limit: 10, ignoreBackoff: false });
+        const writer = await openMigrated(target.url);
+        try {
+          let settling: Promise<Set<string>> | undefined;
+          await writer.db.transaction().execute(async (trx) => {
+            // The edit's capture trigger holds the queue row until it commits.
+            await sql`update messages set content = 'new' where id = 1`.execute(trx);
+            settling = db()
+              .transaction()
+              .execute((worker) =>
+                settleClaims(worker, scope, [{ id: '1', sha256Hex: sha256Hex('old') }]),
+              );
+            await waitFor(async () => {
+              const { rows } = await sql<{ n: number }>`
+                select count(*)::int as n from pg_stat_activity
+                where datname = current_database() and wait_event_type = 'Lock'`.execute(db());
+              return (rows[0]?.n ?? 0) > 0;
+            });
+          });
+          // The settle saw the edit once it held the row: 'old' is not current.
+          expect(await settling).toEqual(new Set());
+          expect(await holders(scope.targetId)).toEqual({ '1': scope.runId });
+        } finally {
+          await writer.close();
+        }
+      },
+    );
 
     it('settles nothing when its transaction rolls back', async () => {
       const scope = await scopeOf(SMALL);
