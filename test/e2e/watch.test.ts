@@ -1,5 +1,4 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -10,7 +9,8 @@ import { isLog, type RunningCli, repoRoot, startCli } from '../support/cli.js';
 import { createTestDatabase } from '../support/db.js';
 import { useWorkerFixture, waitFor } from '../support/embed-run.js';
 import { type FakeOpenAI, fakeEmbedding, startFakeOpenAI } from '../support/fake-openai.js';
-import { mulberry32, type WriterReport } from '../support/writer.js';
+import { mulberry32, testSeed } from '../support/seeded.js';
+import type { WriterReport } from '../support/writer.js';
 
 // Issue "Continuous sync": `embed --watch` workers keep the embeddings of a
 // table that a separate process keeps writing to, on a Postgres server and on
@@ -23,17 +23,6 @@ const MODEL = 'text-embedding-3-small';
 const SECOND_MODEL = 'fake-embed-v2';
 const DIMENSIONS = 1536;
 const SCAN_STARTED = 'reconciling: scanning the source for missing, stale and deleted messages';
-
-/** PGEMBED_TEST_SEED replays a failed run; by default a fresh seed, printed by each test. */
-function testSeed(): number {
-  const given = process.env.PGEMBED_TEST_SEED;
-  if (given === undefined || given === '') return randomInt(2 ** 31);
-  const seed = Number(given);
-  if (!Number.isSafeInteger(seed)) {
-    throw new Error(`PGEMBED_TEST_SEED must be an integer, not ${given}`);
-  }
-  return seed;
-}
 
 async function announceSeed(
   what: string,

@@ -1,4 +1,3 @@
-import { randomInt } from 'node:crypto';
 import { sql } from 'kysely';
 import { afterEach, describe, expect, inject, it } from 'vitest';
 import { parseVector } from '../../src/db/vector.js';
@@ -6,35 +5,11 @@ import { isLog, type RunningCli, startCli } from '../support/cli.js';
 import { withAdminClient } from '../support/db.js';
 import { sampleTexts, seedMessages, useWorkerFixture, waitFor } from '../support/embed-run.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
+import { mulberry32, testSeed } from '../support/seeded.js';
 import { startTcpProxy } from '../support/tcp-proxy.js';
 
 const CHILD_TIMEOUT_MS = 120_000;
 const SECOND_MODEL = 'fake-embed-v2';
-
-/**
- * The seed of the SIGKILL schedule: PGEMBED_TEST_SEED replays a schedule
- * that failed; by default a fresh one, printed by the test that uses it.
- */
-function chaosSeed(): number {
-  const given = process.env.PGEMBED_TEST_SEED;
-  if (given === undefined || given === '') return randomInt(2 ** 31);
-  const seed = Number(given);
-  if (!Number.isSafeInteger(seed)) {
-    throw new Error(`PGEMBED_TEST_SEED must be an integer, not ${given}`);
-  }
-  return seed;
-}
-
-/** A small seeded PRNG, so a failing chaos schedule can be replayed from its seed. */
-function mulberry32(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function describeWorkers() {
   const fx = useWorkerFixture('postgres', { latencyMs: 20 });
@@ -135,7 +110,7 @@ function describeWorkers() {
       '--lease-ms',
       '2000',
     ];
-    const seed = chaosSeed();
+    const seed = testSeed();
     const replay = `seed ${seed}; replay with PGEMBED_TEST_SEED=${seed}`;
     console.warn(`SIGKILL schedule: ${replay}`);
     await annotate(`SIGKILL schedule: ${replay}`);

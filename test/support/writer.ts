@@ -21,6 +21,7 @@ import { createInterface } from 'node:readline';
 import { pathToFileURL } from 'node:url';
 import { sql } from 'kysely';
 import { openDatabase } from '../../src/db/connect.js';
+import { mulberry32 } from './seeded.js';
 
 export interface WriterReport {
   event: 'done';
@@ -45,17 +46,6 @@ export interface WriterReport {
   history: Record<string, string[]>;
   /** Transactions the database refused (rolled back, not retried): none are expected. */
   failed: Array<{ transaction: number; code: string; message: string; detail: string | undefined }>;
-}
-
-/** A small seeded PRNG, so a stream can be replayed from its seed. */
-export function mulberry32(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const BLANKS = ['', '   ', '\n\t '];
