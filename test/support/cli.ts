@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { inject } from 'vitest';
 import { SETTINGS } from '../../src/config.js';
 
 export type CliScript = 'embed' | 'seed' | 'migrate' | 'status' | 'search' | 'index' | 'demo';
@@ -47,16 +48,18 @@ function childEnv(env: Record<string, string>): Record<string, string> {
   };
 }
 
-/** Starts `src/cli/<script>.ts` as a real child process, as `npm run <script>` would. */
+/**
+ * Starts `src/cli/<script>.ts` as a real child process, compiled (see
+ * global-setup's compileCli), as the Docker image runs it.
+ */
 export function startCli(
   script: CliScript,
   args: string[],
   env: Record<string, string>,
   options: CliOptions = {},
 ): RunningCli {
-  const entry = join(repoRoot, 'src', 'cli', `${script}.ts`);
-  // Resolved here, not by name: a child in another directory could not find it.
-  const child = spawn(process.execPath, ['--import', import.meta.resolve('tsx'), entry, ...args], {
+  const entry = join(inject('cliBuildDir'), 'src', 'cli', `${script}.js`);
+  const child = spawn(process.execPath, [entry, ...args], {
     cwd: options.cwd ?? repoRoot,
     env: childEnv(env),
     stdio: ['ignore', 'pipe', 'pipe'],
