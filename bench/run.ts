@@ -1,5 +1,6 @@
 /**
  * npm run bench [-- --only overhead,latency,rate,memory,peer] [--backends pglite,postgres]
+ * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
  * SpamAssassin corpus, prints a table and writes bench/results/<time>.json.
@@ -15,6 +16,7 @@ import { upsertEmbeddings, upsertEmbeddingsViaCopy } from '../src/sql/batches.js
 import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
 import { type Backend, runWorker, seedTemplate, type Template } from './lib.js';
 import { runPeer } from './peer.js';
+import { syncBench } from './sync.js';
 
 const { values } = parseArgs({
   options: {
@@ -22,6 +24,12 @@ const { values } = parseArgs({
     backends: { type: 'string', default: 'pglite,postgres' },
     'rate-seconds': { type: 'string', default: '120' },
     'rate-tpm': { type: 'string', default: '1000000' },
+    // --only sync: not in the default list (it bulk-loads 1 M rows).
+    'sync-parts': { type: 'string', default: 'size,latency,triggers,rerun' },
+    'sync-seconds': { type: 'string', default: '20' },
+    'sync-rates': { type: 'string', default: '200,1000' },
+    'sync-messages': { type: 'string', default: '1000000' },
+    'sync-stale-reconcile': { type: 'string', default: 'true' },
   },
 });
 const only = new Set(values.only.split(','));
@@ -53,7 +61,8 @@ const save = () => writeFileSync(file, `${JSON.stringify({ results, table }, nul
 const fake = await startFakeOpenAI();
 const log = (text: string) => process.stderr.write(`bench: ${text}\n`);
 
-for (const backend of backendList) {
+const corpusScenarios = ['overhead', 'latency', 'rate', 'memory', 'peer'];
+for (const backend of corpusScenarios.some((name) => only.has(name)) ? backendList : []) {
   log(`seeding the corpus into ${backend}`);
   const template = await seedTemplate(backend, serverUrl, 1);
   try {
@@ -79,6 +88,23 @@ for (const backend of backendList) {
   }
 }
 await fake.close();
+
+if (only.has('sync')) {
+  await syncBench({
+    serverUrl,
+    backends: backendList,
+    parts: new Set(values['sync-parts'].split(',')),
+    seconds: Number(values['sync-seconds']),
+    rates: values['sync-rates'].split(',').map(Number),
+    rerunMessages: Number(values['sync-messages']),
+    staleReconcile: values['sync-stale-reconcile'] !== 'false',
+    log,
+    row,
+    results,
+    save,
+  });
+  save();
+}
 
 const widths = table[0]!.map((_, i) => Math.max(...table.map((r) => r[i]!.length)));
 process.stdout.write(
