@@ -32,6 +32,15 @@ export interface RunningCli {
 
 export const repoRoot = fileURLToPath(new URL('../..', import.meta.url));
 
+/** The test run's compiled CLI (global-setup), or undefined outside vitest. */
+function compiledCli(): string | undefined {
+  try {
+    return inject('cliBuildDir');
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * Every setting's variable is present but blank unless the test sets it: the CLI
  * reads .env without overriding the environment, so a developer's .env (with a
@@ -58,8 +67,12 @@ export function startCli(
   env: Record<string, string>,
   options: CliOptions = {},
 ): RunningCli {
-  const entry = join(inject('cliBuildDir'), 'src', 'cli', `${script}.js`);
-  const child = spawn(process.execPath, [entry, ...args], {
+  const built = compiledCli();
+  // Outside vitest (bench/lib.ts spawns workers too), through tsx.
+  const argv = built
+    ? [join(built, 'src', 'cli', `${script}.js`)]
+    : ['--import', import.meta.resolve('tsx'), join(repoRoot, 'src', 'cli', `${script}.ts`)];
+  const child = spawn(process.execPath, [...argv, ...args], {
     cwd: options.cwd ?? repoRoot,
     env: childEnv(env),
     stdio: ['ignore', 'pipe', 'pipe'],
