@@ -28,6 +28,7 @@ import { DEFAULT_SOURCE } from '../src/db/source.js';
 import { WAKE_CHANNEL } from '../src/sql/capture.js';
 import { type ClaimScope, claimBatch } from '../src/sql/queue.js';
 import { reconcile } from '../src/sql/reconcile.js';
+import { withAdminClient } from '../test/support/db.js';
 import { type FakeOpenAI, startFakeOpenAI } from '../test/support/fake-openai.js';
 import type { Backend } from './lib.js';
 
@@ -210,29 +211,19 @@ function withDatabase(serverUrl: string, name: string): string {
   return url.toString();
 }
 
-async function withClient<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end();
-  }
-}
-
 /** A fresh bench_sync_* database on the server, and how to drop it. */
 async function serverDatabase(serverUrl: string, label: string) {
   const name = `bench_sync_${label}_${process.pid}`;
-  await withClient(serverUrl, async (c) => {
+  await withAdminClient(serverUrl, async (c) => {
     await c.query(`drop database if exists ${name} with (force)`);
     await c.query(`create database ${name}`);
   });
   return {
     url: withDatabase(serverUrl, name),
     drop: () =>
-      withClient(serverUrl, (c) => c.query(`drop database if exists ${name} with (force)`)).then(
-        () => undefined,
-      ),
+      withAdminClient(serverUrl, (c) =>
+        c.query(`drop database if exists ${name} with (force)`),
+      ).then(() => undefined),
   };
 }
 
@@ -506,7 +497,7 @@ async function syncLatency(ctx: SyncContext, fake: FakeOpenAI): Promise<void> {
   };
   try {
     await migrate(database.url);
-    await withClient(database.url, (c) => c.query(COMMIT_CLOCK));
+    await withAdminClient(database.url, (c) => c.query(COMMIT_CLOCK));
     listener = await notifyCounter(database.url);
     const rows: unknown[] = [];
     for (const [i, { rate, per, args }] of phases.entries()) {
@@ -607,7 +598,7 @@ function activitySampler(url: string) {
   const counts = new Map<string, number>();
   const totals = new Map<string, number>();
   let stop = false;
-  const running = withClient(url, async (c) => {
+  const running = withAdminClient(url, async (c) => {
     while (!stop) {
       const { rows } = await c.query<{ app: string; what: string }>(
         `select application_name as app,
@@ -643,7 +634,7 @@ async function waitEmbedded(
   count: number,
   timeoutMs: number,
 ): Promise<boolean> {
-  return withClient(url, async (c) => {
+  return withAdminClient(url, async (c) => {
     const deadline = performance.now() + timeoutMs;
     while (performance.now() < deadline) {
       const { rows } = await c.query<{ n: number }>(
@@ -658,7 +649,7 @@ async function waitEmbedded(
 }
 
 async function latencyFigures(url: string, lo: number, hi: number) {
-  return withClient(url, async (c) => {
+  return withAdminClient(url, async (c) => {
     const { rows } = await c.query(
       `with l as (
          select m.created_at, c.at as committed_at, e.embedded_at,
@@ -743,7 +734,7 @@ async function rerunNothingToDo(ctx: SyncContext): Promise<void> {
     })();
     out.embedding_column = columnType;
     ctx.log(`sync rerun: bulk-loading ${int(n)} messages and embeddings (${columnType})`);
-    const load = await withClient(database.url, async (c) => {
+    const load = await withAdminClient(database.url, async (c) => {
       // Statistics as the empty schema left them, and kept so: no autovacuum.
       await c.query('analyze');
       for (const table of [
@@ -814,7 +805,7 @@ async function rerunNothingToDo(ctx: SyncContext): Promise<void> {
     ctx.save();
     ctx.log('sync rerun: VACUUM ANALYZE');
     const vacuumStart = performance.now();
-    await withClient(database.url, (c) => c.query('vacuum analyze'));
+    await withAdminClient(database.url, (c) => c.query('vacuum analyze'));
     out.vacuum_analyze_s = (performance.now() - vacuumStart) / 1000;
     out.analyzed = await rerunFigures(ctx, database.url, 'after VACUUM ANALYZE', 2);
     out.analyzed_explain = await explainScans(database.url);
@@ -1110,7 +1101,7 @@ async function singleRowInserts(ctx: SyncContext, url: string) {
   let idBase = 10_000_000;
   for (const variant of ['bare', 'triggers, queue growing', 'triggers, queue drained'] as const) {
     const table = variant === 'bare' ? 'messages_bare' : 'messages';
-    await withClient(url, async (c) => {
+    await withAdminClient(url, async (c) => {
       await c.query('truncate embedding_queue');
       await c.query('truncate messages');
       await c.query('truncate messages_bare');
@@ -1130,7 +1121,7 @@ async function singleRowInserts(ctx: SyncContext, url: string) {
     let drains = 0;
     const drain =
       variant === 'triggers, queue drained'
-        ? withClient(url, async (c) => {
+        ? withAdminClient(url, async (c) => {
             while (!stop) {
               await c.query('delete from embedding_queue');
               drains++;
