@@ -12,7 +12,6 @@ import { cpus, totalmem } from 'node:os';
 import { parseArgs } from 'node:util';
 import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
-import { upsertEmbeddings, upsertEmbeddingsViaCopy } from '../src/sql/batches.js';
 import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
 import { type Backend, runWorker, seedTemplate, type Template } from './lib.js';
 import { runPeer } from './peer.js';
@@ -145,7 +144,7 @@ async function overhead(backend: Backend, template: Template) {
 async function writeLimit(url: string, rows: number) {
   const database = await openDatabase(url);
   try {
-    const columnType = await readEmbeddingColumnType(database.db);
+    const writer = database.embeddingWriter(await readEmbeddingColumnType(database.db), 'bigint');
     const vectors = Array.from({ length: rows }, (_, i) => fakeEmbedding(`row ${i}`, 1536));
     let best = { rowsPerSecond: 0, path: '' };
     for (const per of [8, 500]) {
@@ -159,22 +158,13 @@ async function writeLimit(url: string, rows: number) {
           inputTokens: 1,
           truncated: false,
         }));
-        const target = { provider, model: 'm', runId: '0', columnType };
+        const target = { provider, model: 'm', runId: '0' };
         await database.db.transaction().execute(async (trx) => {
-          if (database.copyFromBlob && columnType !== 'halfvec') {
-            await upsertEmbeddingsViaCopy(
-              trx,
-              database.copyFromBlob,
-              { ...target, columnType },
-              batch,
-            );
-          } else {
-            await upsertEmbeddings(trx, target, batch);
-          }
+          await writer.upsert(trx, target, batch);
         });
       }
       const rowsPerSecond = rows / ((performance.now() - start) / 1000);
-      const path = `${database.copyFromBlob ? 'binary COPY + upsert' : 'multi-row upsert'}, ${per} rows per transaction`;
+      const path = `${writer.method}, ${per} rows per transaction`;
       if (rowsPerSecond > best.rowsPerSecond) best = { rowsPerSecond, path };
     }
     return best;

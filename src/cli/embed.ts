@@ -102,9 +102,8 @@ await runCli(async (argv) => {
 
     const run = new EmbedRun({
       db: database.db,
-      columnType,
+      writer: database.embeddingWriter(columnType, idType),
       idType,
-      copyFromBlob: database.copyFromBlob,
       provider,
       config,
       logger,

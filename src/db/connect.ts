@@ -7,11 +7,18 @@ import pg from 'pg';
 import { ConfigError, DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { WAKE_CHANNEL } from '../sql/capture.js';
+import type { EmbeddingColumnType } from './embedding-column.js';
+import {
+  type EmbeddingWriter,
+  pgliteEmbeddingWriter,
+  postgresEmbeddingWriter,
+} from './embedding-writer.js';
 import { PGliteDialect } from './pglite-dialect.js';
 import { acquireDirectoryLock, type HeldLock, stillServing } from './pglite-lock.js';
 import { PGliteServer, pgConfig, psqlCommand } from './pglite-server.js';
 import { PGliteSession } from './pglite-session.js';
 import type { DB } from './schema.js';
+import type { IdType } from './source.js';
 
 export const DEFAULT_PGLITE_DIR = './.data/pglite';
 
@@ -22,12 +29,8 @@ export type DatabaseTarget =
 export interface Database {
   readonly db: Kysely<DB>;
   readonly backend: DatabaseTarget['kind'];
-  /**
-   * `COPY … FROM '/dev/blob'` with the given bytes, on the current session.
-   * PGlite only: it has one session, so inside a Kysely transaction this runs
-   * in that transaction. Undefined on a pg pool.
-   */
-  readonly copyFromBlob?: (copySql: string, data: Uint8Array) => Promise<void>;
+  /** How this backend writes a batch's vectors into a column of this type, chosen once. */
+  embeddingWriter(columnType: EmbeddingColumnType, idType: IdType): EmbeddingWriter;
   /** Where we are connected, password removed: safe for logs. */
   readonly describe: string;
   /** Set while this process serves its PGlite directory to other processes. */
@@ -217,8 +220,13 @@ async function openPGlite(
         stop();
       };
     },
-    async copyFromBlob(copySql, data) {
-      await pglite.query(copySql, [], { blob: new Blob([data]) });
+    embeddingWriter(columnType, idType) {
+      // PGlite has one session, so inside a Kysely transaction this COPY
+      // runs in that transaction.
+      const copyFromBlob = async (copySql: string, data: Uint8Array) => {
+        await pglite.query(copySql, [], { blob: new Blob([data]) });
+      };
+      return pgliteEmbeddingWriter(copyFromBlob, columnType, idType);
     },
     async close() {
       if (closed) return;
@@ -279,6 +287,7 @@ async function openPostgres(
     db,
     backend: 'postgres',
     describe,
+    embeddingWriter: (columnType) => postgresEmbeddingWriter(columnType),
     watchChanges:
       options.listen === false ? undefined : (onChange) => listenForChanges(connection, onChange),
     async close() {

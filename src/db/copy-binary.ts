@@ -1,4 +1,5 @@
 import type { EmbeddingColumnType } from './embedding-column.js';
+import { float4ArraySend, vectorSend } from './vector.js';
 
 /** One staged embedding row, in the stage table's column order. */
 export interface StageRow {
@@ -10,7 +11,6 @@ export interface StageRow {
 }
 
 const SIGNATURE = Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1');
-const FLOAT4_OID = 700;
 
 /**
  * PostgreSQL's binary COPY format for the stage table (message_id bigint,
@@ -57,25 +57,7 @@ function writeVector(
   vector: Float32Array,
   type: Exclude<EmbeddingColumnType, 'halfvec'>,
 ): number {
-  let o = offset;
-  if (type === 'vector') {
-    // pgvector's binary form: int16 dimensions, int16 unused, float4 values.
-    o = buf.writeInt32BE(4 + vector.length * 4, o);
-    o = buf.writeInt16BE(vector.length, o);
-    o = buf.writeInt16BE(0, o);
-    for (const x of vector) o = buf.writeFloatBE(x, o);
-    return o;
-  }
-  // A one-dimensional float4[]: ndim, has-nulls, element type, length, lower bound.
-  o = buf.writeInt32BE(20 + vector.length * 8, o);
-  o = buf.writeInt32BE(1, o);
-  o = buf.writeInt32BE(0, o);
-  o = buf.writeInt32BE(FLOAT4_OID, o);
-  o = buf.writeInt32BE(vector.length, o);
-  o = buf.writeInt32BE(1, o);
-  for (const x of vector) {
-    o = buf.writeInt32BE(4, o);
-    o = buf.writeFloatBE(x, o);
-  }
-  return o;
+  const field = type === 'vector' ? vectorSend(vector) : float4ArraySend(vector);
+  const o = buf.writeInt32BE(field.length, offset);
+  return o + field.copy(buf, o);
 }

@@ -1,10 +1,13 @@
+import { endianness } from 'node:os';
 import pgvector from 'pgvector';
 import type { EmbeddingColumnType } from './embedding-column.js';
 
 /**
  * A vector as the SQL literal its column type accepts. Values are float32 on
  * the way in; JS prints each as the shortest double that rounds back to the
- * same float32, so Postgres stores exactly what the provider sent.
+ * same float32, so Postgres stores exactly what the provider sent. Off the
+ * hot path (search queries, tests): batches are written in binary
+ * (see vectorSend and src/db/embedding-writer.ts).
  */
 export function vectorLiteral(values: ArrayLike<number>, type: EmbeddingColumnType): string {
   const array = Array.from(values);
@@ -16,4 +19,44 @@ export function parseVector(value: string | number[]): number[] {
   if (Array.isArray(value)) return value.map(Number);
   if (value.startsWith('{')) return value.slice(1, -1).split(',').map(Number);
   return pgvector.fromSql(value) as number[];
+}
+
+const LITTLE_ENDIAN_HOST = endianness() === 'LE';
+const FLOAT4_OID = 700;
+
+/**
+ * pgvector's binary form (vector_send/vector_recv): int16 dimensions, int16
+ * unused, then the float4 values big-endian. The float32 bits are copied,
+ * never printed: a 1,536-dimension vector's decimal text is ~16 KB and took
+ * 27% of a worker's busy time (BENCHMARKS.md, issue 12); this is one memcpy
+ * and one byte swap.
+ */
+export function vectorSend(vector: Float32Array): Buffer {
+  const buf = Buffer.allocUnsafe(4 + vector.byteLength);
+  buf.writeInt16BE(vector.length, 0);
+  buf.writeInt16BE(0, 2);
+  const values = buf.subarray(4);
+  Buffer.from(vector.buffer, vector.byteOffset, vector.byteLength).copy(values);
+  if (LITTLE_ENDIAN_HOST) values.swap32();
+  return buf;
+}
+
+/**
+ * A one-dimensional float4[] in PostgreSQL's binary array form (array_send):
+ * ndim, has-nulls, element type, length, lower bound, then each element as
+ * int32 length 4 and its big-endian bits.
+ */
+export function float4ArraySend(vector: Float32Array): Buffer {
+  const buf = Buffer.allocUnsafe(20 + vector.length * 8);
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  view.setInt32(0, 1);
+  view.setInt32(4, 0);
+  view.setInt32(8, FLOAT4_OID);
+  view.setInt32(12, vector.length);
+  view.setInt32(16, 1);
+  for (let i = 0, o = 20; i < vector.length; i++, o += 8) {
+    view.setInt32(o, 4);
+    view.setFloat32(o + 4, vector[i] as number);
+  }
+  return buf;
 }

@@ -1,8 +1,6 @@
-import { type Kysely, sql, type Transaction } from 'kysely';
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import { encodeStageRows } from '../db/copy-binary.js';
-import type { EmbeddingColumnType } from '../db/embedding-column.js';
 import type { DB } from '../db/schema.js';
-import { vectorLiteral } from '../db/vector.js';
 
 export interface EmbeddedRow {
   messageId: string;
@@ -36,17 +34,25 @@ export interface BatchRecord {
   latencyMs: number;
 }
 
+export interface WriteTarget {
+  provider: string;
+  model: string;
+  runId: string;
+}
+
 /**
  * Upserts a batch's vectors in one statement. On (provider, model,
- * message_id), so a rerun or an edited message replaces its row, never adds one.
+ * message_id), so a rerun or an edited message replaces its row, never adds
+ * one. `embedding` gives each vector's SQL (a binary parameter or a literal;
+ * src/db/embedding-writer.ts chooses, once per backend).
  */
 export async function upsertEmbeddings(
   trx: Kysely<DB> | Transaction<DB>,
-  target: { provider: string; model: string; runId: string; columnType: EmbeddingColumnType },
+  target: WriteTarget,
   rows: EmbeddedRow[],
+  embedding: (vector: Float32Array) => RawBuilder<unknown>,
 ): Promise<void> {
   if (rows.length === 0) return;
-  const type = sql.raw(target.columnType);
   await trx
     .insertInto('message_embeddings')
     .values(
@@ -54,9 +60,9 @@ export async function upsertEmbeddings(
         provider: target.provider,
         model: target.model,
         message_id: r.messageId,
-        embedding: sql<string>`${vectorLiteral(r.vector, target.columnType)}::${type}`,
+        embedding: embedding(r.vector) as RawBuilder<string>,
         dimensions: r.vector.length,
-        content_sha256: sql<Buffer>`decode(${r.sha256Hex}, 'hex')`,
+        content_sha256: Buffer.from(r.sha256Hex, 'hex'),
         input_tokens: r.inputTokens,
         truncated: r.truncated,
         run_id: target.runId,
@@ -175,18 +181,22 @@ export async function advanceRun(
 export async function upsertEmbeddingsViaCopy(
   trx: Transaction<DB>,
   copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,
-  target: { provider: string; model: string; runId: string; columnType: 'vector' | 'real[]' },
+  target: WriteTarget & { columnType: 'vector' | 'real[]' },
   rows: EmbeddedRow[],
 ): Promise<void> {
   if (rows.length === 0) return;
-  // Temp and `on commit delete rows`: private to the session, empty after each batch.
-  await sql`create temp table if not exists pgembed_stage (
+  // Temp and `on commit delete rows`: private to the session, empty after each
+  // batch. Named by column type: PGlite's one session outlives a database's
+  // tables, and a stage of another type would take this COPY's bytes as its own.
+  const stageName = target.columnType === 'vector' ? 'pgembed_stage_vector' : 'pgembed_stage_real';
+  const stage = sql.raw(stageName);
+  await sql`create temp table if not exists ${stage} (
       message_id bigint, embedding ${sql.raw(target.columnType)}, dimensions int,
       content_sha256 bytea, input_tokens int, truncated boolean) on commit delete rows`.execute(
     trx,
   );
   await copyFromBlob(
-    "copy pgembed_stage from '/dev/blob' with (format binary)",
+    `copy ${stageName} from '/dev/blob' with (format binary)`,
     encodeStageRows(rows, target.columnType),
   );
   await sql`
@@ -194,7 +204,7 @@ export async function upsertEmbeddingsViaCopy(
       (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens, truncated, run_id)
     select ${target.provider}, ${target.model}, message_id, embedding, dimensions, content_sha256,
            input_tokens, truncated, ${target.runId}::bigint
-    from pgembed_stage
+    from ${stage}
     on conflict (provider, model, message_id) do update set
       embedding = excluded.embedding, dimensions = excluded.dimensions,
       content_sha256 = excluded.content_sha256, input_tokens = excluded.input_tokens,

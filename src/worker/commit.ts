@@ -1,5 +1,5 @@
 import { type Kysely, sql } from 'kysely';
-import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import type { DB } from '../db/schema.js';
 import {
   advanceRun,
@@ -9,8 +9,6 @@ import {
   insertBatch,
   insertSkips,
   type SkippedRow,
-  upsertEmbeddings,
-  upsertEmbeddingsViaCopy,
 } from '../sql/batches.js';
 import {
   type ClaimScope,
@@ -23,9 +21,7 @@ import {
 export interface CommitTarget {
   db: Kysely<DB>;
   scope: ClaimScope;
-  columnType: EmbeddingColumnType;
-  /** The backend's binary COPY, when it has one (see Database.copyFromBlob). */
-  copyFromBlob: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
+  writer: EmbeddingWriter;
 }
 
 /** What one batch hands to its commit. */
@@ -93,24 +89,8 @@ export async function commitBatch(
     const skipped = work.skipped.filter((s) => settled.has(s.messageId));
     const gone = work.gone.filter((id) => settled.has(id));
     const blank = work.blank.filter((h) => settled.has(h.id)).map((h) => h.id);
-    const target = {
-      provider: scope.provider,
-      model: scope.model,
-      runId: scope.runId,
-      columnType: to.columnType,
-    };
-    // Binary COPY where the backend offers it (PGlite) and the types have a
-    // binary form we write (not halfvec, not uuid ids); else one multi-row upsert.
-    if (to.copyFromBlob && to.columnType !== 'halfvec' && scope.idType === 'bigint') {
-      await upsertEmbeddingsViaCopy(
-        trx,
-        to.copyFromBlob,
-        { ...target, columnType: to.columnType },
-        embedded,
-      );
-    } else {
-      await upsertEmbeddings(trx, target, embedded);
-    }
+    const target = { provider: scope.provider, model: scope.model, runId: scope.runId };
+    await to.writer.upsert(trx, target, embedded);
     await insertSkips(trx, target, skipped);
     await deleteEmbeddingsOf(trx, scope, gone);
     await deleteEmbeddingsOf(trx, scope, blank, 'target');

@@ -328,7 +328,7 @@ function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Inp
 async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> {
   const { seq, prepared, settings, sendSlots, currentFailure, recordFailure, deferrable } = job;
   const { totals, log, scope } = ctx;
-  const { db, config, columnType } = ctx.deps;
+  const { db, config } = ctx.deps;
   const blog = log.child({ batch: seq });
   // Asked before every request of this batch, parts and retries included.
   const control: SendControl = {
@@ -413,12 +413,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
     retries: outcome.attempts - outcome.sends,
     latencyMs,
   };
-  const to = {
-    db,
-    scope,
-    columnType,
-    copyFromBlob: ctx.deps.copyFromBlob,
-  };
+  const to = { db, scope, writer: ctx.deps.writer };
   const committed = await ctx.dbRetry('commit a batch', () => commitBatch(to, batch, work));
   if (committed) {
     if (committed.embedded + committed.skipped > 0) {

@@ -1,7 +1,7 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
 import type { Database } from '../db/connect.js';
-import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
 import type { IdType } from '../db/source.js';
@@ -35,11 +35,10 @@ import { sleep, Waker } from './waker.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
-  columnType: EmbeddingColumnType;
+  /** How batches' vectors are written (Database.embeddingWriter). */
+  writer: EmbeddingWriter;
   /** The source's id type; default bigint. */
   idType?: IdType | undefined;
-  /** The backend's binary COPY, when it has one (see Database.copyFromBlob). */
-  copyFromBlob?: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
   provider: EmbeddingProvider;
   config: EmbedConfig;
   logger: Logger;

@@ -151,7 +151,7 @@ describe('the progress display', () => {
           },
         },
       );
-      const { db, columnType, copyFromBlob, baseUrl } = fx.ctx();
+      const { db, writer, baseUrl } = fx.ctx();
       const config = buildEmbedConfig(
         { 'batch-size': '4', concurrency: '1' },
         { OPENAI_BASE_URL: baseUrl },
@@ -174,8 +174,7 @@ describe('the progress display', () => {
       };
       const run = new EmbedRun({
         db,
-        columnType,
-        copyFromBlob,
+        writer,
         provider,
         config,
         logger,

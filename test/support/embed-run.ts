@@ -6,6 +6,7 @@ import {
   type EmbeddingColumnType,
   readEmbeddingColumnType,
 } from '../../src/db/embedding-column.js';
+import type { EmbeddingWriter } from '../../src/db/embedding-writer.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { openAIProviderFor } from '../../src/provider/create.js';
@@ -17,8 +18,8 @@ import { type FakeOpenAI, type FakeOpenAIOptions, startFakeOpenAI } from './fake
 export interface RunHarnessContext {
   db: Kysely<DB>;
   columnType: EmbeddingColumnType;
-  /** The backend's binary COPY, as the CLI passes it (PGlite only). */
-  copyFromBlob?: ((copySql: string, data: Uint8Array) => Promise<void>) | undefined;
+  /** How vectors are written, as the CLI chooses it (Database.embeddingWriter). */
+  writer: EmbeddingWriter;
   /** The fake server's base URL. */
   baseUrl: string;
 }
@@ -40,8 +41,7 @@ export function makeRun(
   const reports: string[] = [];
   const run = new EmbedRun({
     db: ctx.db,
-    columnType: ctx.columnType,
-    copyFromBlob: ctx.copyFromBlob,
+    writer: ctx.writer,
     provider,
     config,
     logger: extra.logger ?? createLogger('silent'),
@@ -135,7 +135,7 @@ export function useWorkerFixture(
       return {
         db: database.db,
         columnType,
-        copyFromBlob: database.copyFromBlob,
+        writer: database.embeddingWriter(columnType, 'bigint'),
         baseUrl: fake.url,
       };
     },

@@ -34,7 +34,7 @@ describe.each(backends())('the dry run on %s', (backend) => {
       const ctx = {
         db: database.db,
         columnType,
-        copyFromBlob: database.copyFromBlob,
+        writer: database.embeddingWriter(columnType, 'bigint'),
         baseUrl: fake.url,
       };
       // Part of it is already embedded, so the dry run must leave those out too.

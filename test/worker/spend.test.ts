@@ -93,7 +93,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     around: (call: Call) => Promise<EmbedResult>,
     extra: { heartbeats?: HeartbeatWatch; progressIntervalMs?: number } = {},
   ) {
-    const { db, columnType, copyFromBlob, baseUrl } = fx.ctx();
+    const { db, writer, baseUrl } = fx.ctx();
     const config = buildEmbedConfig(
       { 'batch-size': '2', 'max-retry-wait-ms': '20', ...flags },
       { OPENAI_BASE_URL: baseUrl },
@@ -108,8 +108,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     const reports: string[] = [];
     const run = new EmbedRun({
       db: extra.heartbeats ? db.withPlugin(extra.heartbeats) : db,
-      columnType,
-      copyFromBlob,
+      writer,
       provider,
       config,
       logger: createLogger('silent'),

@@ -1,0 +1,69 @@
+import { type RawBuilder, sql, type Transaction } from 'kysely';
+import {
+  type EmbeddedRow,
+  upsertEmbeddings,
+  upsertEmbeddingsViaCopy,
+  type WriteTarget,
+} from '../sql/batches.js';
+import type { EmbeddingColumnType } from './embedding-column.js';
+import type { DB } from './schema.js';
+import type { IdType } from './source.js';
+import { float4ArraySend, vectorLiteral, vectorSend } from './vector.js';
+
+/**
+ * How a batch's vectors reach the table: the one place that knows the
+ * backends differ. Chosen once per run (Database.embeddingWriter), so the
+ * worker only ever calls `upsert`.
+ */
+export interface EmbeddingWriter {
+  /** How vectors travel, for the start log and the bench. */
+  readonly method: 'binary COPY' | 'binary parameters' | 'text';
+  upsert(trx: Transaction<DB>, target: WriteTarget, rows: EmbeddedRow[]): Promise<void>;
+}
+
+/**
+ * A Postgres server: one multi-row upsert whose vectors are binary
+ * parameters (node-postgres sends a Buffer in binary format; the cast types
+ * the parameter, so the server runs vector_recv/array_recv on the float32
+ * bits). No decimal text either way. halfvec has no binary form we write
+ * (float16 rounding is the server's), so it goes as text.
+ */
+export function postgresEmbeddingWriter(columnType: EmbeddingColumnType): EmbeddingWriter {
+  if (columnType === 'halfvec') return textEmbeddingWriter(columnType);
+  const encode = columnType === 'vector' ? vectorSend : float4ArraySend;
+  const type = sql.raw(columnType);
+  return {
+    method: 'binary parameters',
+    upsert: (trx, target, rows) =>
+      upsertEmbeddings(trx, target, rows, (vector) => sql`${encode(vector)}::${type}`),
+  };
+}
+
+/**
+ * PGlite: binary COPY from a blob into a stage table, then one upsert. Its
+ * query parameters travel as text, so COPY is its binary path: ~0.14 ms a
+ * row against ~2 ms for decimal text (BENCHMARKS.md). The stage table has a
+ * bigint id and no halfvec column, so the rest goes as text.
+ */
+export function pgliteEmbeddingWriter(
+  copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,
+  columnType: EmbeddingColumnType,
+  idType: IdType,
+): EmbeddingWriter {
+  if (columnType === 'halfvec' || idType !== 'bigint') return textEmbeddingWriter(columnType);
+  return {
+    method: 'binary COPY',
+    upsert: (trx, target, rows) =>
+      upsertEmbeddingsViaCopy(trx, copyFromBlob, { ...target, columnType }, rows),
+  };
+}
+
+function textEmbeddingWriter(columnType: EmbeddingColumnType): EmbeddingWriter {
+  const type = sql.raw(columnType);
+  const literal = (vector: Float32Array): RawBuilder<unknown> =>
+    sql`${vectorLiteral(vector, columnType)}::${type}`;
+  return {
+    method: 'text',
+    upsert: (trx, target, rows) => upsertEmbeddings(trx, target, rows, literal),
+  };
+}
