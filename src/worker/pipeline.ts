@@ -23,6 +23,7 @@ import {
   sendBatch,
 } from './batch.js';
 import { CircuitBreaker } from './breaker.js';
+import { ClaimKeyset } from './claim-keyset.js';
 import { type BatchWork, commitBatch } from './commit.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
@@ -143,7 +144,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     );
   };
 
-  let after: string | null = null;
+  const keyset = new ClaimKeyset();
   let taken = 0;
   let lastPage = false;
   let idleMs = FIRST_IDLE_MS;
@@ -168,17 +169,15 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         }
       }
       const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
-      const claimAfter: string | null = after;
+      const after = keyset.after;
       const page: ClaimedMessage[] = await ctx.dbRetry('claim a batch', () =>
-        claimBatch(db, scope, { after: claimAfter, limit: pageSize, ignoreBackoff: false }),
+        claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false }),
       );
+      // Rows given back since (an edit during a send, a dead worker's) and
+      // late-committing lower ids are found from the first id.
+      const pageIds = page.map((m) => m.id);
+      if (keyset.advance(pageIds, pageSize)) continue;
       if (page.length === 0) {
-        // The keyset passed the end: start again from the first id once, for
-        // rows given back since (an edit during a send, a dead worker's).
-        if (after !== null) {
-          after = null;
-          continue;
-        }
         if (ctx.idle) {
           // Watching: until a wake-up, the poll, or a batch in flight settles.
           await Promise.race([ctx.idle(idleMs), ...inFlight]);
@@ -207,7 +206,6 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         continue;
       }
       idleMs = FIRST_IDLE_MS;
-      after = (page[page.length - 1] as ClaimedMessage).id;
       const sorted = sortClaimed(page);
       taken += sorted.toEmbed.length;
       ctx.onClaimed(sorted.toEmbed.length);
