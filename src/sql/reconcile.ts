@@ -39,9 +39,9 @@ const CHUNK = 5000;
  * triggers do not fire), for a target's first run, and for --reconcile.
  *
  * Each chunk is an id range: its upper end is found first (the `size`th id
- * past the last chunk's end, by keyset and an OFFSET of at most one chunk;
- * none for the last chunk, which reaches past the source's last id), then one
- * statement reads the range and judges, enqueues and deletes within it.
+ * past the last chunk's end, by keyset and a limit; none for the last chunk,
+ * which reaches past the source's last id), then one statement reads the
+ * range and judges, enqueues and deletes within it.
  * The bounds are parameters, so the planner sees a small range: the chunk
  * is materialised and each id looked up in the embeddings' primary key,
  * whatever the statistics say (right after a bulk load they are stale, and
@@ -97,7 +97,7 @@ export async function reconcile(
     const upper = ends[0] && ends[0].n >= size ? ends[0].upper : null;
     const upTo = (column: RawBuilder<unknown>) =>
       upper === null ? sql`true` : sql`${column} <= ${upper}::${idType}`;
-    const result: QueryResult<ReconcileCounts> = await sql<ReconcileCounts>`
+    const judge = sql<ReconcileCounts>`
       with chunk as materialized (
         select m.id, m.content, coalesce(m.content ~ '\\S', false) as non_blank,
                sha256(convert_to(m.content, 'UTF8')) as sha256
@@ -142,7 +142,14 @@ export async function reconcile(
         (select count(*)::int from judged where not non_blank) as blank,
         (select count(*)::int from judged where non_blank and current) as "upToDate",
         (select count(*)::int from judged where non_blank and not current and skipped) as "skippedBefore",
-        (select count(*)::int from orphans) as "orphansDeleted"`.execute(db);
+        (select count(*)::int from orphans) as "orphansDeleted"`;
+    // JIT off: on stale statistics the estimate passes jit_above_cost, and
+    // compiling took ~9 of the 29 s EXPLAIN ANALYZE spent over 1 M messages,
+    // for a statement that runs in ~0.1 s. Set for this statement alone.
+    const result: QueryResult<ReconcileCounts> = await db.transaction().execute(async (trx) => {
+      await sql`set local jit = off`.execute(trx);
+      return judge.execute(trx);
+    });
     const chunk = result.rows[0];
     if (chunk) {
       total.scanned += chunk.scanned;
