@@ -136,9 +136,11 @@ function captureTriggerName(op: string, schema: string): string {
 
 /**
  * Four statement-level triggers with transition tables: one statement that
- * writes 100,000 rows runs each once, not 100,000 times (measured on
- * PostgreSQL 15: a 100k-row insert took 0.8–1.2 s bare, 1.6–2.1 s with these,
- * 2.4–4.2 s with row-level ones).
+ * writes 100,000 rows runs each once, not 100,000 times. What they cost the
+ * application (BENCHMARKS.md, one target, PostgreSQL 15): a 100k-row insert
+ * took 0.45–0.48 s bare and 2.3–2.6 s with them, most of it the queue rows'
+ * ON CONFLICT insert into a table with three indexes; single-row inserts
+ * from 4 connections went from 4,451 to 3,011 a second (−32%).
  * - insert: enqueue the new ids for every target;
  * - update: enqueue only ids whose text changed (an update that leaves the
  *   text as it was costs nothing); an id changed by the update is a delete
