@@ -602,8 +602,8 @@ function activitySampler(url: string) {
     while (!stop) {
       const { rows } = await c.query<{ app: string; what: string }>(
         `select application_name as app,
-           state || coalesce(' / ' || wait_event_type || ':' || wait_event, '') || ' / ' ||
-           left(regexp_replace(query, '\\s+', ' ', 'g'), 60) as what
+           coalesce(state, 'starting') || coalesce(' / ' || wait_event_type || ':' || wait_event, '') || ' / ' ||
+           left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 60) as what
          from pg_stat_activity
          where datname = current_database() and pid <> pg_backend_pid()
            and application_name in ('pgembed', 'bench writer')`,
@@ -809,26 +809,6 @@ async function rerunNothingToDo(ctx: SyncContext): Promise<void> {
     out.vacuum_analyze_s = (performance.now() - vacuumStart) / 1000;
     out.analyzed = await rerunFigures(ctx, database.url, 'after VACUUM ANALYZE', 2);
     out.analyzed_explain = await explainScans(database.url);
-    // What if: the same, with JIT off for the worker's sessions (through
-    // DATABASE_URL's options, no change to src): each chunk statement's
-    // estimate crosses jit_above_cost once the statistics are right.
-    const jitOff = `${database.url}?options=${encodeURIComponent('-c jit=off')}`;
-    const noJit = [];
-    for (let i = 0; i < 2; i++) {
-      ctx.log(`sync rerun (after VACUUM ANALYZE, jit=off): embed --reconcile ${i + 1}/2`);
-      noJit.push(await timedCli(['--reconcile'], jitOff));
-    }
-    out.analyzed_jit_off_reconcile = {
-      runs: noJit,
-      median_scan_ms: median(noJit.map((r) => r.scan_ms ?? Number.NaN)),
-    };
-    ctx.row(
-      scenario,
-      'postgres',
-      `${int(n)}, analyzed, jit=off: embed --reconcile, scan (median of 2)`,
-      `${fmt(median(noJit.map((r) => r.scan_ms ?? Number.NaN)) / 1000, 2)} s`,
-      'what if: DATABASE_URL ?options=-c jit=off',
-    );
     for (const [state, key] of [
       ['stale', 'stale'],
       ['analyzed', 'analyzed'],
@@ -975,23 +955,11 @@ async function explainScans(url: string) {
         client.release();
       }
     };
-    // What if: the same chunk statement with OFFSET 0 in each EXISTS of the
-    // judging, which keeps Postgres from turning it into a hashed subplan
-    // (one read of every embedding of the model, per chunk). Not src's text.
     const judge = judges[1];
-    const fenced = judge && {
-      ...judge,
-      sql: judge.sql.replace(
-        /(exists \(select 1 from (?:message_embeddings e|embedding_skips s)\s[^)]*)\)/g,
-        '$1 offset 0)',
-      ),
-    };
     return {
       reconcile_chunk_end: await explain(ends[1]),
-      reconcile_chunk: await explain(judge),
-      what_if_fenced_exists: (fenced?.sql.match(/offset 0\)/g) ?? []).length,
-      reconcile_chunk_what_if_offset_0:
-        fenced && fenced.sql !== judge.sql ? await explain(fenced as CompiledQuery) : null,
+      // As src/sql/reconcile.ts runs it: JIT off for the statement.
+      reconcile_chunk: await explain(judge, 'set local jit = off'),
       reconcile_chunk_sql: judges[1]?.sql ?? null,
       claim_empty_queue: await explain(claim),
       claim_64_queued: await explain(
