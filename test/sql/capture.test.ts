@@ -10,57 +10,20 @@ import {
 import { migrateToLatest } from '../../src/db/migrator.js';
 import type { DB } from '../../src/db/schema.js';
 import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/source.js';
-import { vectorLiteral } from '../../src/db/vector.js';
 import { ConfigError } from '../../src/errors.js';
 import { captureMode, registerSource, WAKE_CHANNEL } from '../../src/sql/capture.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import {
+  addTarget,
+  embeddingKeys,
+  insertEmbeddings,
+  LARGE,
+  OTHER,
+  queuedKeys,
+  SMALL,
+} from '../support/queue-fixture.js';
 
-const SMALL = { provider: 'openai', model: 'small' };
-const LARGE = { provider: 'openai', model: 'large' };
-// A model with embeddings but no target: deletes remove every model's embeddings.
-const OTHER = { provider: 'local', model: 'minilm' };
-
-async function addTarget(db: Kysely<DB>, t: { provider: string; model: string }): Promise<number> {
-  const { rows } = await sql<{ id: number }>`
-    insert into embedding_targets (provider, model) values (${t.provider}, ${t.model})
-    returning id`.execute(db);
-  const id = rows[0]?.id;
-  if (id === undefined) throw new Error('no target id');
-  return id;
-}
-
-/** The queue as `model:id` strings, sorted, to compare whole. */
-async function queued(db: Kysely<DB>): Promise<string[]> {
-  const { rows } = await sql<{ key: string }>`
-    select t.model || ':' || q.message_id::text as key
-    from embedding_queue q join embedding_targets t on t.id = q.target_id
-    order by t.model, q.message_id`.execute(db);
-  return rows.map((r) => r.key);
-}
-
-/** The embeddings as `model:id` strings, sorted. */
-async function embedded(db: Kysely<DB>): Promise<string[]> {
-  const { rows } = await sql<{ key: string }>`
-    select model || ':' || message_id::text as key from message_embeddings
-    order by model, message_id`.execute(db);
-  return rows.map((r) => r.key);
-}
-
-async function insertEmbeddings(
-  db: Kysely<DB>,
-  columnType: EmbeddingColumnType,
-  t: { provider: string; model: string },
-  ids: string[],
-): Promise<void> {
-  for (const id of ids) {
-    await sql`
-      insert into message_embeddings
-        (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens)
-      values (${t.provider}, ${t.model}, ${id},
-              ${vectorLiteral([1, 2, 3], columnType)}::${sql.raw(columnType)}, 3,
-              ${Buffer.alloc(32)}, 1)`.execute(db);
-  }
-}
+// OTHER: a model with embeddings but no target: deletes remove every model's embeddings.
 
 async function captureTriggers(db: Kysely<DB>, table: string): Promise<string[]> {
   const { rows } = await sql<{ name: string }>`
@@ -98,7 +61,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     await sql`delete from messages`.execute(db());
     await sql`delete from embedding_targets`.execute(db());
     await sql`delete from message_embeddings`.execute(db());
-    expect(await queued(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
   });
 
   // Databases of a test's own (another source, or capture switched off).
@@ -126,7 +89,7 @@ describe.each(backends())('change capture on %s', (backend) => {
 
   it('enqueues an inserted message once for every target, and nothing without a target', async () => {
     await sql`insert into messages (id, content) values (100, 'before any target')`.execute(db());
-    expect(await queued(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
 
     await addTarget(db(), SMALL);
     await addTarget(db(), LARGE);
@@ -134,7 +97,7 @@ describe.each(backends())('change capture on %s', (backend) => {
       db(),
     );
     await sql`insert into messages (id, content) values (4, 'four')`.execute(db());
-    expect(await queued(db())).toEqual([
+    expect(await queuedKeys(db())).toEqual([
       'large:1',
       'large:2',
       'large:3',
@@ -164,11 +127,11 @@ describe.each(backends())('change capture on %s', (backend) => {
     );
     await sql`update messages set content = content`.execute(db());
     await sql`update messages set content = 'two' where id = 2`.execute(db());
-    expect(await queued(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
 
     await sql`update messages set content = 'two, edited' where id in (1, 2)
               and content = 'two'`.execute(db());
-    expect(await queued(db())).toEqual(['large:2', 'small:2']);
+    expect(await queuedKeys(db())).toEqual(['large:2', 'small:2']);
 
     // A row backing off (a deferred failure) is due again once its text changes.
     await sql`update embedding_queue set not_before = now() + interval '1 hour', attempts = 3,
@@ -182,7 +145,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     expect(rows).toEqual([
       { not_before: null, attempts: 0, last_error: null, force: false, kept_changed_at: true },
     ]);
-    expect(await queued(db())).toEqual(['large:2', 'small:2']);
+    expect(await queuedKeys(db())).toEqual(['large:2', 'small:2']);
   });
 
   it('removes a deleted message’s queue rows and every model’s embeddings of it', async () => {
@@ -196,8 +159,8 @@ describe.each(backends())('change capture on %s', (backend) => {
     }
 
     await sql`delete from messages where id in (1, 3)`.execute(db());
-    expect(await queued(db())).toEqual(['large:2', 'small:2']);
-    expect(await embedded(db())).toEqual(['large:2', 'minilm:2', 'small:2']);
+    expect(await queuedKeys(db())).toEqual(['large:2', 'small:2']);
+    expect(await embeddingKeys(db())).toEqual(['large:2', 'minilm:2', 'small:2']);
   });
 
   it('empties the queue and the embeddings on TRUNCATE', async () => {
@@ -205,11 +168,11 @@ describe.each(backends())('change capture on %s', (backend) => {
     await sql`insert into messages (id, content) values (1, 'one'), (2, 'two')`.execute(db());
     await insertEmbeddings(db(), columnType, SMALL, ['1', '2']);
     await insertEmbeddings(db(), columnType, OTHER, ['1']);
-    expect(await queued(db())).toHaveLength(2);
+    expect(await queuedKeys(db())).toHaveLength(2);
 
     await sql`truncate messages`.execute(db());
-    expect(await queued(db())).toEqual([]);
-    expect(await embedded(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
+    expect(await embeddingKeys(db())).toEqual([]);
   });
 
   it('treats an update of the id as a delete of the old id and an insert of the new', async () => {
@@ -222,15 +185,15 @@ describe.each(backends())('change capture on %s', (backend) => {
     }
 
     await sql`update messages set id = 10 where id = 1`.execute(db());
-    expect(await queued(db())).toEqual(['small:10']);
-    expect(await embedded(db())).toEqual(['minilm:2', 'minilm:3', 'small:2', 'small:3']);
+    expect(await queuedKeys(db())).toEqual(['small:10']);
+    expect(await embeddingKeys(db())).toEqual(['minilm:2', 'minilm:3', 'small:2', 'small:3']);
 
     // One statement that moves one id and edits another message.
     await sql`update messages set id = case id when 10 then 20 else id end,
               content = case id when 2 then 'two, edited' else content end
               where id in (2, 10)`.execute(db());
-    expect(await queued(db())).toEqual(['small:2', 'small:20']);
-    expect(await embedded(db())).toEqual(['minilm:2', 'minilm:3', 'small:2', 'small:3']);
+    expect(await queuedKeys(db())).toEqual(['small:2', 'small:20']);
+    expect(await embeddingKeys(db())).toEqual(['minilm:2', 'minilm:3', 'small:2', 'small:3']);
   });
 
   it('works for a writer whose search_path does not include pgembed’s schema', async () => {
@@ -258,8 +221,8 @@ describe.each(backends())('change capture on %s', (backend) => {
       });
     const { rows: after } = await sql<{ path: string }>`show search_path`.execute(db());
     expect(after).toEqual(before);
-    expect(await queued(db())).toEqual(['small:1']);
-    expect(await embedded(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual(['small:1']);
+    expect(await embeddingKeys(db())).toEqual([]);
 
     await insertEmbeddings(db(), columnType, SMALL, ['1']);
     await db()
@@ -268,8 +231,8 @@ describe.each(backends())('change capture on %s', (backend) => {
         await sql`set local search_path = app`.execute(trx);
         await sql`truncate public.messages`.execute(trx);
       });
-    expect(await queued(db())).toEqual([]);
-    expect(await embedded(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
+    expect(await embeddingKeys(db())).toEqual([]);
   });
 
   it('captures a table of the application’s with other column names, and refuses a second source', async () => {
@@ -290,23 +253,23 @@ describe.each(backends())('change capture on %s', (backend) => {
     await sql`insert into app_msgs (msg_id, body) values (1, 'one'), (2, 'two'), (3, 'three')`.execute(
       own.db,
     );
-    expect(await queued(own.db)).toEqual(['small:1', 'small:2', 'small:3']);
+    expect(await queuedKeys(own.db)).toEqual(['small:1', 'small:2', 'small:3']);
     await sql`delete from embedding_queue`.execute(own.db);
     await insertEmbeddings(own.db, ownColumnType, SMALL, ['1', '2', '3']);
 
     await sql`update app_msgs set tag = 'x'`.execute(own.db);
-    expect(await queued(own.db)).toEqual([]);
+    expect(await queuedKeys(own.db)).toEqual([]);
     await sql`update app_msgs set body = 'two, edited' where msg_id = 2`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['small:2']);
+    expect(await queuedKeys(own.db)).toEqual(['small:2']);
     await sql`delete from app_msgs where msg_id = 3`.execute(own.db);
-    expect(await embedded(own.db)).toEqual(['small:1', 'small:2']);
+    expect(await embeddingKeys(own.db)).toEqual(['small:1', 'small:2']);
 
     // Every id moves up one: 1 is gone, 2 keeps its id with 1's text
     // (enqueued as changed), and 3 is new with 2's text.
     await sql`delete from embedding_queue`.execute(own.db);
     await sql`update app_msgs set msg_id = msg_id + 1`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['small:2', 'small:3']);
-    expect(await embedded(own.db)).toEqual(['small:2']);
+    expect(await queuedKeys(own.db)).toEqual(['small:2', 'small:3']);
+    expect(await embeddingKeys(own.db)).toEqual(['small:2']);
 
     expect(await registerSource(own.db, source, { triggers: true })).toEqual({
       capture: 'triggers',
@@ -350,7 +313,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     expect(rows[0]?.n).toBe(0);
     await addTarget(own.db, SMALL);
     await sql`insert into docs (id, txt) values (1, 'one')`.execute(own.db);
-    expect(await queued(own.db)).toEqual([]);
+    expect(await queuedKeys(own.db)).toEqual([]);
   });
 
   it('drops the triggers with triggers: false, marks every target for a scan, and puts them back', async () => {
@@ -375,7 +338,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     expect(await captureTriggers(own.db, 'messages')).toEqual([]);
     expect(await backfilled()).toEqual([]);
     await sql`insert into messages (id, content) values (1, 'one')`.execute(own.db);
-    expect(await queued(own.db)).toEqual([]);
+    expect(await queuedKeys(own.db)).toEqual([]);
 
     // Asking again changes nothing, and leaves the targets' scans as they are.
     await sql`update embedding_targets set backfilled_at = now() where id = ${small}`.execute(
@@ -396,7 +359,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     // What was written without triggers is unknown to the queue: scan again.
     expect(await backfilled()).toEqual([]);
     await sql`insert into messages (id, content) values (2, 'two')`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['large:2', 'small:2']);
+    expect(await queuedKeys(own.db)).toEqual(['large:2', 'small:2']);
 
     // Triggers gone behind its back (a table dropped and made again, say)
     // are put back on the next start, and the targets scan for what was missed.
@@ -410,7 +373,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     expect(await backfilled()).toEqual([]);
     await sql`delete from embedding_queue`.execute(own.db);
     await sql`update messages set content = 'two, edited' where id = 2`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['large:2', 'small:2']);
+    expect(await queuedKeys(own.db)).toEqual(['large:2', 'small:2']);
   });
 
   it('replaces the capture functions of an older version in place, without a scan', async () => {
@@ -423,7 +386,7 @@ describe.each(backends())('change capture on %s', (backend) => {
       .execute(db());
     await sql`update embedding_sources set capture_version = 0`.execute(db());
     await sql`insert into messages (id, content) values (1, 'one')`.execute(db());
-    expect(await queued(db())).toEqual([]);
+    expect(await queuedKeys(db())).toEqual([]);
 
     expect(await registerSource(db(), DEFAULT_SOURCE, { triggers: true })).toEqual({
       capture: 'triggers',
@@ -438,7 +401,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     // The old triggers were working: nothing was missed, no target scans again.
     expect(rows[0]?.backfilled).toBe(true);
     await sql`insert into messages (id, content) values (2, 'two')`.execute(db());
-    expect(await queued(db())).toEqual(['small:2']);
+    expect(await queuedKeys(db())).toEqual(['small:2']);
   });
 
   it('lets a second pgembed schema capture the same table without touching the first’s triggers', async () => {
@@ -484,7 +447,7 @@ describe.each(backends())('change capture on %s', (backend) => {
       [...ALL_TRIGGERS, ...triggersOf('b')].sort(),
     );
     await sql`insert into messages (id, content) values (1, 'one')`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['small:1']);
+    expect(await queuedKeys(own.db)).toEqual(['small:1']);
     expect(await queuedInB()).toEqual(['1']);
 
     // The second schema turns its capture off: the first's goes on.
@@ -494,7 +457,7 @@ describe.each(backends())('change capture on %s', (backend) => {
     });
     expect(await captureTriggers(own.db, 'messages')).toEqual(ALL_TRIGGERS);
     await sql`insert into messages (id, content) values (2, 'two')`.execute(own.db);
-    expect(await queued(own.db)).toEqual(['small:1', 'small:2']);
+    expect(await queuedKeys(own.db)).toEqual(['small:1', 'small:2']);
     expect(await queuedInB()).toEqual(['1']);
     // And the first, registered again, finds its triggers in place.
     expect(await registerSource(own.db, DEFAULT_SOURCE, { triggers: true })).toEqual({
@@ -559,7 +522,7 @@ describe.each(backends())('change capture on %s', (backend) => {
       await sql`insert into messages (id, content) values (3, 'three')`.execute(db());
       await sql`update messages set content = 'two, edited' where id = 2`.execute(db());
       await sql`update messages set content = 'one, edited' where id = 1`.execute(db());
-      expect(await queued(db())).toEqual(['small:1', 'small:2', 'small:3']);
+      expect(await queuedKeys(db())).toEqual(['small:1', 'small:2', 'small:3']);
       expect(await wakesSinceLast()).toEqual([]);
 
       // Nothing enqueued: no wake-up, even with no change waiting.

@@ -1,108 +1,14 @@
-import { createHash } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
 import type { DB } from '../../src/db/schema.js';
-import { DEFAULT_SOURCE, type IdType, type MessageSource } from '../../src/db/source.js';
-import { vectorLiteral } from '../../src/db/vector.js';
-import { type ClaimScope, claimBatch, ensureTarget, settleClaims } from '../../src/sql/queue.js';
+import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/source.js';
+import { type ClaimScope, claimBatch, settleClaims } from '../../src/sql/queue.js';
 import { type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
-
-const SMALL = { provider: 'openai', model: 'small' };
-const LARGE = { provider: 'openai', model: 'large' };
-const OTHER = { provider: 'local', model: 'minilm' };
-type Model = typeof SMALL;
-
-const sha256 = (text: string) => createHash('sha256').update(text, 'utf8').digest();
-
-/** Test data written as the worker would, on one database and source. */
-class Fixture {
-  constructor(
-    readonly db: Kysely<DB>,
-    readonly columnType: EmbeddingColumnType,
-    readonly source: MessageSource,
-    readonly idType: IdType,
-  ) {}
-
-  async messages(rows: Array<[string, string | null]>): Promise<void> {
-    const { table, idColumn, textColumn } = this.source;
-    for (const [id, content] of rows) {
-      await sql`insert into ${sql.table(table)} (${sql.id(idColumn)}, ${sql.id(textColumn)})
-                values (${id}, ${content})`.execute(this.db);
-    }
-  }
-
-  /** An embedding of `content` (or of nothing the source holds) under `model`. */
-  async embedding(model: Model, id: string, content: string): Promise<void> {
-    await sql`
-      insert into message_embeddings
-        (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens)
-      values (${model.provider}, ${model.model}, ${id},
-              ${vectorLiteral([1, 2, 3], this.columnType)}::${sql.raw(this.columnType)}, 3,
-              ${sha256(content)}, 1)`.execute(this.db);
-  }
-
-  async run(model: Model): Promise<string> {
-    const { rows } = await sql<{ id: string }>`
-      insert into embedding_runs (provider, model, host, pid)
-      values (${model.provider}, ${model.model}, 'test-host', 1)
-      returning id::text as id`.execute(this.db);
-    const id = rows[0]?.id;
-    if (!id) throw new Error('no run id');
-    return id;
-  }
-
-  /** A skip of `content`: null for one recorded before skips kept their content. */
-  async skip(model: Model, id: string, content: string | null): Promise<void> {
-    await sql`
-      insert into embedding_skips (run_id, provider, model, message_id, reason, detail, content_sha256)
-      values (${await this.run(model)}, ${model.provider}, ${model.model}, ${id},
-              'too_long', 'over the token limit', ${content === null ? null : sha256(content)})`.execute(
-      this.db,
-    );
-  }
-
-  async scope(model: Model): Promise<ClaimScope> {
-    const target = await ensureTarget(this.db, model.provider, model.model);
-    return {
-      targetId: target.id,
-      runId: await this.run(model),
-      ...model,
-      source: this.source,
-      idType: this.idType,
-    };
-  }
-
-  /** The target's queue: id → forced. */
-  async queue(targetId: number): Promise<Record<string, boolean>> {
-    const { rows } = await sql<{ id: string; force: boolean }>`
-      select message_id::text as id, force from embedding_queue
-      where target_id = ${targetId} order by message_id`.execute(this.db);
-    return Object.fromEntries(rows.map((r) => [r.id, r.force]));
-  }
-
-  /** Every embedding as `model:id`, sorted. */
-  async embeddings(): Promise<string[]> {
-    const { rows } = await sql<{ key: string }>`
-      select model || ':' || message_id::text as key from message_embeddings
-      order by model, message_id`.execute(this.db);
-    return rows.map((r) => r.key);
-  }
-
-  async backfilled(targetId: number): Promise<boolean> {
-    const { rows } = await sql<{ done: boolean }>`
-      select backfilled_at is not null as done from embedding_targets where id = ${targetId}`.execute(
-      this.db,
-    );
-    return rows[0]?.done === true;
-  }
-}
+import { LARGE, OTHER, QueueFixture, SMALL } from '../support/queue-fixture.js';
 
 /** Runs a scan, keeping the running totals it reports after each chunk. */
 async function scan(
@@ -129,12 +35,12 @@ const forced = (...ids: string[]) => Object.fromEntries(ids.map((id) => [id, tru
 describe.each(backends())('the reconciliation scan on %s', (backend) => {
   let target: TestDatabase;
   let database: Database;
-  let f: Fixture;
+  let f: QueueFixture;
 
   beforeAll(async () => {
     target = await createTestDatabase(backend);
     database = await openMigrated(target.url);
-    f = new Fixture(
+    f = new QueueFixture(
       database.db,
       await readEmbeddingColumnType(database.db),
       DEFAULT_SOURCE,
@@ -145,12 +51,7 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
     await database?.close();
     await target?.drop();
   });
-  beforeEach(async () => {
-    await sql`delete from messages`.execute(f.db);
-    await sql`delete from embedding_targets`.execute(f.db);
-    await sql`delete from message_embeddings`.execute(f.db);
-    await sql`delete from embedding_runs`.execute(f.db);
-  });
+  beforeEach(() => f.reset());
 
   /**
    * Ten messages, ids 10..100, and what is known of each; chunks of 3 end at
@@ -317,7 +218,12 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
       // A nullable text column: a NULL text is a blank message.
       await sql`create table docs (doc_id uuid primary key, body text)`.execute(uuidDb.db);
       await migrateToLatest(uuidDb, { warn() {}, source });
-      const u = new Fixture(uuidDb.db, await readEmbeddingColumnType(uuidDb.db), source, 'uuid');
+      const u = new QueueFixture(
+        uuidDb.db,
+        await readEmbeddingColumnType(uuidDb.db),
+        source,
+        'uuid',
+      );
       const id = (n: number) => `00000000-0000-4000-8000-${n.toString(16).padStart(12, '0')}`;
       await u.messages([
         [id(0x10), 'sixteen'],

@@ -1,10 +1,11 @@
-import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/source.js';
-import { type ClaimScope, claimBatch, ensureTarget } from '../../src/sql/queue.js';
+import { claimBatch } from '../../src/sql/queue.js';
 import { ClaimKeyset } from '../../src/worker/claim-keyset.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { QueueFixture } from '../support/queue-fixture.js';
 
 describe.each(backends())('the claim keyset over the queue on %s', (backend) => {
   let target: TestDatabase;
@@ -21,20 +22,9 @@ describe.each(backends())('the claim keyset over the queue on %s', (backend) => 
 
   it('finds a lower id that appears behind it while a stream of new ids goes on', async () => {
     const db = database.db;
-    const { id: targetId } = await ensureTarget(db, 'openai', 'keyset');
-    const { rows } = await sql<{ id: string }>`
-      insert into embedding_runs (provider, model, host, pid, status)
-      values ('openai', 'keyset', 'test-host', 1, 'running') returning id::text as id`.execute(db);
-    const scope: ClaimScope = {
-      targetId,
-      runId: rows[0]!.id,
-      provider: 'openai',
-      model: 'keyset',
-      source: DEFAULT_SOURCE,
-      idType: 'bigint',
-    };
-    const insert = (id: number) =>
-      sql`insert into messages (id, content) values (${id}, ${`message ${id}`})`.execute(db);
+    const f = new QueueFixture(db, await readEmbeddingColumnType(db), DEFAULT_SOURCE, 'bigint');
+    const scope = await f.scope({ provider: 'openai', model: 'keyset' });
+    const insert = (id: number) => f.messages([[id, `message ${id}`]]);
     const keyset = new ClaimKeyset();
     const claim = async () => {
       const page = await claimBatch(db, scope, {

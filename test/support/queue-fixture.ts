@@ -1,0 +1,147 @@
+import { createHash } from 'node:crypto';
+import { type Kysely, sql } from 'kysely';
+import type { EmbeddingColumnType } from '../../src/db/embedding-column.js';
+import type { DB } from '../../src/db/schema.js';
+import type { IdType, MessageSource } from '../../src/db/source.js';
+import { vectorLiteral } from '../../src/db/vector.js';
+import { type ClaimScope, ensureTarget } from '../../src/sql/queue.js';
+
+export const SMALL = { provider: 'openai', model: 'small' };
+export const LARGE = { provider: 'openai', model: 'large' };
+/** A model with embeddings and no target of its own. */
+export const OTHER = { provider: 'local', model: 'minilm' };
+export type Model = typeof SMALL;
+
+export const sha256 = (text: string) => createHash('sha256').update(text, 'utf8').digest();
+
+/** A target row made directly, without ensureTarget's lock and scan bookkeeping. */
+export async function addTarget(db: Kysely<DB>, model: Model): Promise<number> {
+  const { rows } = await sql<{ id: number }>`
+    insert into embedding_targets (provider, model) values (${model.provider}, ${model.model})
+    returning id`.execute(db);
+  const id = rows[0]?.id;
+  if (id === undefined) throw new Error('no target id');
+  return id;
+}
+
+/** The queue as `model:id` strings, sorted, to compare whole. */
+export async function queuedKeys(db: Kysely<DB>): Promise<string[]> {
+  const { rows } = await sql<{ key: string }>`
+    select t.model || ':' || q.message_id::text as key
+    from embedding_queue q join embedding_targets t on t.id = q.target_id
+    order by t.model, q.message_id`.execute(db);
+  return rows.map((r) => r.key);
+}
+
+/** Every embedding as `model:id`, sorted. */
+export async function embeddingKeys(db: Kysely<DB>): Promise<string[]> {
+  const { rows } = await sql<{ key: string }>`
+    select model || ':' || message_id::text as key from message_embeddings
+    order by model, message_id`.execute(db);
+  return rows.map((r) => r.key);
+}
+
+/** Embeddings of `contentOf(id)` (by default of nothing the source holds) under `model`. */
+export async function insertEmbeddings(
+  db: Kysely<DB>,
+  columnType: EmbeddingColumnType,
+  model: Model,
+  ids: Array<string | number>,
+  contentOf: (id: string) => string = () => '',
+): Promise<void> {
+  for (const id of ids) {
+    await sql`
+      insert into message_embeddings
+        (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens)
+      values (${model.provider}, ${model.model}, ${String(id)},
+              ${vectorLiteral([1, 2, 3], columnType)}::${sql.raw(columnType)}, 3,
+              ${sha256(contentOf(String(id)))}, 1)`.execute(db);
+  }
+}
+
+/**
+ * Queue test data written as the worker would, on one database and source,
+ * and read back whole, for the tests of the change queue, the capture
+ * triggers, the reconciliation scan and the claim keyset.
+ */
+export class QueueFixture {
+  constructor(
+    readonly db: Kysely<DB>,
+    readonly columnType: EmbeddingColumnType,
+    readonly source: MessageSource,
+    readonly idType: IdType,
+  ) {}
+
+  async messages(rows: Array<[string | number, string | null]>): Promise<void> {
+    const { table, idColumn, textColumn } = this.source;
+    for (const [id, content] of rows) {
+      await sql`insert into ${sql.table(table)} (${sql.id(idColumn)}, ${sql.id(textColumn)})
+                values (${id}, ${content})`.execute(this.db);
+    }
+  }
+
+  /** An embedding of `content` under `model`. */
+  async embedding(model: Model, id: string | number, content: string): Promise<void> {
+    await insertEmbeddings(this.db, this.columnType, model, [id], () => content);
+  }
+
+  /** What a test before may have left: messages, targets (and so the queue), embeddings, runs. */
+  async reset(): Promise<void> {
+    await sql`delete from messages`.execute(this.db);
+    await sql`delete from embedding_targets`.execute(this.db);
+    await sql`delete from message_embeddings`.execute(this.db);
+    await sql`delete from embedding_runs`.execute(this.db);
+  }
+
+  async run(model: Model, status = 'running'): Promise<string> {
+    const { rows } = await sql<{ id: string }>`
+      insert into embedding_runs (provider, model, host, pid, status)
+      values (${model.provider}, ${model.model}, 'test-host', 1, ${status})
+      returning id::text as id`.execute(this.db);
+    const id = rows[0]?.id;
+    if (!id) throw new Error('no run id');
+    return id;
+  }
+
+  /** A skip of `content`: null for one recorded before skips kept their content. */
+  async skip(model: Model, id: string, content: string | null): Promise<void> {
+    await sql`
+      insert into embedding_skips (run_id, provider, model, message_id, reason, detail, content_sha256)
+      values (${await this.run(model)}, ${model.provider}, ${model.model}, ${id},
+              'too_long', 'over the token limit', ${content === null ? null : sha256(content)})`.execute(
+      this.db,
+    );
+  }
+
+  async scope(model: Model): Promise<ClaimScope> {
+    const target = await ensureTarget(this.db, model.provider, model.model);
+    return {
+      targetId: target.id,
+      runId: await this.run(model),
+      ...model,
+      source: this.source,
+      idType: this.idType,
+    };
+  }
+
+  /** The target's queue: id → forced. */
+  async queue(targetId: number): Promise<Record<string, boolean>> {
+    const { rows } = await sql<{ id: string; force: boolean }>`
+      select message_id::text as id, force from embedding_queue
+      where target_id = ${targetId} order by message_id`.execute(this.db);
+    return Object.fromEntries(rows.map((r) => [r.id, r.force]));
+  }
+
+  /** Every embedding as `model:id`, sorted. */
+  embeddings(): Promise<string[]> {
+    return embeddingKeys(this.db);
+  }
+
+  async backfilled(targetId: number): Promise<boolean> {
+    const { rows } = await sql<{ done: boolean }>`
+      select backfilled_at is not null as done from embedding_targets where id = ${targetId}`.execute(
+      this.db,
+    );
+    return rows[0]?.done === true;
+  }
+}
