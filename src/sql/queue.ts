@@ -1,4 +1,4 @@
-import { type Kysely, sql, type Transaction } from 'kysely';
+import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
 import {
   duplicateIdError,
@@ -88,14 +88,12 @@ export interface ClaimOptions {
 }
 
 /**
- * Claims the next `limit` pending messages in id order and reads them.
- * FOR UPDATE SKIP LOCKED: workers claiming at once each get other rows
- * without waiting. The claim is marked with the run (`claimed_by`) and
- * committed at once, so no transaction stays open across the HTTP request
- * (PGlite has one session; a pool would need a connection per batch in
- * flight). The keyset (`message_id > after`) keeps each claim from walking
- * over the rows this run already holds; it never skips a row, since a claim
- * that finds nothing after the keyset starts again from the first id.
+ * Claims the next `limit` pending messages in id order and reads them: how
+ * a one-shot run works through a backfill. FOR UPDATE SKIP LOCKED: workers
+ * claiming at once each get other rows without waiting. The keyset
+ * (`message_id > after`, see ClaimKeyset) seeks past the index entries of
+ * the rows this run has claimed and settled since the last vacuum, so a
+ * backfill of a million rows never walks them claim after claim.
  */
 export async function claimBatch(
   db: Db,
@@ -106,13 +104,66 @@ export async function claimBatch(
   const due = options.ignoreBackoff
     ? sql``
     : sql`and (q.not_before is null or q.not_before <= now())`;
-  const { rows } = await sql<ClaimedMessage>`
-    with picked as (
-      select q.target_id, q.message_id from embedding_queue q
+  return claimAndRead(
+    db,
+    scope,
+    sql`select q.target_id, q.message_id from embedding_queue q
       where q.target_id = ${scope.targetId} and q.claimed_by is null ${due} ${after}
       order by q.message_id
       limit ${options.limit}
-      for update skip locked),
+      for update skip locked`,
+  );
+}
+
+/**
+ * Claims the `limit` oldest changes and reads them: how a watcher follows a
+ * stream. First in, first out by `changed_at` (the time of the first change
+ * not yet embedded), so a message whose transaction committed after higher
+ * ids (ids are taken before commit) is not left behind a backlog: in id
+ * order under a steady 1,000 inserts a second, some waited 25 s, the whole
+ * stream, with the worker never caught up. Rows whose backoff has run out
+ * join by `not_before`. Each side reads its own partial index
+ * (embedding_queue_waiting, embedding_queue_backing_off) from the start;
+ * both are small in watch mode, and SKIP LOCKED passes what others hold.
+ */
+export async function claimOldest(
+  db: Db,
+  scope: ClaimScope,
+  limit: number,
+): Promise<ClaimedMessage[]> {
+  return claimAndRead(
+    db,
+    scope,
+    sql`select target_id, message_id from (
+        select * from waiting union all select * from due_again) oldest
+      order by changed_at limit ${limit}`,
+    // FOR UPDATE is not allowed in a UNION's arms: each side locks in a CTE.
+    sql`waiting as (
+        select q.target_id, q.message_id, q.changed_at from embedding_queue q
+        where q.target_id = ${scope.targetId} and q.claimed_by is null and q.not_before is null
+        order by q.changed_at limit ${limit} for update skip locked),
+      due_again as (
+        select q.target_id, q.message_id, q.changed_at from embedding_queue q
+        where q.target_id = ${scope.targetId} and q.claimed_by is null and q.not_before <= now()
+        order by q.not_before limit ${limit} for update skip locked),`,
+  );
+}
+
+/**
+ * Marks the picked rows as this run's (`claimed_by`) and reads each message
+ * as it is now. Committed at once, so no transaction stays open across the
+ * HTTP request (PGlite has one session; a pool would need a connection per
+ * batch in flight). In id order, as the fence locks them.
+ */
+async function claimAndRead(
+  db: Db,
+  scope: ClaimScope,
+  picked: RawBuilder<unknown>,
+  /** CTEs `picked` reads from, each followed by a comma. */
+  before: RawBuilder<unknown> = sql``,
+): Promise<ClaimedMessage[]> {
+  const { rows } = await sql<ClaimedMessage>`
+    with ${before} picked as (${picked}),
     claimed as (
       update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id

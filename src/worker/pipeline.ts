@@ -7,6 +7,7 @@ import {
   type ClaimedMessage,
   type ClaimScope,
   claimBatch,
+  claimOldest,
   type Handled,
   queueState,
 } from '../sql/queue.js';
@@ -144,7 +145,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     );
   };
 
-  const keyset = new ClaimKeyset();
+  const keyset = config.watch ? undefined : new ClaimKeyset();
   let taken = 0;
   let lastPage = false;
   let idleMs = FIRST_IDLE_MS;
@@ -169,14 +170,23 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         }
       }
       const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
-      const after = keyset.after;
+      const after = keyset?.after ?? null;
+      // A watcher takes the oldest change first; a one-shot run walks the
+      // queue in id order by keyset.
       const page: ClaimedMessage[] = await ctx.dbRetry('claim a batch', () =>
-        claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false }),
+        keyset
+          ? claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false })
+          : claimOldest(db, scope, pageSize),
       );
       // Rows given back since (an edit during a send, a dead worker's) and
       // late-committing lower ids are found from the first id.
-      const pageIds = page.map((m) => m.id);
-      if (keyset.advance(pageIds, pageSize)) continue;
+      if (
+        keyset?.advance(
+          page.map((m) => m.id),
+          pageSize,
+        )
+      )
+        continue;
       if (page.length === 0) {
         if (ctx.idle) {
           // Watching: until a wake-up, the poll, or a batch in flight settles.

@@ -1,16 +1,11 @@
-import { createHash } from 'node:crypto';
 import { sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/source.js';
-import { vectorLiteral } from '../../src/db/vector.js';
 import {
-  type ClaimScope,
   claimBatch,
+  claimOldest,
   clearBackoff,
   ensureTarget,
   queueState,
@@ -21,9 +16,8 @@ import {
 } from '../../src/sql/queue.js';
 import { reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { LARGE, QueueFixture, SMALL, sha256 } from '../support/queue-fixture.js';
 
-const SMALL = { provider: 'openai', model: 'small' };
-const LARGE = { provider: 'openai', model: 'large' };
 /**
  * Polls a database condition until it holds. The deadline is no timing
  * assertion, only a bound past the test's own timeout, so that a test that
@@ -37,73 +31,24 @@ async function waitFor(check: () => Promise<boolean>): Promise<void> {
   }
 }
 
-const sha256Hex = (text: string) => createHash('sha256').update(text, 'utf8').digest('hex');
+const sha256Hex = (text: string) => sha256(text).toString('hex');
 
 describe.each(backends())('the change queue on %s', (backend) => {
   let target: TestDatabase;
   let database: Database;
-  let columnType: EmbeddingColumnType;
+  let f: QueueFixture;
   const db = () => database.db;
 
   beforeAll(async () => {
     target = await createTestDatabase(backend);
     database = await openMigrated(target.url);
-    columnType = await readEmbeddingColumnType(db());
+    f = new QueueFixture(db(), await readEmbeddingColumnType(db()), DEFAULT_SOURCE, 'bigint');
   });
   afterAll(async () => {
     await database?.close();
     await target?.drop();
   });
-  beforeEach(async () => {
-    await sql`delete from messages`.execute(db());
-    await sql`delete from embedding_targets`.execute(db());
-    await sql`delete from message_embeddings`.execute(db());
-    await sql`delete from embedding_runs`.execute(db());
-  });
-
-  async function startRun(
-    t: { provider: string; model: string },
-    status = 'running',
-  ): Promise<string> {
-    const { rows } = await sql<{ id: string }>`
-      insert into embedding_runs (provider, model, host, pid, status)
-      values (${t.provider}, ${t.model}, 'test-host', 1, ${status})
-      returning id::text as id`.execute(db());
-    const id = rows[0]?.id;
-    if (!id) throw new Error('no run id');
-    return id;
-  }
-
-  /** A target and a run of it, as a worker has them. */
-  async function scopeOf(t: { provider: string; model: string }): Promise<ClaimScope> {
-    const { id } = await ensureTarget(db(), t.provider, t.model);
-    return {
-      targetId: id,
-      runId: await startRun(t),
-      ...t,
-      source: DEFAULT_SOURCE,
-      idType: 'bigint',
-    };
-  }
-
-  async function insertMessages(messages: Array<[number, string]>): Promise<void> {
-    for (const [id, content] of messages) {
-      await sql`insert into messages (id, content) values (${id}, ${content})`.execute(db());
-    }
-  }
-
-  async function insertEmbedding(
-    t: { provider: string; model: string },
-    id: number,
-    content: string,
-  ): Promise<void> {
-    await sql`
-      insert into message_embeddings
-        (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens)
-      values (${t.provider}, ${t.model}, ${id},
-              ${vectorLiteral([1, 2, 3], columnType)}::${sql.raw(columnType)}, 3,
-              ${createHash('sha256').update(content, 'utf8').digest()}, 1)`.execute(db());
-  }
+  beforeEach(() => f.reset());
 
   /** The target's queue rows: id → who holds it ('' for no one). */
   async function holders(targetId: number): Promise<Record<string, string>> {
@@ -119,10 +64,10 @@ describe.each(backends())('the change queue on %s', (backend) => {
 
   describe('claimBatch', () => {
     it('claims in id order and reads each message as it is now', async () => {
-      const scope = await scopeOf(SMALL);
-      const other = await scopeOf(LARGE);
+      const scope = await f.scope(SMALL);
+      const other = await f.scope(LARGE);
       // Inserted out of order; the triggers queue each for both targets.
-      await insertMessages([
+      await f.messages([
         [6, 'six'],
         [1, 'one'],
         [3, 'three'],
@@ -130,10 +75,10 @@ describe.each(backends())('the change queue on %s', (backend) => {
         [4, 'four'],
         [5, 'five'],
       ]);
-      await insertEmbedding(SMALL, 3, 'three');
-      await insertEmbedding(SMALL, 4, 'four, as it was');
+      await f.embedding(SMALL, 3, 'three');
+      await f.embedding(SMALL, 4, 'four, as it was');
       // An embedding of another model says nothing about this one's.
-      await insertEmbedding(LARGE, 1, 'one');
+      await f.embedding(LARGE, 1, 'one');
       await sql`update embedding_queue set force = true
                 where target_id = ${scope.targetId} and message_id = 5`.execute(db());
       // A queued message that is gone since.
@@ -234,8 +179,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     });
 
     it('claims at most limit rows, after the keyset only', async () => {
-      const scope = await scopeOf(SMALL);
-      await insertMessages(range(1, 8).map((id) => [id, `message ${id}`]));
+      const scope = await f.scope(SMALL);
+      await f.messages(range(1, 8).map((id) => [id, `message ${id}`]));
 
       const first = await claimBatch(db(), scope, { after: null, limit: 3, ignoreBackoff: false });
       expect(ids(first)).toEqual(['1', '2', '3']);
@@ -250,8 +195,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     });
 
     it('leaves rows backing off unless told to ignore the backoff', async () => {
-      const scope = await scopeOf(SMALL);
-      await insertMessages(range(1, 4).map((id) => [id, `message ${id}`]));
+      const scope = await f.scope(SMALL);
+      await f.messages(range(1, 4).map((id) => [id, `message ${id}`]));
       await sql`update embedding_queue set not_before = now() + interval '1 hour'
                 where message_id in (1, 3)`.execute(db());
       await sql`update embedding_queue set not_before = now() - interval '1 second'
@@ -268,10 +213,32 @@ describe.each(backends())('the change queue on %s', (backend) => {
       expect(ids(all)).toEqual(['1', '3']);
     });
 
+    it('claimOldest takes the oldest change first, due backoff rows by their change too', async () => {
+      const scope = await f.scope(SMALL);
+      await f.messages(range(1, 6).map((id) => [id, `message ${id}`]));
+      // Changed in the order 5, 2, 6, 1, 3, 4 (a late commit gets a low id an
+      // old change); 3 backs off for an hour, 1 is due again.
+      const order = [5, 2, 6, 1, 3, 4];
+      for (const [k, id] of order.entries()) {
+        await sql`update embedding_queue set changed_at = now() - ${`${60 - k} seconds`}::interval
+                  where message_id = ${id}`.execute(db());
+      }
+      await sql`update embedding_queue set not_before = now() + interval '1 hour', attempts = 1
+                where message_id = 3`.execute(db());
+      await sql`update embedding_queue set not_before = now() - interval '1 second', attempts = 1
+                where message_id = 1`.execute(db());
+
+      // Each page in id order (the fence locks in that order), the pages oldest first.
+      expect(ids(await claimOldest(db(), scope, 3))).toEqual(['2', '5', '6']);
+      expect(ids(await claimOldest(db(), scope, 3))).toEqual(['1', '4']);
+      expect(await claimOldest(db(), scope, 3)).toEqual([]);
+      expect(await holders(scope.targetId)).toMatchObject({ '3': '' });
+    });
+
     it('never gives two runs the same row', async () => {
-      const runs = [await scopeOf(SMALL)];
-      for (let i = 0; i < 3; i++) runs.push({ ...runs[0]!, runId: await startRun(SMALL) });
-      await insertMessages(range(1, 60).map((id) => [id, `message ${id}`]));
+      const runs = [await f.scope(SMALL)];
+      for (let i = 0; i < 3; i++) runs.push({ ...runs[0]!, runId: await f.run(SMALL) });
+      await f.messages(range(1, 60).map((id) => [id, `message ${id}`]));
 
       // Each run claims until it finds nothing; all at once.
       const claimed = await Promise.all(
@@ -301,9 +268,9 @@ describe.each(backends())('the change queue on %s', (backend) => {
     it.runIf(backend === 'postgres')(
       'skips the rows another transaction is claiming, without waiting for it',
       async () => {
-        const a = await scopeOf(SMALL);
-        const b = { ...a, runId: await startRun(SMALL) };
-        await insertMessages(range(1, 6).map((id) => [id, `message ${id}`]));
+        const a = await f.scope(SMALL);
+        const b = { ...a, runId: await f.run(SMALL) };
+        await f.messages(range(1, 6).map((id) => [id, `message ${id}`]));
 
         const [first, second] = await db()
           .transaction()
@@ -359,7 +326,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
           });
           await made;
           // Made after the writer committed: the first scan finds its row.
-          const scope = await scopeOf(SMALL);
+          const scope = await f.scope(SMALL);
           const counts = await reconcile(db(), scope, { force: false, retrySkipped: false });
           expect(counts.enqueued).toBe(1);
         } finally {
@@ -371,9 +338,9 @@ describe.each(backends())('the change queue on %s', (backend) => {
 
   describe('settleClaims', () => {
     it('deletes only rows this run still holds, of messages still as handled', async () => {
-      const scope = await scopeOf(SMALL);
-      const other = { ...scope, runId: await startRun(SMALL) };
-      await insertMessages(range(1, 6).map((id) => [id, `message ${id}`]));
+      const scope = await f.scope(SMALL);
+      const other = { ...scope, runId: await f.run(SMALL) };
+      await f.messages(range(1, 6).map((id) => [id, `message ${id}`]));
       await sql`insert into embedding_queue (target_id, message_id)
                 values (${scope.targetId}, 98), (${scope.targetId}, 99)`.execute(db());
       const claimed = await claimBatch(db(), scope, {
@@ -389,7 +356,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       await sql`update embedding_queue set claimed_by = ${other.runId} where message_id = 5`.execute(
         db(),
       );
-      await insertMessages([[98, 'ninety-eight']]);
+      await f.messages([[98, 'ninety-eight']]);
       const hashOf = (id: string) => claimed.find((c) => c.id === id)?.sha256Hex ?? null;
 
       const settled = await db()
@@ -425,8 +392,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     it.runIf(backend === 'postgres')(
       'does not settle a message whose edit commits while the settle waits for its row',
       async () => {
-        const scope = await scopeOf(SMALL);
-        await insertMessages([[1, 'old']]);
+        const scope = await f.scope(SMALL);
+        await f.messages([[1, 'old']]);
         await claimBatch(db(), scope, { after: null, limit: 10, ignoreBackoff: false });
         const writer = await openMigrated(target.url);
         try {
@@ -456,8 +423,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     );
 
     it('settles nothing when its transaction rolls back', async () => {
-      const scope = await scopeOf(SMALL);
-      await insertMessages([
+      const scope = await f.scope(SMALL);
+      await f.messages([
         [1, 'one'],
         [2, 'two'],
       ]);
@@ -486,8 +453,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     it.runIf(backend === 'postgres')(
       'makes an edit committed during the settle wait for it and queue the message afresh',
       async () => {
-        const scope = await scopeOf(SMALL);
-        await insertMessages([[1, 'one']]);
+        const scope = await f.scope(SMALL);
+        await f.messages([[1, 'one']]);
         const claimed = await claimBatch(db(), scope, {
           after: null,
           limit: 10,
@@ -526,9 +493,9 @@ describe.each(backends())('the change queue on %s', (backend) => {
 
   describe('releasing claims', () => {
     it('gives rows back at once, or with a deferral counted and backed off', async () => {
-      const scope = await scopeOf(SMALL);
-      const other = { ...scope, runId: await startRun(SMALL) };
-      await insertMessages(range(1, 4).map((id) => [id, `message ${id}`]));
+      const scope = await f.scope(SMALL);
+      const other = { ...scope, runId: await f.run(SMALL) };
+      await f.messages(range(1, 4).map((id) => [id, `message ${id}`]));
       await claimBatch(db(), scope, { after: null, limit: 3, ignoreBackoff: false });
       await claimBatch(db(), other, { after: null, limit: 3, ignoreBackoff: false });
       const rowsOf = async () => {
@@ -620,8 +587,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
     // deferring a message every 5 minutes gets there in under 4 hours.
     // Flip to `it` once the exponent is capped (e.g. power(2, least(q.attempts, 9))).
     it('keeps deferring a message that has failed many times', async () => {
-      const scope = await scopeOf(SMALL);
-      await insertMessages([[1, 'one']]);
+      const scope = await f.scope(SMALL);
+      await f.messages([[1, 'one']]);
       await claimBatch(db(), scope, { after: null, limit: 1, ignoreBackoff: false });
       await sql`update embedding_queue set attempts = 44`.execute(db());
       const waits = await db()
@@ -637,11 +604,11 @@ describe.each(backends())('the change queue on %s', (backend) => {
     });
 
     it('releases the claims of runs that are no longer running', async () => {
-      const live = await scopeOf(SMALL);
+      const live = await f.scope(SMALL);
       const statuses = ['succeeded', 'partial', 'failed', 'interrupted'];
       const dead = [];
-      for (const status of statuses) dead.push({ ...live, runId: await startRun(SMALL, status) });
-      await insertMessages(range(1, 6).map((id) => [id, `message ${id}`]));
+      for (const status of statuses) dead.push({ ...live, runId: await f.run(SMALL, status) });
+      await f.messages(range(1, 6).map((id) => [id, `message ${id}`]));
       for (const [i, scope] of [live, ...dead].entries()) {
         await sql`update embedding_queue set claimed_by = ${scope.runId}, claimed_at = now()
                   where message_id = ${i + 1}`.execute(db());
