@@ -10,6 +10,7 @@ import {
   claimOldest,
   type Handled,
   queueState,
+  releaseRunClaims,
 } from '../sql/queue.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
 import {
@@ -188,6 +189,18 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       )
         continue;
       if (page.length === 0) {
+        if (inFlight.size === 0) {
+          // A claim whose answer was lost with the connection did commit:
+          // its rows are this run's and no batch holds them. Without this, a
+          // one-shot run found the queue empty and exited 0 with them undone.
+          const strays = await ctx.dbRetry('release lost claims', () =>
+            releaseRunClaims(db, scope.runId),
+          );
+          if (strays > 0) {
+            log.warn({ messages: strays }, 'claims whose answer was lost given back');
+            continue;
+          }
+        }
         if (ctx.idle) {
           // Watching: until a wake-up, the poll, or a batch in flight settles.
           await Promise.race([ctx.idle(idleMs), ...inFlight]);

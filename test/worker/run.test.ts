@@ -2,7 +2,15 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { sql } from 'kysely';
+import {
+  type KyselyPlugin,
+  type PluginTransformQueryArgs,
+  type PluginTransformResultArgs,
+  type QueryResult,
+  type RootOperationNode,
+  sql,
+  type UnknownRow,
+} from 'kysely';
 import { describe, expect, it } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
 import { parseVector } from '../../src/db/vector.js';
@@ -14,6 +22,31 @@ import {
   useWorkerFixture,
 } from '../support/embed-run.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
+
+/**
+ * Runs the first claim and then throws a connection error, as if its answer
+ * was lost with the connection after the claim committed.
+ */
+class LoseFirstClaimAnswer implements KyselyPlugin {
+  lost = 0;
+  readonly #claims = new WeakSet<object>();
+
+  transformQuery(args: PluginTransformQueryArgs): RootOperationNode {
+    const { node } = args;
+    if (node.kind === 'RawNode' && node.sqlFragments.join('').includes('set claimed_by = ')) {
+      this.#claims.add(args.queryId);
+    }
+    return node;
+  }
+
+  async transformResult(args: PluginTransformResultArgs): Promise<QueryResult<UnknownRow>> {
+    if (this.#claims.has(args.queryId) && args.result.rows.length > 0 && this.lost === 0) {
+      this.lost++;
+      throw Object.assign(new Error('Connection terminated unexpectedly'), { code: 'ECONNRESET' });
+    }
+    return args.result;
+  }
+}
 
 // text-embedding-3-small, the default model.
 const DIMS = 1536;
@@ -77,6 +110,21 @@ describe.each(backends())('the embed run on %s', (backend) => {
     expect(outcome.summary.embedded).toBe(100);
     expect(await storedRows()).toHaveLength(100);
     expect(fx.fake.stats.inputsEmbedded).toBe(100);
+  });
+
+  it('gives back and embeds the rows of a claim whose answer was lost with the connection', async () => {
+    await seed(texts(12));
+    const lose = new LoseFirstClaimAnswer();
+    const outcome = await makeRunWith({ ...ctx(), db: ctx().db.withPlugin(lose) }, {}).run.run();
+    // The claim committed (its rows are the run's) and then "failed": the run
+    // claimed again past them, and must still not end with them undone.
+    expect(lose.lost).toBe(1);
+    expect(outcome.exitCode).toBe(0);
+    expect(outcome.summary.embedded).toBe(12);
+    expect(await storedRows()).toHaveLength(12);
+    const { rows } = await sql<{ n: number }>`
+      select count(*)::int as n from embedding_queue`.execute(fx.database.db);
+    expect(rows[0]?.n).toBe(0);
   });
 
   it('makes no API call and changes no row on a rerun over unchanged messages', async () => {
