@@ -1,3 +1,4 @@
+import { endianness } from 'node:os';
 import { InvalidResponseError } from '../errors.js';
 
 interface EmbeddingItem {
@@ -63,6 +64,8 @@ export function checkVectors(vectors: Float32Array[], dimensions: number): Float
   return vectors;
 }
 
+const LITTLE_ENDIAN_HOST = endianness() === 'LE';
+
 function toVector(embedding: unknown, index: number): Float32Array {
   if (typeof embedding === 'string') {
     const bytes = Buffer.from(embedding, 'base64');
@@ -73,8 +76,11 @@ function toVector(embedding: unknown, index: number): Float32Array {
       );
     }
     const vector = new Float32Array(bytes.length / 4);
-    // OpenAI's base64 is little-endian float32 whatever the host's byte order.
-    for (let i = 0; i < vector.length; i++) vector[i] = bytes.readFloatLE(i * 4);
+    // OpenAI's base64 is little-endian float32 whatever the host's byte order:
+    // on a little-endian host the bytes are the vector (one copy, since a
+    // Buffer from the pool need not be 4-byte aligned); else one read each.
+    if (LITTLE_ENDIAN_HOST) new Uint8Array(vector.buffer).set(bytes);
+    else for (let i = 0; i < vector.length; i++) vector[i] = bytes.readFloatLE(i * 4);
     return vector;
   }
   if (!Array.isArray(embedding)) {
