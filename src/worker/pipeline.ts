@@ -27,6 +27,7 @@ import {
 import { CircuitBreaker } from './breaker.js';
 import { ClaimKeyset } from './claim-keyset.js';
 import { type BatchWork, commitBatch } from './commit.js';
+import type { LatencyHistogram } from './latency.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
 import type { RunTotals } from './summary.js';
@@ -37,6 +38,8 @@ export interface PipelineContext {
   scope: ClaimScope;
   /** Updated as batches commit (kept) and as answers arrive (billed); the run's summary reads them. */
   totals: RunTotals;
+  /** How long each batch's commit took, retries included. */
+  commitLatency: LatencyHistogram;
   log: Logger;
   /** The signal that stopped the run, once one has. */
   stopped: () => NodeJS.Signals | undefined;
@@ -435,7 +438,9 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
     latencyMs,
   };
   const to = { db, scope, writer: ctx.deps.writer };
+  const commitStart = performance.now();
   const committed = await ctx.dbRetry('commit a batch', () => commitBatch(to, batch, work));
+  ctx.commitLatency.record(performance.now() - commitStart);
   if (committed) {
     if (committed.embedded + committed.skipped > 0) {
       totals.batches += 1;

@@ -28,6 +28,7 @@ import {
   skipsByReason,
   touchRun,
 } from '../sql/runs.js';
+import { LatencyHistogram } from './latency.js';
 import { runPipeline } from './pipeline.js';
 import { readyQueue, scanReason, scanSource } from './ready-queue.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
@@ -152,6 +153,7 @@ export class EmbedRun {
       blank: 0,
       gone: 0,
     };
+    const commitLatency = new LatencyHistogram();
     let planned = 0;
     let reconciled: RunSummary['reconciled'] = null;
     const census = { blank: 0, upToDate: 0 };
@@ -255,6 +257,7 @@ export class EmbedRun {
         deps: this.deps,
         scope,
         totals,
+        commitLatency,
         log,
         stopped: () => this.#stopSignal,
         abortSignal: this.#abort.signal,
@@ -374,7 +377,13 @@ export class EmbedRun {
     if (config.manifest) await writeManifest(config.manifest, summary, skippedIds);
     this.deps.report?.(formatSummary(summary, skippedIds));
     log.info(
-      { status, ...totals, elapsed_ms: elapsedMs, peak_rss_mib: summary.peakRssMiB },
+      {
+        status,
+        ...totals,
+        elapsed_ms: elapsedMs,
+        peak_rss_mib: summary.peakRssMiB,
+        commit: commitLatency.summary(),
+      },
       'run finished',
     );
 
