@@ -17,6 +17,12 @@ export interface BatchSettings {
   /** Checked before sending; undefined: the provider's answer decides. */
   maxInputTokens: number | undefined;
   truncate: boolean;
+  /**
+   * Count every input's tokens before sending: for --max-tpm, whose gate
+   * admits requests by their exact size, and for --dry-run. Otherwise only
+   * inputs that could be over the limit are counted (see prepareBatch).
+   */
+  countAll: boolean;
   /** Per-request caps (OpenAI: 2,048 inputs, 300,000 tokens); a batch over them goes in parts. */
   maxRequestInputs: number;
   maxRequestTokens: number;
@@ -62,7 +68,10 @@ export interface Input {
   position: number;
   message: EligibleMessage;
   text: string;
-  tokens: number;
+  /** Its exact cl100k count, when counted before sending (see prepareBatch). */
+  tokens: number | undefined;
+  /** UTF-8 bytes of `text`: at least its cl100k token count, since every token is one byte or more. */
+  bytes: number;
   truncated: boolean;
 }
 
@@ -70,6 +79,11 @@ export interface Embedded {
   position: number;
   message: EligibleMessage;
   vector: Float32Array;
+  /**
+   * Exact when counted; otherwise its share, by UTF-8 length, of the tokens
+   * the provider reported for the request (so a request's inputs add up to
+   * what it billed); counted after the answer when it reported none.
+   */
   tokens: number;
   truncated: boolean;
 }
@@ -117,14 +131,21 @@ class NotSentError extends Error {
  */
 export function prepareBatch(
   messages: EligibleMessage[],
-  settings: Pick<BatchSettings, 'maxInputTokens' | 'truncate'>,
+  settings: Pick<BatchSettings, 'maxInputTokens' | 'truncate' | 'countAll'>,
 ): PreparedBatch {
   const prepared: PreparedBatch = { messages, toSend: [], failed: [] };
   messages.forEach((message, position) => {
-    const tokens = tokenCount(message.content);
+    const text = message.content;
+    const bytes = Buffer.byteLength(text, 'utf8');
     const limit = settings.maxInputTokens;
-    const input = { position, message, text: message.content, tokens, truncated: false };
-    if (limit === undefined || tokens <= limit) {
+    // A text within the limit in bytes is within it in tokens: counting it
+    // could not change the answer. Counting was half of a worker's busy time
+    // on the email corpus (10.7 of 21 s, BENCHMARKS.md), where most emails
+    // are under 8,192 bytes.
+    const mustCount = settings.countAll || (limit !== undefined && bytes > limit);
+    const tokens = mustCount ? tokenCount(text) : undefined;
+    const input = { position, message, text, tokens, bytes, truncated: false };
+    if (limit === undefined || tokens === undefined || tokens <= limit) {
       prepared.toSend.push(input);
     } else if (settings.truncate) {
       prepared.toSend.push(truncated(input, limit));
@@ -190,27 +211,67 @@ export async function sendBatch(
 }
 
 /** Splits inputs into requests within the per-request input and token caps. */
-export function requestParts<T extends { tokens: number }>(
-  inputs: T[],
+export function requestParts(
+  inputs: Input[],
   caps: Pick<BatchSettings, 'maxRequestInputs' | 'maxRequestTokens'>,
-): T[][] {
-  const parts: T[][] = [];
-  let part: T[] = [];
+): Input[][] {
+  const parts: Input[][] = [];
+  let part: Input[] = [];
   let tokens = 0;
   for (const input of inputs) {
+    // Bytes bound an uncounted input's tokens; where the bound would cut
+    // the request short of the cap, its exact count decides instead.
+    if (input.tokens === undefined && tokens + input.bytes > caps.maxRequestTokens) {
+      input.tokens = tokenCount(input.text);
+    }
     if (
       part.length > 0 &&
-      (part.length >= caps.maxRequestInputs || tokens + input.tokens > caps.maxRequestTokens)
+      (part.length >= caps.maxRequestInputs || tokens + upTo(input) > caps.maxRequestTokens)
     ) {
       parts.push(part);
       part = [];
       tokens = 0;
     }
     part.push(input);
-    tokens += input.tokens;
+    tokens += upTo(input);
   }
   if (part.length > 0) parts.push(part);
   return parts;
+}
+
+/** An input's tokens, or at most that many: its bytes, when it was not counted. */
+function upTo(input: { tokens: number | undefined; bytes: number }): number {
+  return input.tokens ?? input.bytes;
+}
+
+/** Counted now if it was not before: for what is billed without a reported figure, and failures. */
+function counted(input: Input): number {
+  return input.tokens ?? tokenCount(input.text);
+}
+
+/**
+ * Each input's tokens once the provider has answered: its count where it has
+ * one; else its share, by UTF-8 length, of what the provider reported for
+ * the request beyond the counted inputs (largest remainder, so the shares
+ * add up to the report); else, with no report, counted now.
+ */
+export function answeredTokens(inputs: Input[], promptTokens: number | undefined): number[] {
+  const uncounted = inputs.filter((i) => i.tokens === undefined);
+  if (uncounted.length === 0 || promptTokens === undefined) return inputs.map(counted);
+  const known = inputs.reduce((sum, i) => sum + (i.tokens ?? 0), 0);
+  const share = Math.max(0, promptTokens - known);
+  const bytes = uncounted.reduce((sum, i) => sum + i.bytes, 0);
+  const exact = uncounted.map((i) => (bytes === 0 ? 0 : (share * i.bytes) / bytes));
+  const floors = exact.map(Math.floor);
+  let left = share - floors.reduce((sum, x) => sum + x, 0);
+  const order = exact.map((x, k) => [x - Math.floor(x), k] as const).sort((a, b) => b[0] - a[0]);
+  for (const [, k] of order) {
+    if (left <= 0) break;
+    floors[k] = (floors[k] as number) + 1;
+    left--;
+  }
+  const shares = new Map(uncounted.map((input, k) => [input, floors[k] as number]));
+  return inputs.map((i) => i.tokens ?? (shares.get(i) as number));
 }
 
 async function sendIsolating(
@@ -227,7 +288,8 @@ async function sendIsolating(
     outcome.unsent.push(...given.filter((i) => !inputs.includes(i)));
   }
   if (inputs.length === 0) return;
-  const requestTokens = inputs.reduce((sum, i) => sum + i.tokens, 0);
+  // Exact when the rate gate needs it (countAll with --max-tpm); else a bound.
+  const requestTokens = inputs.reduce((sum, i) => sum + upTo(i), 0);
   let tried = false;
   try {
     const { value } = await withRetries(async () => {
@@ -240,14 +302,17 @@ async function sendIsolating(
       outcome.attempts++;
       return settings.provider.embed(inputs.map((i) => i.text));
     }, settings.retry);
-    settings.onAnswered?.({ tokens: value.promptTokens ?? requestTokens });
+    const tokens = answeredTokens(inputs, value.promptTokens);
+    settings.onAnswered?.({
+      tokens: value.promptTokens ?? tokens.reduce((sum, t) => sum + t, 0),
+    });
     settings.onSent?.();
     inputs.forEach((input, i) => {
       outcome.embedded.push({
         position: input.position,
         message: input.message,
         vector: value.vectors[i] as Float32Array,
-        tokens: input.tokens,
+        tokens: tokens[i] as number,
         truncated: input.truncated,
       });
     });
@@ -269,7 +334,9 @@ async function sendIsolating(
     if (!(error instanceof InputRejectedError || error instanceof InvalidResponseError))
       throw error;
     // A 200 whose body broke the contract was answered, and is billed all the same.
-    if (error instanceof InvalidResponseError) settings.onAnswered?.({ tokens: requestTokens });
+    if (error instanceof InvalidResponseError) {
+      settings.onAnswered?.({ tokens: inputs.reduce((sum, i) => sum + counted(i), 0) });
+    }
 
     const reason = error instanceof InputRejectedError ? error.reason : 'invalid_response';
     const [only] = inputs;
@@ -318,15 +385,16 @@ function failure(
 ): Failure {
   const limitTokens = error instanceof InputRejectedError ? error.limitTokens : undefined;
   const status = error instanceof InputRejectedError ? error.status : undefined;
+  const tokens = counted(input);
   const size = limitTokens
-    ? `${input.tokens} tokens, over the ${limitTokens}-token limit; `
-    : `${input.tokens} tokens; `;
+    ? `${tokens} tokens, over the ${limitTokens}-token limit; `
+    : `${tokens} tokens; `;
   return {
     position: input.position,
     message: input.message,
     reason,
     detail: `${size}provider: ${error.message}`,
-    tokens: input.tokens,
+    tokens,
     limitTokens,
     status,
   };
@@ -342,5 +410,5 @@ function truncated(input: Input, limit: number): Input {
     text = truncateToTokens(input.message.content, keep);
     tokens = tokenCount(text);
   }
-  return { ...input, text, tokens, truncated: true };
+  return { ...input, text, tokens, bytes: Buffer.byteLength(text, 'utf8'), truncated: true };
 }

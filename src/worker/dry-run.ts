@@ -57,7 +57,8 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
   // Pages hold whole batches, so batches fall where a run's claims would;
   // each is prepared and split into requests by the worker's own code.
   const pageRows = config.batchSize * Math.max(1, Math.floor(PAGE_ROWS / config.batchSize));
-  const settings = { maxInputTokens: limit, truncate: config.truncate };
+  // Exact: a dry run counts every input, as a run with --max-tpm does.
+  const settings = { maxInputTokens: limit, truncate: config.truncate, countAll: true };
   let cursor: string | null = null;
   while (config.limit === undefined || report.eligible < config.limit) {
     const size = Math.min(pageRows, (config.limit ?? Number.POSITIVE_INFINITY) - report.eligible);
@@ -74,7 +75,7 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
         }
       }
       for (const input of prepared.toSend) {
-        report.tokens += input.tokens;
+        report.tokens += input.tokens ?? 0;
         if (input.truncated) report.truncated++;
       }
       report.requests += requestParts(prepared.toSend, config).length;

@@ -112,6 +112,9 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     provider: ctx.deps.provider,
     maxInputTokens: config.effectiveMaxInputTokens,
     truncate: config.truncate,
+    // The token gate admits each request by its exact size; without one,
+    // only inputs that could be over the limit are counted.
+    countAll: config.maxTpm !== undefined,
     maxRequestInputs: config.maxRequestInputs,
     maxRequestTokens: config.maxRequestTokens,
     beforeAttempt: (tokens) => gate.acquire(tokens),

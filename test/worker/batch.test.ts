@@ -1,0 +1,91 @@
+import { describe, expect, it } from 'vitest';
+import { tokenCount } from '../../src/provider/tokens.js';
+import type { EligibleMessage } from '../../src/sql/messages.js';
+import { answeredTokens, prepareBatch, requestParts } from '../../src/worker/batch.js';
+
+const message = (id: number, content: string) => ({ id: String(id), content }) as EligibleMessage;
+// 1,000 'é' are 2,000 UTF-8 bytes and 1,000 tokens; 1,200 words are 6,000 bytes and 1,201 tokens.
+const SHORT = 'see you tomorrow at three';
+const WIDE = 'é'.repeat(1000);
+const LONG = 'word '.repeat(1200);
+
+describe('prepareBatch', () => {
+  it('counts only the inputs whose UTF-8 length is over the limit, unless asked to count all', () => {
+    const messages = [message(1, SHORT), message(2, WIDE), message(3, LONG)];
+    const limit = 1500;
+    const prepared = prepareBatch(messages, {
+      maxInputTokens: limit,
+      truncate: false,
+      countAll: false,
+    });
+    // SHORT: 25 bytes, it cannot be over 1,500 tokens. WIDE: 2,000 bytes, counted,
+    // and within. LONG: 6,000 bytes, counted, and within.
+    expect(prepared.failed).toEqual([]);
+    expect(prepared.toSend.map((i) => [i.tokens, i.bytes])).toEqual([
+      [undefined, 25],
+      [tokenCount(WIDE), 2000],
+      [tokenCount(LONG), 6000],
+    ]);
+    const all = prepareBatch(messages, { maxInputTokens: limit, truncate: false, countAll: true });
+    expect(all.toSend.map((i) => i.tokens)).toEqual(messages.map((m) => tokenCount(m.content)));
+  });
+
+  it('still fails an input over the limit, naming its exact count', () => {
+    const limit = tokenCount(LONG) - 1;
+    const prepared = prepareBatch([message(1, SHORT), message(2, LONG)], {
+      maxInputTokens: limit,
+      truncate: false,
+      countAll: false,
+    });
+    expect(prepared.toSend.map((i) => i.message.id)).toEqual(['1']);
+    expect(prepared.failed).toMatchObject([
+      { position: 1, reason: 'context_length', tokens: tokenCount(LONG), limitTokens: limit },
+    ]);
+  });
+
+  it('cuts requests by the bytes of uncounted inputs, counting only where the bound would cut short', () => {
+    const prepared = prepareBatch([message(1, SHORT), message(2, SHORT), message(3, SHORT)], {
+      maxInputTokens: undefined,
+      truncate: false,
+      countAll: false,
+    });
+    // 25 bytes and 5 tokens each. Under a cap of 60, two fit by their bytes;
+    // the third's bound would pass it, so it is counted, and fits too.
+    const parts = requestParts(prepared.toSend, { maxRequestInputs: 10, maxRequestTokens: 60 });
+    expect(parts.map((p) => p.length)).toEqual([3]);
+    expect(prepared.toSend.map((i) => i.tokens)).toEqual([undefined, undefined, tokenCount(SHORT)]);
+    // Under a cap of 9 tokens, one a request, by exact counts.
+    const narrow = requestParts(prepared.toSend, { maxRequestInputs: 10, maxRequestTokens: 9 });
+    expect(narrow.map((p) => p.length)).toEqual([1, 1, 1]);
+  });
+});
+
+describe('answeredTokens', () => {
+  const inputs = (texts: string[], counted: boolean[]) =>
+    texts.map((text, position) => ({
+      position,
+      message: message(position + 1, text),
+      text,
+      tokens: counted[position] ? tokenCount(text) : undefined,
+      bytes: Buffer.byteLength(text, 'utf8'),
+      truncated: false,
+    }));
+
+  it("shares the provider's reported tokens by UTF-8 length, adding up to the report exactly", () => {
+    const given = inputs(['a'.repeat(10), 'b'.repeat(20), 'c'.repeat(30)], [false, false, false]);
+    const shares = answeredTokens(given, 100);
+    expect(shares.reduce((a, b) => a + b, 0)).toBe(100);
+    expect(shares).toEqual([17, 33, 50]);
+  });
+
+  it('keeps the counted inputs exact and shares only the rest', () => {
+    const given = inputs([LONG, 'a'.repeat(10), 'b'.repeat(30)], [true, false, false]);
+    const report = tokenCount(LONG) + 40;
+    expect(answeredTokens(given, report)).toEqual([tokenCount(LONG), 10, 30]);
+  });
+
+  it('counts the inputs when the provider reports nothing', () => {
+    const given = inputs([SHORT, WIDE], [false, false]);
+    expect(answeredTokens(given, undefined)).toEqual([tokenCount(SHORT), tokenCount(WIDE)]);
+  });
+});
