@@ -108,69 +108,52 @@ export async function insertSkips(
 }
 
 /**
- * Whether the batch's row exists: a COMMIT whose answer was lost with the
- * connection did commit, and redoing the batch must write nothing twice.
+ * Starts a batch's commit: sets its lock_timeout (see commit.ts) and says
+ * whether the batch's row exists already, since a COMMIT whose answer was
+ * lost with the connection did commit, and redoing the batch must write
+ * nothing twice. One statement, one round trip: a batch's transaction is
+ * mostly round trips, and each waits on a busy event loop.
  */
-export async function batchCommitted(trx: Transaction<DB>, batch: BatchRecord): Promise<boolean> {
-  const row = await trx
-    .selectFrom('embedding_batches')
-    .select('batch_no')
-    .where('run_id', '=', batch.runId)
-    .where('batch_no', '=', batch.batchNo)
-    .executeTakeFirst();
-  return row !== undefined;
+export async function beginBatchCommit(
+  trx: Transaction<DB>,
+  batch: BatchRecord | undefined,
+  lockTimeout: string,
+): Promise<{ committedBefore: boolean }> {
+  const exists = batch
+    ? sql`exists (select 1 from embedding_batches
+                  where run_id = ${batch.runId} and batch_no = ${batch.batchNo})`
+    : sql`false`;
+  const { rows } = await sql<{ committedBefore: boolean }>`
+    select set_config('lock_timeout', ${lockTimeout}, true) is not null and ${exists}
+      as "committedBefore"`.execute(trx);
+  return { committedBefore: rows[0]?.committedBefore === true };
 }
 
 /**
- * The durable progress row of one committed batch. False when the row is
- * already there: a COMMIT whose answer was lost with the connection did
- * commit, and redoing the batch must not count it twice.
+ * The durable progress row of one committed batch, and the run's counts
+ * advanced by it, in one statement of the batch's transaction, so they never
+ * disagree. The run's row is updated last: concurrent batches of a run queue
+ * on its lock until each commits.
  */
-export async function insertBatch(
-  trx: Transaction<DB>,
-  batch: BatchRecord,
-  counts: { embedded: number; skipped: number },
-): Promise<boolean> {
-  const inserted = await trx
-    .insertInto('embedding_batches')
-    .values({
-      run_id: batch.runId,
-      batch_no: batch.batchNo,
-      first_message_id: batch.firstMessageId,
-      last_message_id: batch.lastMessageId,
-      size: batch.size,
-      embedded: counts.embedded,
-      skipped: counts.skipped,
-      tokens: batch.tokens,
-      attempts: batch.attempts,
-      latency_ms: batch.latencyMs,
-    })
-    .onConflict((oc) => oc.columns(['run_id', 'batch_no']).doNothing())
-    .returning('batch_no')
-    .executeTakeFirst();
-  return inserted !== undefined;
-}
-
-/** Advances the run's counts in the batch's transaction, so they never disagree. */
-export async function advanceRun(
+export async function recordBatch(
   trx: Transaction<DB>,
   batch: BatchRecord,
   counts: { embedded: number; skipped: number; truncated: number },
 ): Promise<void> {
-  await trx
-    .updateTable('embedding_runs')
-    .set((eb) => ({
-      embedded: eb('embedded', '+', counts.embedded),
-      skipped: eb('skipped', '+', counts.skipped),
-      truncated: eb('truncated', '+', counts.truncated),
-      tokens: eb('tokens', '+', batch.tokens),
-      requests: eb('requests', '+', batch.attempts),
-      retries: eb('retries', '+', batch.retries),
-      batches: eb('batches', '+', 1),
-      heartbeat_at: sql`now()`,
-    }))
-    .where('id', '=', batch.runId)
-    .execute();
+  await sql`
+    with batch as (
+      insert into embedding_batches (run_id, batch_no, first_message_id, last_message_id, size,
+        embedded, skipped, tokens, attempts, latency_ms)
+      values (${batch.runId}, ${batch.batchNo}, ${batch.firstMessageId}, ${batch.lastMessageId},
+        ${batch.size}, ${counts.embedded}, ${counts.skipped}, ${batch.tokens}, ${batch.attempts},
+        ${batch.latencyMs})
+      returning run_id)
+    update embedding_runs r set
+      embedded = r.embedded + ${counts.embedded}, skipped = r.skipped + ${counts.skipped},
+      truncated = r.truncated + ${counts.truncated}, tokens = r.tokens + ${batch.tokens},
+      requests = r.requests + ${batch.attempts}, retries = r.retries + ${batch.retries},
+      batches = r.batches + 1, heartbeat_at = now()
+    from batch where r.id = batch.run_id`.execute(trx);
 }
 
 /**

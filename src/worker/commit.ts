@@ -1,13 +1,12 @@
-import { type Kysely, sql } from 'kysely';
+import type { Kysely } from 'kysely';
 import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import type { DB } from '../db/schema.js';
 import {
-  advanceRun,
   type BatchRecord,
-  batchCommitted,
+  beginBatchCommit,
   type EmbeddedRow,
-  insertBatch,
   insertSkips,
+  recordBatch,
   type SkippedRow,
 } from '../sql/batches.js';
 import {
@@ -76,8 +75,8 @@ export async function commitBatch(
     // deadlock between the two would pick a victim after deadlock_timeout
     // (1 s), perhaps the application. Giving way first keeps it ours: the
     // whole batch is redone (withDbRetry), and the application never fails.
-    await sql`set local lock_timeout = '200ms'`.execute(trx);
-    if (batch && (await batchCommitted(trx, batch))) return undefined;
+    const { committedBefore } = await beginBatchCommit(trx, batch, '200ms');
+    if (committedBefore) return undefined;
     const settled = await settleClaims(trx, scope, [
       ...work.embedded.map((e) => ({ id: e.messageId, sha256Hex: e.sha256Hex })),
       ...work.skipped.map((s) => ({ id: s.messageId, sha256Hex: s.sha256Hex })),
@@ -116,8 +115,7 @@ export async function commitBatch(
     };
     if (batch && counts.embedded + counts.skipped > 0) {
       const record = { ...batch, size: counts.embedded + counts.skipped, tokens: counts.tokens };
-      await insertBatch(trx, record, counts);
-      await advanceRun(trx, record, counts);
+      await recordBatch(trx, record, counts);
     }
     return {
       ...counts,

@@ -247,7 +247,7 @@ function describeWorkers() {
           const { rows } = await admin.query(
             `select count(*)::int as n from pg_stat_activity
              where datname = $1 and application_name = 'pgembed' and wait_event_type = 'Lock'
-               and query like 'update "embedding_runs"%'`,
+               and query like '%insert into embedding_batches%'`,
             [dbName],
           );
           return rows[0].n as number;
