@@ -7,6 +7,7 @@ import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
 import { upsertMessages } from '../src/sql/seed.js';
 import { type CliResult, logRecords, startCli } from '../test/support/cli.js';
 import { withAdminClient } from '../test/support/db.js';
+import { mulberry32 } from '../test/support/seeded.js';
 
 export type Backend = 'pglite' | 'postgres';
 
@@ -25,12 +26,34 @@ export function* corpusTimes(times: number): Generator<SeedMessage> {
   }
 }
 
+/**
+ * `count` chat-like messages of 40–400 characters, the same every run: what
+ * a chat table holds, where pgembed itself, not the provider, is the
+ * bottleneck (a self-hosted model answers in milliseconds).
+ */
+export function* shortMessages(count: number): Generator<SeedMessage> {
+  const random = mulberry32(20_000);
+  const words = (
+    'ok thanks see you tomorrow can we move the meeting to three I sent the ' +
+    'file last night did it arrive sure no problem let me check with the team ' +
+    'sounds good what about the invoice from march the build is green again'
+  ).split(' ');
+  for (let id = 1; id <= count; id++) {
+    const length = 40 + Math.floor(random() * 361);
+    let text = '';
+    while (text.length < length) text += `${words[Math.floor(random() * words.length)]} `;
+    yield { id: String(id), content: `${text.slice(0, length - 1).trim()}.` };
+  }
+}
+
 export async function seedTemplate(
   backend: Backend,
   serverUrl: string,
   times: number,
+  messages: Iterable<SeedMessage> = corpusTimes(times),
+  name = `corpus_${times}`,
 ): Promise<Template> {
-  const label = `pgembed_bench_tpl_${times}_${process.pid}`;
+  const label = `pgembed_bench_tpl_${name}_${process.pid}`;
   let url: string;
   if (backend === 'pglite') {
     const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-'));
@@ -43,7 +66,7 @@ export async function seedTemplate(
   try {
     await migrateToLatest(database, { warn: () => {} });
     let chunk: SeedMessage[] = [];
-    for (const message of corpusTimes(times)) {
+    for (const message of messages) {
       chunk.push(message);
       if (chunk.length === 200) {
         await upsertMessages(database.db, chunk);

@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only overhead,latency,rate,memory,peer] [--backends pglite,postgres]
+ * npm run bench [-- --only overhead,short,latency,rate,memory,peer] [--backends pglite,postgres]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
@@ -13,13 +13,13 @@ import { parseArgs } from 'node:util';
 import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
 import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
-import { type Backend, runWorker, seedTemplate, type Template } from './lib.js';
+import { type Backend, runWorker, seedTemplate, shortMessages, type Template } from './lib.js';
 import { runPeer } from './peer.js';
 import { syncBench } from './sync.js';
 
 const { values } = parseArgs({
   options: {
-    only: { type: 'string', default: 'overhead,latency,rate,memory,peer' },
+    only: { type: 'string', default: 'overhead,short,latency,rate,memory,peer' },
     backends: { type: 'string', default: 'pglite,postgres' },
     'rate-seconds': { type: 'string', default: '120' },
     'rate-tpm': { type: 'string', default: '1000000' },
@@ -86,6 +86,15 @@ for (const backend of corpusScenarios.some((name) => only.has(name)) ? backendLi
     await template.drop();
   }
 }
+for (const backend of only.has('short') ? backendList : []) {
+  try {
+    await shortMessagesScenario(backend);
+  } catch (error) {
+    results[`short_${backend}_error`] = String(error);
+    log(`${backend}: short failed: ${error}`);
+  }
+  save();
+}
 await fake.close();
 
 if (only.has('sync')) {
@@ -140,14 +149,68 @@ async function overhead(backend: Backend, template: Template) {
   }
 }
 
+/**
+ * 1b. Short chat-like messages, zero latency, the defaults: where pgembed
+ * itself is the bottleneck. Against the same rows and vectors written by
+ * the write path alone, and with each batch's commit latency.
+ */
+async function shortMessagesScenario(backend: Backend) {
+  Object.assign(fake.options, { latencyMs: 0, maxTpm: undefined });
+  const count = 20_000;
+  log(`${backend}: short messages, seeding ${count.toLocaleString('en-US')}`);
+  const template = await seedTemplate(backend, serverUrl, 0, shortMessages(count), 'short');
+  const target = await template.copy();
+  try {
+    log(`${backend}: short messages, defaults`);
+    const run = await runWorker(target.url, fake.url, []);
+    const commit = run.finished.commit as { p50_ms: number; p99_ms: number; max_ms: number };
+    const write = await writeLimit(target.url, count, [64, 500]);
+    const ratio = run.messagesPerSecond / write.rowsPerSecond;
+    results[`short_${backend}`] = {
+      messages: count,
+      run_messages_per_s: run.messagesPerSecond,
+      commit_ms: commit,
+      peak_rss_mib: run.peakRssMiB,
+      write_rows_per_s: write.rowsPerSecond,
+      write_path: write.path,
+      ratio,
+    };
+    row(
+      '1b short',
+      backend,
+      `end-to-end messages/s (${count} messages)`,
+      fmt(run.messagesPerSecond),
+      '',
+    );
+    row(
+      '1b short',
+      backend,
+      `write path alone rows/s (${write.path})`,
+      fmt(write.rowsPerSecond),
+      '',
+    );
+    row('1b short', backend, 'ratio end-to-end / write path', fmt(ratio, 2), 'goal >= 0.5');
+    row(
+      '1b short',
+      backend,
+      'commit per batch p50 / p99 / max',
+      `${commit.p50_ms} / ${commit.p99_ms} / ${commit.max_ms} ms`,
+      '',
+    );
+  } finally {
+    await target.drop();
+    await template.drop();
+  }
+}
+
 /** The same number of 1,536-dimension vectors, written by the fastest bulk path alone. */
-async function writeLimit(url: string, rows: number) {
+async function writeLimit(url: string, rows: number, perTransaction = [8, 500]) {
   const database = await openDatabase(url);
   try {
     const writer = database.embeddingWriter(await readEmbeddingColumnType(database.db), 'bigint');
     const vectors = Array.from({ length: rows }, (_, i) => fakeEmbedding(`row ${i}`, 1536));
     let best = { rowsPerSecond: 0, path: '' };
-    for (const per of [8, 500]) {
+    for (const per of perTransaction) {
       const provider = `bench-write-${per}`;
       const start = performance.now();
       for (let i = 0; i < rows; i += per) {
