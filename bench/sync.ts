@@ -26,7 +26,7 @@ import { migrateToLatest } from '../src/db/migrator.js';
 import type { DB } from '../src/db/schema.js';
 import { DEFAULT_SOURCE } from '../src/db/source.js';
 import { WAKE_CHANNEL } from '../src/sql/capture.js';
-import { type ClaimScope, claimBatch } from '../src/sql/queue.js';
+import { type ClaimScope, claimBatch, claimOldest } from '../src/sql/queue.js';
 import { reconcile } from '../src/sql/reconcile.js';
 import { withAdminClient } from '../test/support/db.js';
 import { type FakeOpenAI, startFakeOpenAI } from '../test/support/fake-openai.js';
@@ -936,9 +936,11 @@ async function explainScans(url: string) {
     });
     const ends = queries.filter((q) => q.sql.includes('as upper'));
     const judges = queries.filter((q) => q.sql.includes('with chunk as materialized'));
-    // Claim the empty queue once to capture the statement.
+    // Claim the empty queue once each way to capture the statements.
     await claimBatch(db, scope, { after: null, limit: 64, ignoreBackoff: false });
     const claim = queries.find((q) => q.sql.includes('for update skip locked'));
+    await claimOldest(db, scope, 64);
+    const oldest = queries.find((q) => q.sql.includes('due_again'));
     const explain = async (q: CompiledQuery | undefined, setup?: string) => {
       if (!q) return null;
       const client = await pool.connect();
@@ -966,6 +968,14 @@ async function explainScans(url: string) {
         claim,
         `insert into embedding_queue (target_id, message_id)
          select ${scope.targetId}, g from generate_series(500001, 500064) g`,
+      ),
+      // A watcher's claim, with 64 rows queued and one backing off, due again.
+      claim_oldest_64_queued: await explain(
+        oldest,
+        `insert into embedding_queue (target_id, message_id, not_before, attempts)
+         select ${scope.targetId}, g, case when g = 500001 then now() - interval '1 second' end,
+           case when g = 500001 then 1 else 0 end
+         from generate_series(500001, 500064) g`,
       ),
     };
   } finally {

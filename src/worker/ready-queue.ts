@@ -4,7 +4,13 @@ import type { DB } from '../db/schema.js';
 import { firstDuplicateId } from '../db/source.js';
 import type { Logger } from '../log.js';
 import type { CaptureMode } from '../sql/capture.js';
-import { type ClaimScope, clearBackoff, enqueueSkipped, pendingCount } from '../sql/queue.js';
+import {
+  analyzeQueueIfStale,
+  type ClaimScope,
+  clearBackoff,
+  enqueueSkipped,
+  pendingCount,
+} from '../sql/queue.js';
 import { type ReconcileCounts, reconcile } from '../sql/reconcile.js';
 
 export interface QueueReadiness {
@@ -83,5 +89,8 @@ export async function readyQueue(
     if (retried > 0) log.info({ messages: retried }, 'trying again messages skipped before');
   }
   const pending = await dbRetry('count the queue', () => pendingCount(db, scope.targetId));
+  if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, pending))) {
+    log.info({ pending }, 'analyzed the queue: its statistics were behind what it holds');
+  }
   return { scan, pending };
 }

@@ -4,6 +4,7 @@ import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/source.js';
 import {
+  analyzeQueueIfStale,
   claimBatch,
   claimOldest,
   clearBackoff,
@@ -233,6 +234,35 @@ describe.each(backends())('the change queue on %s', (backend) => {
       expect(ids(await claimOldest(db(), scope, 3))).toEqual(['1', '4']);
       expect(await claimOldest(db(), scope, 3)).toEqual([]);
       expect(await holders(scope.targetId)).toMatchObject({ '3': '' });
+    });
+
+    it('analyzes the queue when its statistics are far behind it, and only then', async () => {
+      const scope = await f.scope(SMALL);
+      // Deterministic: no autovacuum analyze may land in between.
+      await sql`alter table embedding_queue set (autovacuum_enabled = false)`.execute(db());
+      try {
+        await sql`analyze embedding_queue`.execute(db());
+        // Queue rows straight in, as a bulk load leaves them: no ANALYZE since.
+        await sql`insert into embedding_queue (target_id, message_id)
+                  select ${scope.targetId}, g from generate_series(1, 3000) g`.execute(db());
+        const estimate = async () => {
+          const { rows } = await sql<{ n: number }>`
+            select reltuples::float8 as n from pg_class where oid = 'embedding_queue'::regclass`.execute(
+            db(),
+          );
+          return rows[0]?.n ?? 0;
+        };
+        expect(await estimate()).toBeLessThan(1500);
+        // Too few pending rows to matter: left to autovacuum.
+        expect(await analyzeQueueIfStale(db(), 3000, 5000)).toBe(false);
+        expect(await estimate()).toBeLessThan(1500);
+        expect(await analyzeQueueIfStale(db(), 3000, 1000)).toBe(true);
+        expect(await estimate()).toBeGreaterThanOrEqual(1500);
+        // Caught up: not again.
+        expect(await analyzeQueueIfStale(db(), 3000, 1000)).toBe(false);
+      } finally {
+        await sql`alter table embedding_queue reset (autovacuum_enabled)`.execute(db());
+      }
     });
 
     it('never gives two runs the same row', async () => {
