@@ -177,23 +177,18 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         }
       }
       const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
-      const after = keyset?.after ?? null;
       // A watcher takes the oldest change first; a one-shot run walks the
-      // queue in id order by keyset.
+      // queue in id order by keyset (see ClaimKeyset).
+      const after = keyset?.after ?? null;
       const page: ClaimedMessage[] = await ctx.dbRetry('claim a batch', () =>
         keyset
           ? claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false })
           : claimOldest(db, scope, pageSize),
       );
-      // Rows given back since (an edit during a send, a dead worker's) and
-      // late-committing lower ids are found from the first id.
-      if (
-        keyset?.advance(
-          page.map((m) => m.id),
-          pageSize,
-        )
-      )
-        continue;
+      // A keyset that ran off the end claims again from the first id at once,
+      // for rows given back since (an edit during a send, a dead worker's).
+      const pageIds = page.map((m) => m.id);
+      if (keyset?.advance(pageIds, pageSize)) continue;
       if (page.length === 0) {
         if (inFlight.size === 0) {
           // A claim whose answer was lost with the connection did commit:
