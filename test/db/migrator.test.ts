@@ -77,6 +77,41 @@ describe.each(backends())('migrations on %s', (backend) => {
     expect(row.created_at).toBeInstanceOf(Date);
   });
 
+  it('keeps a vector that fits a page in its row, uncompressed, and still stores one that does not', async () => {
+    const { database } = await fresh();
+    const { embeddingColumnType } = await migrateToLatest(database, { warn: () => {} });
+    const writer = database.embeddingWriter(embeddingColumnType, 'bigint');
+    const target = { provider: 'p', model: 'm', runId: '1' };
+    const row = (messageId: string, dimensions: number) => ({
+      messageId,
+      vector: new Float32Array(dimensions).map((_, i) => Math.sin(i)),
+      sha256Hex: 'ab'.repeat(32),
+      inputTokens: 1,
+      truncated: false,
+    });
+    await database.db
+      .transaction()
+      .execute((trx) => writer.upsert(trx, target, [row('1', 1536), row('2', 3072)]));
+    const { rows } = await sql<{ toast: string }>`
+      select reltoastrelid::regclass::text as toast from pg_class
+      where oid = 'message_embeddings'::regclass`.execute(database.db);
+    const { rows: outOfLine } = await sql<{ n: number }>`
+      select count(distinct chunk_id)::int as n from ${sql.raw(rows[0]!.toast)}`.execute(
+      database.db,
+    );
+    // 1,536 float32s (~6 KB) stay in the row; 3,072 (12 KB) cannot fit a page and go out of line.
+    expect(outOfLine[0]!.n).toBe(1);
+    const stored = await database.db
+      .selectFrom('message_embeddings')
+      .select(['message_id', 'dimensions'])
+      .orderBy('message_id')
+      .execute();
+    expect(stored).toEqual([
+      { message_id: '1', dimensions: 1536 },
+      { message_id: '2', dimensions: 3072 },
+    ]);
+  });
+
   it('uses pgvector where the server has it and falls back to real[] with one warning where it does not', async () => {
     const { database } = await fresh();
     const hasVector = await serverHasPgvector(database);
