@@ -175,7 +175,8 @@ export async function upsertEmbeddingsViaCopy(
   const stage = sql.raw(stageName);
   await sql`create temp table if not exists ${stage} (
       message_id bigint, embedding ${sql.raw(target.columnType)}, dimensions int,
-      content_sha256 bytea, input_tokens int, truncated boolean) on commit delete rows`.execute(
+      content_sha256 bytea, input_tokens int, truncated boolean)
+      with (toast_tuple_target = 8160) on commit delete rows`.execute(
     trx,
   );
   await copyFromBlob(
