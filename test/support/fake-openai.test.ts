@@ -251,6 +251,17 @@ describe('context-length errors per dialect', () => {
     const res = await embed(inputs[1]!);
     expect(res.usage.prompt_tokens).toBe(7);
   });
+
+  test('counts primed or cached are the exact counts, and follow a change of limit', async () => {
+    const texts = ['hello there', 'a little longer text with more words in it'];
+    fake.primeTokenCounts(texts);
+    const exact = texts.map((t) => countTokens(t));
+    expect((await embed(texts)).usage.prompt_tokens).toBe(exact[0]! + exact[1]!);
+    // Counted under 8,192 and cached: a lower limit must count again, not reuse it.
+    fake.options.maxInputTokens = exact[1]! - 1;
+    expect((await rejectionOf(embed(texts))) as Error).toBeInstanceOf(OpenAI.BadRequestError);
+    expect((await embed(texts[0]!)).usage.prompt_tokens).toBe(exact[0]);
+  });
 });
 
 describe('injected faults', () => {
