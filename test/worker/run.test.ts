@@ -2,15 +2,7 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  type KyselyPlugin,
-  type PluginTransformQueryArgs,
-  type PluginTransformResultArgs,
-  type QueryResult,
-  type RootOperationNode,
-  sql,
-  type UnknownRow,
-} from 'kysely';
+import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
 import { parseVector } from '../../src/db/vector.js';
@@ -22,30 +14,26 @@ import {
   useWorkerFixture,
 } from '../support/embed-run.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
+import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
 
 /**
  * Runs the first claim and then throws a connection error, as if its answer
  * was lost with the connection after the claim committed.
  */
-class LoseFirstClaimAnswer implements KyselyPlugin {
-  lost = 0;
-  readonly #claims = new WeakSet<object>();
-
-  transformQuery(args: PluginTransformQueryArgs): RootOperationNode {
-    const { node } = args;
-    if (node.kind === 'RawNode' && node.sqlFragments.join('').includes('set claimed_by = ')) {
-      this.#claims.add(args.queryId);
-    }
-    return node;
-  }
-
-  async transformResult(args: PluginTransformResultArgs): Promise<QueryResult<UnknownRow>> {
-    if (this.#claims.has(args.queryId) && args.result.rows.length > 0 && this.lost === 0) {
-      this.lost++;
-      throw Object.assign(new Error('Connection terminated unexpectedly'), { code: 'ECONNRESET' });
-    }
-    return args.result;
-  }
+function loseFirstClaimAnswer() {
+  const lose = {
+    lost: 0,
+    plugin: queryHook(rawSqlIncludes('set claimed_by = '), async (result) => {
+      if (result.rows.length > 0 && lose.lost === 0) {
+        lose.lost++;
+        throw Object.assign(new Error('Connection terminated unexpectedly'), {
+          code: 'ECONNRESET',
+        });
+      }
+      return result;
+    }),
+  };
+  return lose;
 }
 
 // text-embedding-3-small, the default model.
@@ -114,8 +102,11 @@ describe.each(backends())('the embed run on %s', (backend) => {
 
   it('gives back and embeds the rows of a claim whose answer was lost with the connection', async () => {
     await seed(texts(12));
-    const lose = new LoseFirstClaimAnswer();
-    const outcome = await makeRunWith({ ...ctx(), db: ctx().db.withPlugin(lose) }, {}).run.run();
+    const lose = loseFirstClaimAnswer();
+    const outcome = await makeRunWith(
+      { ...ctx(), db: ctx().db.withPlugin(lose.plugin) },
+      {},
+    ).run.run();
     // The claim committed (its rows are the run's) and then "failed": the run
     // claimed again past them, and must still not end with them undone.
     expect(lose.lost).toBe(1);

@@ -2,16 +2,7 @@ import { readFileSync } from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import {
-  type ColumnUpdateNode,
-  type KyselyPlugin,
-  type PluginTransformQueryArgs,
-  type PluginTransformResultArgs,
-  type QueryResult,
-  type RootOperationNode,
-  sql,
-  type UnknownRow,
-} from 'kysely';
+import { type ColumnUpdateNode, sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
 import { createLogger } from '../../src/log.js';
@@ -20,6 +11,7 @@ import { openAIProviderFor } from '../../src/provider/create.js';
 import { EmbedRun } from '../../src/worker/run.js';
 import { backends } from '../support/db.js';
 import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
+import { queryHook } from '../support/query-hook.js';
 
 /**
  * What a run was billed (every answer the provider sent) against what it kept
@@ -52,34 +44,26 @@ function deferred() {
  * Resolves once a heartbeat carrying the billed spend has been written: an
  * update of embedding_runs.tokens_billed that is not the run's end (no status).
  */
-class HeartbeatWatch implements KyselyPlugin {
-  readonly #beats = new WeakSet<object>();
+class HeartbeatWatch {
   #waiting: Array<() => void> = [];
-
-  next(): Promise<void> {
-    return new Promise((resolve) => this.#waiting.push(resolve));
-  }
-
-  transformQuery(args: PluginTransformQueryArgs): RootOperationNode {
-    const node = args.node;
-    if (node.kind === 'UpdateQueryNode') {
+  readonly plugin = queryHook(
+    (node) => {
+      if (node.kind !== 'UpdateQueryNode') return false;
       const columns = (node.updates ?? []).map(
         (u: ColumnUpdateNode) => (u.column as { column?: { name?: string } }).column?.name,
       );
-      if (columns.includes('tokens_billed') && !columns.includes('status')) {
-        this.#beats.add(args.queryId);
-      }
-    }
-    return node;
-  }
-
-  async transformResult(args: PluginTransformResultArgs): Promise<QueryResult<UnknownRow>> {
-    if (this.#beats.has(args.queryId)) {
+      return columns.includes('tokens_billed') && !columns.includes('status');
+    },
+    async (result) => {
       const waiting = this.#waiting;
       this.#waiting = [];
       for (const resolve of waiting) resolve();
-    }
-    return args.result;
+      return result;
+    },
+  );
+
+  next(): Promise<void> {
+    return new Promise((resolve) => this.#waiting.push(resolve));
   }
 }
 
@@ -107,7 +91,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     };
     const reports: string[] = [];
     const run = new EmbedRun({
-      db: extra.heartbeats ? db.withPlugin(extra.heartbeats) : db,
+      db: extra.heartbeats ? db.withPlugin(extra.heartbeats.plugin) : db,
       writer,
       provider,
       config,

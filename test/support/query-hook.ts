@@ -1,0 +1,29 @@
+import type { KyselyPlugin, QueryResult, RootOperationNode, UnknownRow } from 'kysely';
+
+/**
+ * A Kysely plugin that hands the result of each query `matches` picks to
+ * `hook`, which may pass it on, wait first, or throw as a lost connection
+ * would. For tests that must act at an exact point of the worker's own
+ * queries, on either backend, without touching the database or the code.
+ */
+export function queryHook(
+  matches: (node: RootOperationNode) => boolean,
+  hook: (result: QueryResult<UnknownRow>) => Promise<QueryResult<UnknownRow>>,
+): KyselyPlugin {
+  const picked = new WeakSet<object>();
+  return {
+    transformQuery(args) {
+      if (matches(args.node)) picked.add(args.queryId);
+      return args.node;
+    },
+    async transformResult(args) {
+      return picked.has(args.queryId) ? hook(args.result) : args.result;
+    },
+  };
+}
+
+/** Matches a raw `sql` statement whose text includes `text`. */
+export const rawSqlIncludes =
+  (text: string) =>
+  (node: RootOperationNode): boolean =>
+    node.kind === 'RawNode' && node.sqlFragments.join('').includes(text);
