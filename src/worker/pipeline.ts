@@ -89,11 +89,20 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
   const gate = createRateGate(config);
   const breaker = new CircuitBreaker();
+  // Every batch until it has committed, and of those, the ones not yet
+  // through their send. The reader keeps one batch ahead of the send slots,
+  // whatever is still committing: when batches committing held their slot,
+  // 16 in flight at 200 ms reached 70% of ideal with a commit p99 of 531 ms.
   const inFlight = new Set<Promise<void>>();
-  const track = (task: Promise<void>) => {
+  const unsent = new Set<Promise<void>>();
+  const track = (task: Promise<void>, sent: Promise<void>) => {
     inFlight.add(task);
+    unsent.add(sent);
     void task.finally(() => inFlight.delete(task));
+    void sent.finally(() => unsent.delete(sent));
   };
+  // Sending at most `current`, committing at most `current` more.
+  const full = () => unsent.size > adaptive.current || inFlight.size > 2 * adaptive.current;
   // The failure that ends the run. Any failure other than a strict-mode
   // culprit (a fatal provider error, a lost database) stops everything at
   // once, so it outranks every culprit, earlier batch or not: once recorded,
@@ -163,8 +172,8 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       if (ctx.limit !== undefined && taken >= ctx.limit) break;
       // Backpressure: one batch claimed and tokenized ahead of the free send
       // slots, so claiming, tokenizing, sending and committing overlap, while
-      // memory holds at most `concurrency` + 1 batches however long the queue.
-      while (inFlight.size > adaptive.current) await Promise.race(inFlight);
+      // memory holds at most 2 × `concurrency` + 1 batches however long the queue.
+      while (full()) await Promise.race([...unsent, ...inFlight]);
       if (ctx.stopped() || failure) break;
       if (breaker.state !== 'closed') {
         // Watch mode only (a one-shot run has failed by now): wait out the
@@ -241,8 +250,13 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       }
       const seq = ++batchNo;
       const trial = breaker.state === 'half-open';
+      let markSent = () => {};
+      const sent = new Promise<void>((resolve) => {
+        markSent = resolve;
+      });
       const task = processBatch(ctx, {
         seq,
+        onSent: markSent,
         prepared,
         settled: sorted,
         settings,
@@ -251,8 +265,10 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         recordFailure: fail,
         deferrable,
         onResult: (failed) => onBatchResult(seq, failed),
-      }).catch((error: unknown) => fail(seq, error));
-      track(task);
+      })
+        .catch((error: unknown) => fail(seq, error))
+        .finally(markSent);
+      track(task, sent);
       // Half-open: the trial batch alone, and its verdict before the next.
       if (trial) await task;
     }
@@ -299,6 +315,8 @@ interface RunFailure {
 
 interface BatchJob {
   seq: number;
+  /** The send is over (answered, failed, or not made): the reader may claim again. */
+  onSent: () => void;
   prepared: PreparedBatch;
   /** The page's messages that settle without a request. */
   settled: SortedClaims;
@@ -388,6 +406,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
           throw error;
         }
       });
+  job.onSent();
   // Not sent: its claims go back when the run ends.
   if (!outcome) return;
   const page = prepared.messages;

@@ -556,9 +556,9 @@ function describePostgres() {
     for (const [text, times] of sentByKilled) seenA.set(text, (seenA.get(text) ?? 0) + times);
     expectSentOnce(seenA, texts, report, `${MODEL} (${replay})`, {
       sentByKilled,
-      // What a1 had sent and not committed: its batches in flight and the
-      // one read ahead.
-      bound: (concurrency + 1) * batchSize,
+      // What a1 had sent and not committed: its batches sending, those
+      // committing, and the one read ahead.
+      bound: (2 * concurrency + 1) * batchSize,
     });
     expectSentOnce(seen.get(SECOND_MODEL), texts, report, `${SECOND_MODEL} (${replay})`);
     // Some texts an unchanged-text edit touched are still there, each sent once.

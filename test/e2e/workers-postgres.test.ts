@@ -149,11 +149,12 @@ function describeWorkers() {
     expect(final.code, final.stderr).toBe(0);
     await expectExactTable(contents);
     // Each input went out once, plus at most what was sent and not committed
-    // at each kill: (concurrency + 1) batches (the sends and the one read ahead).
+    // at each kill: (2 × concurrency + 1) batches (those sending, those
+    // committing, and the one read ahead).
     const sent = [...fx.fake.stats.seen.values()].reduce((a, b) => a + b, 0);
     const extra = sent - 3000;
     expect(fx.fake.stats.seen.size).toBe(3000);
-    expect(extra, replay).toBeLessThanOrEqual(kills * (concurrency + 1) * batchSize);
+    expect(extra, replay).toBeLessThanOrEqual(kills * (2 * concurrency + 1) * batchSize);
     const rows = await runs();
     expect(rows.at(-1)?.status, replay).toBe('succeeded');
     // No killed run is left looking alive.

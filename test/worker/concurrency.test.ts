@@ -12,6 +12,7 @@ import {
   waitFor,
 } from '../support/embed-run.js';
 import type { FakeOpenAI } from '../support/fake-openai.js';
+import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
 
 // The pipeline makes its own rate gate; this lets a test give it a clock.
 const gateOptions = vi.hoisted(() => ({ current: {} as RateGateOptions }));
@@ -123,6 +124,46 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     expect(outcome.summary).toMatchObject({ status: 'succeeded', embedded: 16 });
     expect(await fx.database.db.selectFrom('embedding_queue').selectAll().execute()).toEqual([]);
   });
+
+  // PGlite has one session: a commit held open holds every query, claims too.
+  it.skipIf(backend === 'pglite')(
+    'sends the next batch while earlier ones commit, holding at most 2 × concurrency + 1 batches',
+    async () => {
+      await seedMessages(fx.database.db, sampleTexts(20));
+      // Every batch's commit waits at its fence (the lock of its own queue
+      // rows, before the run's row is touched) until released.
+      let committing = 0;
+      let allHeld = () => {};
+      const threeHeld = new Promise<void>((resolve) => {
+        allHeld = resolve;
+      });
+      let release = () => {};
+      const released = new Promise<void>((resolve) => {
+        release = resolve;
+      });
+      const hold = queryHook(rawSqlIncludes('order by q.message_id for update'), async (result) => {
+        if (++committing === 3) allHeld();
+        await released;
+        return result;
+      });
+      const finished = makeRun(
+        { ...ctx(), db: ctx().db.withPlugin(hold) },
+        { concurrency: '1', 'batch-size': '4' },
+      ).run.run();
+      // With one send slot, batches 2 and 3 went out while 1 and 2 committed.
+      await threeHeld;
+      expect(fx.fake.stats.requests).toBe(3);
+      // And no fourth claimed: three batches committing fill the reader's room.
+      const claimed = await fx.database.db
+        .selectFrom('embedding_queue')
+        .select((eb) => eb.fn.countAll<string>().as('n'))
+        .where('claimed_by', 'is not', null)
+        .executeTakeFirstOrThrow();
+      expect(Number(claimed.n)).toBe(12);
+      release();
+      expect((await finished).summary).toMatchObject({ status: 'succeeded', embedded: 20 });
+    },
+  );
 
   it('splits a batch into requests within the per-request input and token caps', async () => {
     const text = (i: number) => `item ${i} ${'alpha beta gamma '.repeat(5)}`;
