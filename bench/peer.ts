@@ -48,6 +48,8 @@ export async function runPeer(
   template: Template,
   baseUrl: string,
   log: (text: string) => void,
+  /** pgembed's own flags beyond the batch size and the one connection. */
+  pgembedArgs: string[] = [],
 ): Promise<PeerOutcome> {
   if (!existsSync(join(PEER_DIR, 'node_modules'))) {
     log('installing the peer package in bench/peer (first use)');
@@ -106,6 +108,7 @@ export async function runPeer(
       '8',
       '--db-pool-size',
       '1',
+      ...pgembedArgs,
     ]);
     return {
       messages: MESSAGES,
