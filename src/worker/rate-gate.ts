@@ -1,6 +1,11 @@
 export interface RateGate {
   /** Waits until one request of `tokens` tokens fits the per-minute budgets. */
   acquire(tokens: number): Promise<void>;
+  /**
+   * Seconds of sending at the full limit each budget holds now (undefined:
+   * no such limit): 10 when full, near 0 while the gate paces requests.
+   */
+  budgetSeconds(): { requests: number | undefined; tokens: number | undefined };
 }
 
 /** The time a gate paces by. */
@@ -61,6 +66,7 @@ export function createRateGate(
       if (tokens) await tokens.take(Math.min(Math.max(count, 1), tokens.size), admit(count));
       if (!requests && !tokens) admit(count)();
     },
+    budgetSeconds: () => ({ requests: requests?.heldSeconds(), tokens: tokens?.heldSeconds() }),
   };
 }
 
@@ -104,6 +110,12 @@ class TokenBucket {
     });
     this.#queue = turn.catch(() => {});
     return turn;
+  }
+
+  /** What the bucket holds now, in seconds of its refill rate. */
+  heldSeconds(): number {
+    this.#drip();
+    return this.#content / this.perMs / 1000;
   }
 
   #drip(): void {

@@ -51,6 +51,19 @@ function mostInAnyWindow(admitted: Admission[], windowMs: number): number {
 }
 
 describe('the rate gate, in virtual time', () => {
+  it('tells how many seconds of sending at the limit each budget holds', async () => {
+    const gate = createRateGate({ maxRpm: undefined, maxTpm: 60_000 });
+    // Full: ten seconds' worth.
+    expect(gate.budgetSeconds()).toEqual({ requests: undefined, tokens: 10 });
+    await gate.acquire(4_950);
+    expect(gate.budgetSeconds().tokens).toBeCloseTo(5, 9);
+    // Refilled at 0.99 a millisecond: 990 tokens, one more second, per second.
+    await vi.advanceTimersByTimeAsync(1_000);
+    expect(gate.budgetSeconds().tokens).toBeCloseTo(6, 9);
+    await vi.advanceTimersByTimeAsync(60_000);
+    expect(gate.budgetSeconds().tokens).toBe(10);
+  });
+
   it('lets a burst of ten seconds of budget through at once, then paces tokens per minute', async () => {
     // 60,000 tokens a minute, paced 1% under: 0.99 a millisecond, a 9,900-token burst.
     const admitted = await admitAll({ maxTpm: 60_000 }, [9_900, 1_000]);
