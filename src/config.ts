@@ -298,6 +298,21 @@ export const SETTINGS = {
     default: 10,
     help: 'how many nearest messages search prints',
   },
+  metricsPort: {
+    env: 'PGEMBED_METRICS_PORT',
+    flag: 'metrics-port',
+    kind: 'int',
+    min: 0,
+    max: 65535,
+    help: 'serve Prometheus /metrics, /healthz and /readyz on this port (default: off; 0 picks a free one)',
+  },
+  metricsHost: {
+    env: 'PGEMBED_METRICS_HOST',
+    flag: 'metrics-host',
+    kind: 'string',
+    default: '127.0.0.1',
+    help: 'the address --metrics-port listens on (0.0.0.0 to be scraped from other hosts)',
+  },
   logLevel: {
     env: 'LOG_LEVEL',
     flag: 'log-level',
@@ -437,6 +452,8 @@ export const EMBED_SETTINGS = [
   'truncate',
   'manifest',
   'migrate',
+  'metricsPort',
+  'metricsHost',
   'logLevel',
 ] as const satisfies readonly SettingName[];
 

@@ -5,6 +5,8 @@ import { Ajv2019 } from 'ajv/dist/2019.js';
 import { describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
 
+import { workerHealthcheckScript } from './support/compose-healthcheck.js';
+
 const root = fileURLToPath(new URL('..', import.meta.url));
 const composeText = readFileSync(`${root}docker-compose.yml`, 'utf8');
 const dockerfileText = readFileSync(`${root}Dockerfile`, 'utf8');
@@ -241,6 +243,17 @@ describe('docker-compose.yml', () => {
     expect(worker.environment).toMatchObject({ PGEMBED_WATCH: 'true' });
     expect(worker.restart).toBe('on-failure:5');
     expect([undefined, 'none']).toContain(worker.deploy?.restart_policy?.condition);
+  });
+
+  it('serves the worker metrics on the compose network and checks its health on /readyz', () => {
+    const worker = service('worker');
+    expect(worker.environment).toMatchObject({
+      PGEMBED_METRICS_PORT: '9464',
+      PGEMBED_METRICS_HOST: '0.0.0.0',
+    });
+    // test/service/metrics.test.ts runs this very command against a worker.
+    expect(worker.healthcheck?.test).toEqual(['CMD', 'node', '-e', workerHealthcheckScript()]);
+    expect(workerHealthcheckScript()).toContain('http://127.0.0.1:9464/readyz');
   });
 
   it('gives the worker a SIGTERM grace period so the batch in flight can commit', () => {

@@ -7,9 +7,14 @@ import { ConfigError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
+import { observedProvider } from '../provider/observed.js';
 import { redactUrl } from '../redact.js';
 import { terminalProgressBar } from '../report/progress-bar.js';
+import { startServiceServer } from '../service/http.js';
+import { WorkerMetrics } from '../service/metrics.js';
+import { workerReadiness } from '../service/readiness.js';
 import { registerSource } from '../sql/capture.js';
+import { queueFigures } from '../sql/queue.js';
 import { dryRun, formatDryRun } from '../worker/dry-run.js';
 import { EmbedRun } from '../worker/run.js';
 import { helpText, parseFlags } from './args.js';
@@ -84,7 +89,23 @@ await runCli(async (argv) => {
         `--id-column ${config.messageSource.idColumn} of ${config.messageSource.table} is ${idType}, but this database's embeddings are keyed by ${storedIdType}: one database (or schema) holds one id type; use another for this source`,
       );
     }
-    const provider = await createProvider(config);
+    const target = { provider: config.provider, model: config.model };
+    const metrics =
+      config.metricsPort === undefined
+        ? undefined
+        : new WorkerMetrics(target, () => queueFigures(database.db, target));
+    const provider = metrics
+      ? observedProvider(await createProvider(config), (r) => metrics.request(r))
+      : await createProvider(config);
+    const service =
+      metrics &&
+      (await startServiceServer({
+        host: config.metricsHost,
+        port: config.metricsPort ?? 0,
+        registry: metrics.registry,
+        ready: workerReadiness(database, { failing: () => metrics.providerFailing() }),
+      }));
+    if (service) logger.info({ url: service.url }, 'serving /metrics, /healthz and /readyz');
     logger.info(
       {
         provider: config.provider,
@@ -110,6 +131,7 @@ await runCli(async (argv) => {
       report: (text) => process.stderr.write(`${text}\n`),
       progressDisplay: showBar ? terminalProgressBar() : undefined,
       watchChanges: database.watchChanges,
+      observer: metrics,
     });
     onStopSignals((signal) => {
       // stop() first: it takes the progress bar down before anything is written.
@@ -118,9 +140,13 @@ await runCli(async (argv) => {
       // This process is going away: closing will not wait for the ones it serves.
       database.serving?.cutOffClients();
     });
-    const outcome = await run.run();
-    if (outcome.error) process.stderr.write(`pgembed: ${outcome.summary.error}\n`);
-    return outcome.exitCode;
+    try {
+      const outcome = await run.run();
+      if (outcome.error) process.stderr.write(`pgembed: ${outcome.summary.error}\n`);
+      return outcome.exitCode;
+    } finally {
+      await service?.close();
+    }
   } finally {
     await database.close();
   }

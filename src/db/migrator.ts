@@ -86,14 +86,7 @@ export async function migrateToLatest(
   // The bookkeeping tables live in the schema pgembed's own do: Kysely would
   // otherwise find another schema's (a second source in a schema of its own,
   // reached with search_path) and take this one for migrated.
-  const { rows } = await sql<{ schema: string }>`select current_schema() as schema`.execute(
-    database.db,
-  );
-  const migrator = new Migrator({
-    db: database.db,
-    provider: new DirectoryMigrationProvider(ctx),
-    ...(rows[0]?.schema ? { migrationTableSchema: rows[0].schema } : {}),
-  });
+  const migrator = await migratorFor(database, ctx);
   const { error, results } = await migrator.migrateToLatest();
   if (error) {
     // Ours already say what is wrong (a forced type, a --source that does not exist).
@@ -117,6 +110,35 @@ export async function migrateToLatest(
     applied: (results ?? []).filter((r) => r.status === 'Success').map((r) => r.migrationName),
     embeddingColumnType: actual,
   };
+}
+
+async function migratorFor(database: Database, ctx: MigrationContext): Promise<Migrator> {
+  const { rows } = await sql<{ schema: string }>`select current_schema() as schema`.execute(
+    database.db,
+  );
+  return new Migrator({
+    db: database.db,
+    provider: new DirectoryMigrationProvider(ctx),
+    ...(rows[0]?.schema ? { migrationTableSchema: rows[0].schema } : {}),
+  });
+}
+
+/**
+ * Migrations this code has that the database has not applied: a worker is
+ * not ready against an older schema (with --no-migrate, or while another
+ * process migrates). Reads only; applies nothing.
+ */
+export async function pendingMigrations(database: Database): Promise<string[]> {
+  const readOnly = (): never => {
+    throw new Error('pendingMigrations applies nothing');
+  };
+  const migrator = await migratorFor(database, {
+    embeddingColumnType: readOnly,
+    source: DEFAULT_SOURCE,
+    idType: readOnly,
+  });
+  const migrations = await migrator.getMigrations();
+  return migrations.filter((m) => m.executedAt === undefined).map((m) => m.name);
 }
 
 async function relationExists(db: Kysely<unknown>, name: string): Promise<boolean> {

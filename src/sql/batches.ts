@@ -176,9 +176,7 @@ export async function upsertEmbeddingsViaCopy(
   await sql`create temp table if not exists ${stage} (
       message_id bigint, embedding ${sql.raw(target.columnType)}, dimensions int,
       content_sha256 bytea, input_tokens int, truncated boolean)
-      with (toast_tuple_target = 8160) on commit delete rows`.execute(
-    trx,
-  );
+      with (toast_tuple_target = 8160) on commit delete rows`.execute(trx);
   await copyFromBlob(
     `copy ${stageName} from '/dev/blob' with (format binary)`,
     encodeStageRows(rows, target.columnType),

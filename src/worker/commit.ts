@@ -44,6 +44,8 @@ export interface BatchWork {
 export interface Committed {
   embedded: number;
   skipped: number;
+  /** `skipped`, by reason. */
+  skippedByReason: Map<string, number>;
   truncated: number;
   tokens: number;
   /** Gone, blank and unchanged messages settled without a request. */
@@ -117,8 +119,12 @@ export async function commitBatch(
       const record = { ...batch, size: counts.embedded + counts.skipped, tokens: counts.tokens };
       await recordBatch(trx, record, counts);
     }
+    const skippedByReason = new Map<string, number>();
+    for (const s of skipped)
+      skippedByReason.set(s.reason, (skippedByReason.get(s.reason) ?? 0) + 1);
     return {
       ...counts,
+      skippedByReason,
       gone: gone.length,
       blank: blank.length,
       unchanged: work.unchanged.filter((h) => settled.has(h.id)).length,

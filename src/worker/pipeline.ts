@@ -28,6 +28,7 @@ import { CircuitBreaker } from './breaker.js';
 import { ClaimKeyset } from './claim-keyset.js';
 import { type BatchWork, commitBatch } from './commit.js';
 import type { LatencyHistogram } from './latency.js';
+import { unobserved } from './observer.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
 import type { RunTotals } from './summary.js';
@@ -85,6 +86,7 @@ const FIRST_IDLE_MS = 50;
 export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult> {
   const { log, scope } = ctx;
   const { db, config } = ctx.deps;
+  const observer = ctx.deps.observer ?? unobserved;
   const limit = pLimit(config.concurrency);
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
   const gate = createRateGate(config);
@@ -132,12 +134,14 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     onAnswered: ({ tokens }) => {
       ctx.totals.tokensBilled += tokens;
       ctx.totals.requestsBilled += 1;
+      observer.billed(tokens);
     },
     retry: {
       maxRetries: config.maxRetries,
       maxRetryWaitMs: config.maxRetryWaitMs,
       signal: ctx.abortSignal,
       onRetry: ({ error, attempt, delayMs }) => {
+        observer.retried();
         if (error.status === 429) adaptive.onRateLimited();
         log.warn({ attempt, delay_ms: delayMs, err: error.message }, 'retrying request');
       },
@@ -161,6 +165,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     );
   };
 
+  observer.pipeline({
+    inFlight: () => inFlight.size,
+    concurrency: () => adaptive.current,
+    providerFailing: () => breaker.state !== 'closed',
+    rateBudgetSeconds: () => gate.budgetSeconds(),
+  });
   const keyset = config.watch ? undefined : new ClaimKeyset();
   let taken = 0;
   let lastPage = false;
@@ -275,6 +285,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     await Promise.all(inFlight);
   } finally {
     await Promise.allSettled(inFlight);
+    observer.pipeline(undefined);
   }
   return { taken, error: failure?.error };
 }
@@ -457,8 +468,10 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   const to = { db, scope, writer: ctx.deps.writer };
   const commitStart = performance.now();
   const committed = await ctx.dbRetry('commit a batch', () => commitBatch(to, batch, work));
-  ctx.commitLatency.record(performance.now() - commitStart);
+  const commitMs = performance.now() - commitStart;
+  ctx.commitLatency.record(commitMs);
   if (committed) {
+    (ctx.deps.observer ?? unobserved).committed(committed, commitMs / 1000);
     if (committed.embedded + committed.skipped > 0) {
       totals.batches += 1;
       totals.requests += outcome.attempts;

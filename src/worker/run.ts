@@ -29,6 +29,7 @@ import {
   touchRun,
 } from '../sql/runs.js';
 import { LatencyHistogram } from './latency.js';
+import type { RunObserver } from './observer.js';
 import { runPipeline } from './pipeline.js';
 import { readyQueue, scanReason, scanSource } from './ready-queue.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
@@ -51,6 +52,8 @@ export interface RunDeps {
   progressDisplay?: ProgressDisplay | undefined;
   /** --watch: how the run hears of changes (Database.watchChanges); without it, it polls. */
   watchChanges?: Database['watchChanges'];
+  /** Told of commits, answers and retries as they happen (the metrics); default nobody. */
+  observer?: RunObserver | undefined;
 }
 
 export interface RunOutcome {
