@@ -140,13 +140,21 @@ export async function recordBatch(
   batch: BatchRecord,
   counts: { embedded: number; skipped: number; truncated: number },
 ): Promise<void> {
+  // The batch's lock_timeout (beginBatchCommit) is for the queue rows an
+  // application's capture triggers may hold; the run's row is this run's
+  // alone, and its batches queue on it by design. Giving way there at 200 ms
+  // made 64 batches in flight redo their commits (300 retries for 750
+  // batches, a commit p99 of 11 s). So the wait is lifted first: the insert
+  // reads from `waits`, and the update's lock needs the insert's row.
   await sql`
-    with batch as (
+    with waits as (select set_config('lock_timeout', '0', true)),
+    batch as (
       insert into embedding_batches (run_id, batch_no, first_message_id, last_message_id, size,
         embedded, skipped, tokens, attempts, latency_ms)
-      values (${batch.runId}, ${batch.batchNo}, ${batch.firstMessageId}, ${batch.lastMessageId},
+      select ${batch.runId}, ${batch.batchNo}, ${batch.firstMessageId}, ${batch.lastMessageId},
         ${batch.size}, ${counts.embedded}, ${counts.skipped}, ${batch.tokens}, ${batch.attempts},
-        ${batch.latencyMs})
+        ${batch.latencyMs}
+      from waits
       returning run_id)
     update embedding_runs r set
       embedded = r.embedded + ${counts.embedded}, skipped = r.skipped + ${counts.skipped},
