@@ -187,6 +187,19 @@ export const SETTINGS = {
     kind: 'number',
     help: "USD per million tokens for --dry-run's estimate (default: the model's list price, if known)",
   },
+  maxTokens: {
+    env: 'PGEMBED_MAX_TOKENS',
+    flag: 'max-tokens',
+    kind: 'int',
+    min: 1,
+    help: 'spend budget in tokens billed: per run, or per UTC day for --watch (every run of the model that day); stop taking batches there, exit 3',
+  },
+  maxCostUsd: {
+    env: 'PGEMBED_MAX_COST_USD',
+    flag: 'max-cost-usd',
+    kind: 'number',
+    help: 'spend budget in USD at --price-per-m-tokens (or the model list price), counted as --max-tokens is',
+  },
   allowPartial: {
     env: 'PGEMBED_ALLOW_PARTIAL',
     flag: 'allow-partial',
@@ -440,6 +453,8 @@ export const EMBED_SETTINGS = [
   'maxRequestTokens',
   'dryRun',
   'pricePerMillionTokens',
+  'maxTokens',
+  'maxCostUsd',
   'allowPartial',
   'provider',
   'model',
@@ -468,6 +483,8 @@ export type EmbedConfig = Omit<
   readonly messageSource: MessageSource;
   /** maxInputTokens after the model's known limit is applied; undefined: rely on the provider. */
   readonly effectiveMaxInputTokens: number | undefined;
+  /** The spend budget in tokens billed (--max-tokens, --max-cost-usd); undefined: none. */
+  readonly budgetTokens: number | undefined;
 };
 
 /** The embed job's frozen config. Cross-setting checks live here, not in the CLI. */
@@ -490,7 +507,35 @@ export function buildEmbedConfig(flags: FlagValues, env: NodeJS.ProcessEnv): Emb
     ...target,
     messageSource,
     effectiveMaxInputTokens: settings.maxInputTokens ?? model?.maxInputTokens,
+    budgetTokens: budgetTokens(settings, model?.usdPerMillionTokens),
   });
+}
+
+/**
+ * The spend budget in tokens billed: the lower of --max-tokens and what
+ * --max-cost-usd buys at the price given or the model's list price.
+ */
+function budgetTokens(
+  settings: {
+    maxTokens: number | undefined;
+    maxCostUsd: number | undefined;
+    pricePerMillionTokens: number | undefined;
+  },
+  listPrice: number | undefined,
+): number | undefined {
+  const { maxTokens, maxCostUsd } = settings;
+  if (maxCostUsd === undefined) return maxTokens;
+  if (!(maxCostUsd > 0)) throw new ConfigError('--max-cost-usd must be more than 0');
+  const price = settings.pricePerMillionTokens ?? listPrice;
+  if (price === undefined) {
+    throw new ConfigError(
+      '--max-cost-usd needs a price: this model has no known list price; give --price-per-m-tokens (USD per million tokens)',
+    );
+  }
+  // A free model (the local one) has no cost to cap.
+  const byCost = price > 0 ? Math.floor((maxCostUsd / price) * 1_000_000) : undefined;
+  if (byCost === undefined) return maxTokens;
+  return maxTokens === undefined ? byCost : Math.min(maxTokens, byCost);
 }
 
 /**

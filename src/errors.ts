@@ -126,6 +126,16 @@ export class ProviderFailingError extends PgembedError {
   readonly code = 'PROVIDER_FAILING';
 }
 
+/**
+ * --max-tokens or --max-cost-usd was reached: no new batch is taken, the
+ * batches in flight commit, and the run ends with exit 3. The messages not
+ * embedded stay pending for a later run (or the next day, for a watcher).
+ */
+export class BudgetReachedError extends PgembedError {
+  readonly code = 'BUDGET';
+  override readonly exitCode = 3;
+}
+
 /** A signal stopped the run; exit 130 for SIGINT, 143 for SIGTERM. */
 export class InterruptedError extends PgembedError {
   readonly code = 'INTERRUPTED';

@@ -94,4 +94,19 @@ describe('configuration', () => {
     ).toThrow(/^--model text-embedding-3-small is not available with --provider local/);
     expect(() => buildEmbedConfig({ dimensions: '256' }, {})).toThrow(/^--dimensions 256/);
   });
+
+  it('turns --max-cost-usd into tokens at the model price, the lower of it and --max-tokens', () => {
+    // text-embedding-3-small: $0.02 a million tokens.
+    expect(buildEmbedConfig({ 'max-cost-usd': '0.01' }, base).budgetTokens).toBe(500_000);
+    expect(
+      buildEmbedConfig({ 'max-cost-usd': '0.01', 'max-tokens': '1000' }, base).budgetTokens,
+    ).toBe(1000);
+    expect(
+      buildEmbedConfig({ 'max-cost-usd': '1', 'price-per-m-tokens': '0.5' }, base).budgetTokens,
+    ).toBe(2_000_000);
+    expect(buildEmbedConfig({}, base).budgetTokens).toBeUndefined();
+    expect(() => buildEmbedConfig({ 'max-cost-usd': '1', model: 'my-own-model' }, base)).toThrow(
+      /^--max-cost-usd needs a price: .* give --price-per-m-tokens/,
+    );
+  });
 });

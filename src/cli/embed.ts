@@ -24,7 +24,8 @@ const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
   '  retries exhausted in strict mode, the provider failing 3 batches in a row, bad settings, database',
   '  unreachable or lost past --db-retry-ms); 2 finished with skips or deferred messages',
-  '  (--allow-partial); 130/143 SIGINT/SIGTERM (the way a --watch worker ends).',
+  '  (--allow-partial); 3 stopped at the spend budget (--max-tokens, --max-cost-usd); 130/143',
+  '  SIGINT/SIGTERM (the way a --watch worker ends).',
   '',
 ];
 

@@ -158,3 +158,19 @@ export async function skipsByReason(
   }
   return out;
 }
+
+/**
+ * Tokens billed today (UTC) by the model's other runs, as their rows say
+ * (a running one's lags by up to a heartbeat): a watcher's daily budget
+ * counts the whole fleet's spend. A run counts on the day it started.
+ */
+export async function billedTodayByOthers(
+  db: Kysely<DB>,
+  target: { provider: string; model: string; runId: string },
+): Promise<number> {
+  const { rows } = await sql<{ n: string }>`
+    select coalesce(sum(tokens_billed), 0)::text as n from embedding_runs
+    where provider = ${target.provider} and model = ${target.model} and id <> ${target.runId}
+      and started_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'`.execute(db);
+  return Number(rows[0]?.n ?? 0);
+}

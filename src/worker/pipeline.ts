@@ -1,5 +1,6 @@
 import pLimit, { type LimitFunction } from 'p-limit';
-import { asError, ProviderFailingError, StrictModeError } from '../errors.js';
+import type { EmbedConfig } from '../config.js';
+import { asError, BudgetReachedError, ProviderFailingError, StrictModeError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddedRow, SkippedRow } from '../sql/batches.js';
 import type { EligibleMessage } from '../sql/messages.js';
@@ -12,6 +13,7 @@ import {
   queueState,
   releaseRunClaims,
 } from '../sql/queue.js';
+import { billedTodayByOthers } from '../sql/runs.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
 import {
   type BatchOutcome,
@@ -25,6 +27,7 @@ import {
   sendBatch,
 } from './batch.js';
 import { CircuitBreaker } from './breaker.js';
+import { SpendBudget } from './budget.js';
 import { ClaimKeyset } from './claim-keyset.js';
 import { type BatchWork, commitBatch } from './commit.js';
 import type { LatencyHistogram } from './latency.js';
@@ -171,6 +174,10 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     providerFailing: () => breaker.state !== 'closed',
     rateBudgetSeconds: () => gate.budgetSeconds(),
   });
+  const budget =
+    config.budgetTokens === undefined
+      ? undefined
+      : new SpendBudget(config.budgetTokens, config.watch, () => billedTodayByOthers(db, scope));
   const keyset = config.watch ? undefined : new ClaimKeyset();
   let taken = 0;
   let lastPage = false;
@@ -193,6 +200,15 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
           await ctx.pause(breaker.pauseMs);
           if (ctx.stopped()) break;
           breaker.halfOpen();
+        }
+      }
+      if (budget) {
+        const spent = await ctx.dbRetry('read the spend', () =>
+          budget.spent(ctx.totals.tokensBilled),
+        );
+        if (spent >= budget.limitTokens) {
+          fail(batchNo + 1, budgetReached(config, spent, budget.limitTokens));
+          break;
         }
       }
       const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
@@ -516,6 +532,19 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   }
   // Already recorded if the provider's answer told; a pre-counted culprit is recorded here.
   if (firstFailure) recordFailure(seq, strictError(firstFailure), firstFailure.position);
+}
+
+function budgetReached(config: EmbedConfig, spent: number, limit: number): BudgetReachedError {
+  const how = [
+    config.maxTokens !== undefined ? `--max-tokens ${config.maxTokens}` : undefined,
+    config.maxCostUsd !== undefined ? `--max-cost-usd ${config.maxCostUsd}` : undefined,
+  ]
+    .filter(Boolean)
+    .join(', ');
+  const when = config.watch ? ' today (UTC), every run of this model counted' : ' by this run';
+  return new BudgetReachedError(
+    `spend budget reached: ${spent} tokens billed${when}, of ${limit} (${how}); nothing more is sent, and the messages not embedded stay pending`,
+  );
 }
 
 function minDefined(a: number | undefined, b: number | undefined): number | undefined {

@@ -5,7 +5,7 @@ import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
 import type { IdType } from '../db/source.js';
-import { asError, InterruptedError, oneLine, PgembedError } from '../errors.js';
+import { asError, BudgetReachedError, InterruptedError, oneLine, PgembedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { redactUrl } from '../redact.js';
@@ -329,7 +329,7 @@ export class EmbedRun {
       totals.deferred = Math.max(totals.deferred, left?.backingOff ?? 0);
     }
     const status = error
-      ? error instanceof InterruptedError
+      ? error instanceof InterruptedError || error instanceof BudgetReachedError
         ? 'interrupted'
         : 'failed'
       : totals.skipped > 0 || totals.deferred > 0 || skippedEarlier > 0
