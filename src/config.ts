@@ -179,7 +179,7 @@ export const SETTINGS = {
     flag: 'dry-run',
     kind: 'bool',
     default: false,
-    help: 'count eligible messages, tokens, requests and cost; write nothing, call no API',
+    help: 'embed: count eligible messages, tokens, requests and cost, call no API; prune: count what would go; either way write nothing',
   },
   pricePerMillionTokens: {
     env: 'PGEMBED_PRICE_PER_M_TOKENS',
@@ -285,6 +285,12 @@ export const SETTINGS = {
     kind: 'bool',
     default: true,
     help: 'apply pending migrations before embedding (--no-migrate to skip)',
+  },
+  pruneOlderThan: {
+    env: 'PGEMBED_PRUNE_OLDER_THAN',
+    flag: 'older-than',
+    kind: 'string',
+    help: 'prune: history older than this goes (30d, 12h, 90m); required',
   },
   json: {
     env: 'PGEMBED_JSON',
@@ -425,6 +431,27 @@ function parseValue(def: SettingDefinition, raw: string | boolean, source: strin
 
 /** Where the messages are: every command that reads them takes these. */
 export const SOURCE_SETTINGS = ['source', 'idColumn', 'textColumn'] as const;
+
+/** `prune`: the database, the source (a skip is kept while its message waits), the age. */
+export const PRUNE_SETTINGS = [
+  'databaseUrl',
+  ...SOURCE_SETTINGS,
+  'pruneOlderThan',
+  'dryRun',
+] as const satisfies readonly SettingName[];
+
+const DURATION_UNITS = { d: 'days', h: 'hours', m: 'minutes', s: 'seconds' } as const;
+
+/** `30d` → `30 days`: a Postgres interval; anything else is a one-line ConfigError. */
+export function parseAge(text: string | undefined): string {
+  const match = /^(\d+)([dhms])$/.exec(text?.trim() ?? '');
+  if (!match) {
+    throw new ConfigError(
+      `--older-than ${text === undefined ? 'is required' : `'${text}' is not an age`}: give a whole number and a unit, d, h, m or s (30d, 12h)`,
+    );
+  }
+  return `${match[1]} ${DURATION_UNITS[match[2] as keyof typeof DURATION_UNITS]}`;
+}
 
 /** How a source's changes are captured: set by `migrate` and by `embed`. */
 export const CAPTURE_SETTINGS = ['triggers'] as const;

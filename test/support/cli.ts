@@ -4,7 +4,15 @@ import { fileURLToPath } from 'node:url';
 import { inject } from 'vitest';
 import { SETTINGS } from '../../src/config.js';
 
-export type CliScript = 'embed' | 'seed' | 'migrate' | 'status' | 'search' | 'index' | 'demo';
+export type CliScript =
+  | 'embed'
+  | 'seed'
+  | 'migrate'
+  | 'status'
+  | 'search'
+  | 'index'
+  | 'demo'
+  | 'prune';
 
 export interface CliResult {
   /** Exit code, or null when a signal killed the process. */
