@@ -3,7 +3,7 @@ import { openDatabase } from '../db/connect.js';
 import { requireMigrated } from '../db/embedding-column.js';
 import { parseSource } from '../db/source.js';
 import { formatStatus } from '../report/status.js';
-import { coverage, latestRuns, queueDepth } from '../sql/status.js';
+import { budgets, coverage, latestRuns, queueDepth } from '../sql/status.js';
 import { helpText, parseFlags } from './args.js';
 import { runCli } from './main.js';
 
@@ -23,6 +23,7 @@ await runCli(async (argv) => {
     const report = {
       coverage: await coverage(database.db, source),
       queue: await queueDepth(database.db),
+      budgets: await budgets(database.db),
       runs: await latestRuns(database.db, settings.statusRuns),
     };
     process.stdout.write(

@@ -1,9 +1,10 @@
-import type { CoverageRow, QueueRow, RunStatusRow } from '../sql/status.js';
+import type { BudgetRow, CoverageRow, QueueRow, RunStatusRow } from '../sql/status.js';
 import { terminalSafe as safe } from './terminal-safe.js';
 
 export interface StatusReport {
   coverage: CoverageRow[];
   queue: QueueRow[];
+  budgets: BudgetRow[];
   runs: RunStatusRow[];
 }
 
@@ -26,7 +27,7 @@ export function formatStatus(report: StatusReport): string {
   for (const c of report.coverage) {
     const percent = c.eligible ? ((100 * c.upToDate) / c.eligible).toFixed(1) : '100.0';
     lines.push(
-      `  ${safe(c.provider)}/${safe(c.model)}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}`,
+      `  ${safe(c.provider)}/${safe(c.model)}: ${n(c.upToDate)} / ${n(c.eligible)} (${percent}%), stale ${n(c.stale)}, missing ${n(c.missing)}${c.orphans ? `, orphans ${n(c.orphans)} (of deleted messages; a --reconcile run removes them)` : ''}`,
     );
   }
   if (report.queue.length > 0) {
@@ -39,6 +40,16 @@ export function formatStatus(report: StatusReport): string {
         `  ${safe(q.provider)}/${safe(q.model)}: ${n(q.pending)} pending (${n(q.claimed)} claimed${backoff}), ${lag}${scan}`,
       );
       if (q.lastError) lines.push(`    last error: ${safe(q.lastError)}`);
+    }
+  }
+  if (report.budgets.length > 0) {
+    lines.push('', 'spend budget (the latest run of each model that set one):');
+    for (const b of report.budgets) {
+      const left = Math.max(b.budgetTokens - b.spentTokens, 0);
+      const against = b.perDay ? 'today (UTC), every run of the model' : `by run ${b.runId}`;
+      lines.push(
+        `  ${safe(b.provider)}/${safe(b.model)}: ${n(b.spentTokens)} of ${n(b.budgetTokens)} tokens billed ${against}, ${n(left)} left`,
+      );
     }
   }
   lines.push('', 'runs (latest first):');

@@ -33,6 +33,20 @@ export interface CoverageRow {
   stale: number;
   /** Eligible messages with no embedding at all for this model. */
   missing: number;
+  /** Embeddings of messages that no longer exist (a --reconcile run removes them). */
+  orphans: number;
+}
+
+export interface BudgetRow {
+  provider: string;
+  model: string;
+  /** The latest run of the model that set a spend budget. */
+  runId: string;
+  /** A watcher's budget is the UTC day's, every run of the model counted. */
+  perDay: boolean;
+  budgetTokens: number;
+  /** Billed against it: by the run, or today by every run of the model. */
+  spentTokens: number;
 }
 
 /** The latest runs, as the progress view shows them, with their skips by reason. */
@@ -69,13 +83,15 @@ export async function coverage(db: Kysely<DB>, source: MessageSource): Promise<C
                       where m.content ~ '\\S'),
     per_model as (
       select e.provider, e.model,
-        count(*) filter (where e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))::int as up_to_date,
-        count(*) filter (where e.content_sha256 <> sha256(convert_to(m.content, 'UTF8')))::int as stale
-      from message_embeddings e join ${sourceRelation(source)} m on m.id = e.message_id
-      where m.content ~ '\\S'
+        count(*) filter (where m.content ~ '\\S'
+          and e.content_sha256 = sha256(convert_to(m.content, 'UTF8')))::int as up_to_date,
+        count(*) filter (where m.content ~ '\\S'
+          and e.content_sha256 <> sha256(convert_to(m.content, 'UTF8')))::int as stale,
+        count(*) filter (where m.id is null)::int as orphans
+      from message_embeddings e left join ${sourceRelation(source)} m on m.id = e.message_id
       group by 1, 2)
     select p.provider, p.model, eligible.n as eligible, p.up_to_date as "upToDate", p.stale,
-      greatest(eligible.n - p.up_to_date - p.stale, 0) as missing
+      greatest(eligible.n - p.up_to_date - p.stale, 0) as missing, p.orphans
     from per_model p, eligible
     order by p.provider, p.model`.execute(db);
   return rows;
@@ -108,5 +124,25 @@ export async function queueDepth(db: Kysely<DB>): Promise<QueueRow[]> {
        order by q.changed_at desc limit 1) as "lastError",
       s.backfilled_at is not null as backfilled
     from embedding_queue_status s order by s.provider, s.model`.execute(db);
+  return rows;
+}
+
+/**
+ * Per (provider, model), the latest run that set a spend budget, and what
+ * is billed against it: the run's own, or for a watcher the UTC day's by
+ * every run of the model (as the worker counts it; src/worker/budget.ts).
+ */
+export async function budgets(db: Kysely<DB>): Promise<BudgetRow[]> {
+  const { rows } = await sql<BudgetRow>`
+    select distinct on (r.provider, r.model) r.provider, r.model, r.id::text as "runId",
+      r.watch as "perDay", (r.options->>'budget_tokens')::float8 as "budgetTokens",
+      (case when r.watch then
+        (select coalesce(sum(o.tokens_billed), 0) from embedding_runs o
+         where o.provider = r.provider and o.model = r.model
+           and o.started_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC')
+       else r.tokens_billed end)::float8 as "spentTokens"
+    from embedding_runs r
+    where jsonb_typeof(r.options->'budget_tokens') = 'number'
+    order by r.provider, r.model, r.id desc`.execute(db);
   return rows;
 }

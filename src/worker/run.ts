@@ -416,5 +416,7 @@ function runOptions(config: EmbedConfig): Record<string, unknown> {
     watch: config.watch,
     triggers: config.triggers,
     base_url: config.openaiBaseUrl ? redactUrl(config.openaiBaseUrl) : null,
+    // status shows what is left of it.
+    budget_tokens: config.budgetTokens ?? null,
   };
 }

@@ -1,10 +1,12 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openDatabase } from '../../src/db/connect.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { runCli } from '../support/cli.js';
 import { backends, createTestDatabase, type TestDatabase } from '../support/db.js';
 import { sampleTexts, seedMessages } from '../support/embed-run.js';
 import { type FakeOpenAI, startFakeOpenAI } from '../support/fake-openai.js';
+import { insertEmbeddings } from '../support/queue-fixture.js';
 
 describe.each(backends())('status and search on %s', (backend) => {
   let database: TestDatabase;
@@ -25,12 +27,20 @@ describe.each(backends())('status and search on %s', (backend) => {
     } finally {
       await db.close();
     }
-    const embedded = await runCli('embed', ['--limit', '20'], env());
+    const embedded = await runCli('embed', ['--limit', '20', '--max-tokens', '1000000'], env());
     expect(embedded.code, embedded.stderr).toBe(0);
     // One embedded message is edited afterwards: its embedding is stale.
     const edit = await openDatabase(database.url);
     try {
       await sql`update messages set content = 'an edited note' where id = 2`.execute(edit.db);
+      // An embedding of a message that is gone, as a source without triggers
+      // (a view, --no-triggers) leaves one until a --reconcile scan.
+      await insertEmbeddings(
+        edit.db,
+        await readEmbeddingColumnType(edit.db),
+        { provider: 'openai', model: 'text-embedding-3-small' },
+        [999],
+      );
     } finally {
       await edit.close();
     }
@@ -47,8 +57,9 @@ describe.each(backends())('status and search on %s', (backend) => {
       coverage: Array<Record<string, unknown>>;
       runs: Array<Record<string, unknown>>;
       queue: Array<Record<string, unknown>>;
+      budgets: Array<Record<string, unknown>>;
     };
-    // 29 non-blank messages; 20 embedded, one of them since edited.
+    // 29 non-blank messages; 20 embedded, one of them since edited; one orphan.
     expect(report.coverage).toEqual([
       {
         provider: 'openai',
@@ -57,8 +68,20 @@ describe.each(backends())('status and search on %s', (backend) => {
         upToDate: 19,
         stale: 1,
         missing: 9,
+        orphans: 1,
       },
     ]);
+    expect(report.budgets).toEqual([
+      {
+        provider: 'openai',
+        model: 'text-embedding-3-small',
+        runId: report.runs[0]?.runId,
+        perDay: false,
+        budgetTokens: 1_000_000,
+        spentTokens: expect.any(Number),
+      },
+    ]);
+    expect(report.budgets[0]?.spentTokens).toBeGreaterThan(0);
     expect(report.runs).toHaveLength(1);
     expect(report.runs[0]).toMatchObject({ status: 'succeeded', embedded: 20, skipped: 0 });
     // The --limit left 9 messages in the queue, and the edit queued one more.
@@ -78,7 +101,10 @@ describe.each(backends())('status and search on %s', (backend) => {
     const text = await runCli('status', [], { DATABASE_URL: database.url });
     expect(text.code, text.stderr).toBe(0);
     expect(text.stdout).toContain(
-      'openai/text-embedding-3-small: 19 / 29 (65.5%), stale 1, missing 9',
+      'openai/text-embedding-3-small: 19 / 29 (65.5%), stale 1, missing 9, orphans 1 (of deleted messages; a --reconcile run removes them)\n',
+    );
+    expect(text.stdout).toMatch(
+      /spend budget \(the latest run of each model that set one\):\n {2}openai\/text-embedding-3-small: \d+ of 1,000,000 tokens billed by run \d+, [\d,]+ left\n/,
     );
     expect(text.stdout).toMatch(/run \d+ succeeded +openai\/text-embedding-3-small: embedded 20/);
     expect(text.stdout).toMatch(

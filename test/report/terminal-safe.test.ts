@@ -38,7 +38,15 @@ describe('terminalSafe', () => {
     const hostile = 'x\x1b]0;pwned\x07\x1b[2J\u202e';
     const text = formatStatus({
       coverage: [
-        { provider: hostile, model: hostile, eligible: 1, upToDate: 1, stale: 0, missing: 0 },
+        {
+          provider: hostile,
+          model: hostile,
+          eligible: 1,
+          upToDate: 1,
+          stale: 0,
+          missing: 0,
+          orphans: 0,
+        },
       ],
       queue: [
         {
@@ -50,6 +58,16 @@ describe('terminalSafe', () => {
           lagSeconds: 3,
           lastError: hostile,
           backfilled: true,
+        },
+      ],
+      budgets: [
+        {
+          provider: hostile,
+          model: hostile,
+          runId: '1',
+          perDay: false,
+          budgetTokens: 10,
+          spentTokens: 4,
         },
       ],
       runs: [
