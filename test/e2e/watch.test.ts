@@ -1,11 +1,11 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { type Kysely, type RawBuilder, sql } from 'kysely';
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
 import { openDatabase } from '../../src/db/connect.js';
 import type { DB } from '../../src/db/schema.js';
 import { parseVector } from '../../src/db/vector.js';
-import { isLog, type RunningCli, repoRoot, startCli } from '../support/cli.js';
+import { isLog, type RunningCli, repoRoot, startCli, startNode } from '../support/cli.js';
 import { createTestDatabase } from '../support/db.js';
 import { useWorkerFixture, waitFor } from '../support/embed-run.js';
 import { type FakeOpenAI, fakeEmbedding, startFakeOpenAI } from '../support/fake-openai.js';
@@ -103,78 +103,32 @@ function startWriter(options: {
   transactions: number;
   pauseAt?: number;
 }): Writer {
-  const child = spawn(
-    process.execPath,
+  const running = startNode(
+    'the writer',
     ['--import', import.meta.resolve('tsx'), join(repoRoot, 'test', 'support', 'writer.ts')],
     {
-      cwd: repoRoot,
-      env: {
-        PATH: process.env.PATH ?? '/usr/bin:/bin',
-        HOME: process.env.HOME ?? '/tmp',
-        DATABASE_URL: options.url,
-        WRITER_SEED: String(options.seed),
-        WRITER_TRANSACTIONS: String(options.transactions),
-        WRITER_PAUSE_AT: String(options.pauseAt ?? -1),
-      },
-      stdio: ['pipe', 'pipe', 'pipe'],
+      DATABASE_URL: options.url,
+      WRITER_SEED: String(options.seed),
+      WRITER_TRANSACTIONS: String(options.transactions),
+      WRITER_PAUSE_AT: String(options.pauseAt ?? -1),
     },
+    { timeoutMs: CHILD_TIMEOUT_MS, stdin: true },
   );
-  let stdout = '';
-  let stderr = '';
-  const events: Record<string, unknown>[] = [];
-  const waiters = new Set<() => void>();
-  let partial = '';
-  child.stdout?.setEncoding('utf8');
-  child.stderr?.setEncoding('utf8');
-  child.stdout?.on('data', (chunk: string) => {
-    stdout += chunk;
-    const parts = (partial + chunk).split('\n');
-    partial = parts.pop() ?? '';
-    for (const line of parts) {
-      if (line.startsWith('{')) events.push(JSON.parse(line) as Record<string, unknown>);
-    }
-    for (const waiter of [...waiters]) waiter();
-  });
-  child.stderr?.on('data', (chunk: string) => {
-    stderr += chunk;
-  });
-  const result = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>(
-    (resolve, reject) => {
-      const timer = setTimeout(() => {
-        child.kill('SIGKILL');
-        reject(new Error(`writer still running after ${CHILD_TIMEOUT_MS} ms\n${stderr}`));
-      }, CHILD_TIMEOUT_MS);
-      child.on('error', reject);
-      child.on('close', (code, signal) => {
-        clearTimeout(timer);
-        for (const waiter of [...waiters]) waiter();
-        resolve({ code, signal });
-      });
-    },
-  );
-  void result.catch(() => {});
-  const line = (match: (event: Record<string, unknown>) => boolean) =>
-    new Promise<Record<string, unknown>>((resolve, reject) => {
-      const look = () => {
-        const found = events.find(match);
-        if (found) {
-          waiters.delete(look);
-          resolve(found);
-        } else if (child.exitCode !== null || child.signalCode !== null) {
-          waiters.delete(look);
-          reject(new Error(`the writer exited first\nstdout:\n${stdout}\nstderr:\n${stderr}`));
-        }
-      };
-      waiters.add(look);
-      look();
-    });
+  void running.result.catch(() => {});
+  const line = async (match: (event: Record<string, unknown>) => boolean) =>
+    JSON.parse(
+      await running.waitForStdoutLine(
+        (text) => text.startsWith('{') && match(JSON.parse(text) as Record<string, unknown>),
+        CHILD_TIMEOUT_MS,
+      ),
+    ) as Record<string, unknown>;
   const writer: Writer = {
-    child,
-    result,
+    child: running.child,
+    result: running.result,
     line,
-    resume: () => child.stdin?.write('go\n'),
+    resume: () => running.child.stdin?.write('go\n'),
     async report() {
-      const { code } = await result;
+      const { code, stderr } = await running.result;
       expect(code, `writer failed:\n${stderr}`).toBe(0);
       return (await line((event) => event.event === 'done')) as unknown as WriterReport;
     },

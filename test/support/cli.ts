@@ -80,10 +80,24 @@ export function startCli(
   const argv = built
     ? [join(built, 'src', 'cli', `${script}.js`)]
     : ['--import', import.meta.resolve('tsx'), join(repoRoot, 'src', 'cli', `${script}.ts`)];
-  const child = spawn(process.execPath, [...argv, ...args], {
+  return startNode(`${script} ${args.join(' ')}`, [...argv, ...args], env, options);
+}
+
+/**
+ * Any node program of the repository as a child (a CLI, the test writer),
+ * with the CLI's environment rules, its stdout read line by line, and a
+ * deadline. `stdin: true` keeps a pipe open to write to it.
+ */
+export function startNode(
+  label: string,
+  argv: string[],
+  env: Record<string, string>,
+  options: CliOptions & { stdin?: boolean } = {},
+): RunningCli {
+  const child = spawn(process.execPath, argv, {
     cwd: options.cwd ?? repoRoot,
     env: childEnv(env),
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: [options.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
   });
   let stdout = '';
   let stderr = '';
@@ -115,7 +129,7 @@ export function startCli(
       child.kill('SIGKILL');
       reject(
         new Error(
-          `${script} ${args.join(' ')} still running after ${timeoutMs} ms\nstdout:\n${stdout}\nstderr:\n${stderr}`,
+          `${label} still running after ${timeoutMs} ms\nstdout:\n${stdout}\nstderr:\n${stderr}`,
         ),
       );
     }, timeoutMs);
@@ -138,7 +152,7 @@ export function startCli(
   });
 
   const exitedEarly = () =>
-    new Error(`${script} exited before the expected line\nstdout:\n${stdout}\nstderr:\n${stderr}`);
+    new Error(`${label} exited before the expected line\nstdout:\n${stdout}\nstderr:\n${stderr}`);
   const waitForStdoutLine = (match: (line: string) => boolean, timeoutMs = 30_000) =>
     new Promise<string>((resolve, reject) => {
       const seen = lines.find(match);
