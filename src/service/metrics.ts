@@ -1,6 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { RequestRecord } from '../provider/observed.js';
-import type { PipelineLive, RunObserver } from '../worker/observer.js';
+import type { KeptCounts, PipelineLive, RunObserver } from '../worker/observer.js';
 
 /** The queue's figures for the worker's target, read at each scrape. */
 export interface QueueFigures {
@@ -179,15 +179,7 @@ export class WorkerMetrics implements RunObserver {
     return this.#live?.providerFailing() ?? false;
   }
 
-  committed(
-    kept: {
-      embedded: number;
-      truncated: number;
-      tokens: number;
-      skippedByReason: Map<string, number>;
-    },
-    seconds: number,
-  ): void {
+  committed(kept: KeptCounts, seconds: number): void {
     this.#embedded.inc(this.#labels, kept.embedded);
     this.#truncated.inc(this.#labels, kept.truncated);
     this.#tokensKept.inc(this.#labels, kept.tokens);

@@ -5,21 +5,21 @@
  */
 export interface RunObserver {
   /** A batch committed: what it kept, and how long the commit took. */
-  committed(
-    kept: {
-      embedded: number;
-      truncated: number;
-      tokens: number;
-      skippedByReason: Map<string, number>;
-    },
-    seconds: number,
-  ): void;
+  committed(kept: KeptCounts, seconds: number): void;
   /** The provider answered a request (HTTP 200), kept or not: what it bills. */
   billed(tokens: number): void;
   /** A failed attempt is tried again after a wait. */
   retried(): void;
   /** The pipeline's live figures, read when they are shown. */
   pipeline(live: PipelineLive | undefined): void;
+}
+
+/** What one batch's commit kept. */
+export interface KeptCounts {
+  embedded: number;
+  truncated: number;
+  tokens: number;
+  skippedByReason: Map<string, number>;
 }
 
 export interface PipelineLive {

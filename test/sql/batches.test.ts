@@ -1,28 +1,18 @@
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Database } from '../../src/db/connect.js';
+import { describe, expect, it } from 'vitest';
 import { beginBatchCommit, recordBatch } from '../../src/sql/batches.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends, useMigratedDatabase } from '../support/db.js';
 
 // Two sessions, one holding the run's row: a Postgres server only (PGlite has one).
 const serverOnly = backends().includes('postgres');
 
 describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
-  let target: TestDatabase;
-  let database: Database;
-  beforeAll(async () => {
-    target = await createTestDatabase('postgres');
-    database = await openMigrated(target.url);
-  });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
+  const db = useMigratedDatabase('postgres');
 
   it("waits for the run's row, however short the batch's lock_timeout", async () => {
     const { rows } = await sql<{ id: string }>`
       insert into embedding_runs (provider, model, host, pid) values ('p', 'm', 'h', 1)
-      returning id::text`.execute(database.db);
+      returning id::text`.execute(db().db);
     const runId = rows[0]!.id;
     const batch = {
       runId,
@@ -46,23 +36,27 @@ describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
     const held = new Promise<void>((resolve) => {
       holding = resolve;
     });
-    const holder = database.db.transaction().execute(async (trx) => {
-      await sql`select 1 from embedding_runs where id = ${runId} for update`.execute(trx);
-      holding();
-      await holderReleased;
-    });
+    const holder = db()
+      .db.transaction()
+      .execute(async (trx) => {
+        await sql`select 1 from embedding_runs where id = ${runId} for update`.execute(trx);
+        holding();
+        await holderReleased;
+      });
     await held;
-    const recording = database.db.transaction().execute(async (trx) => {
-      // 1 ms: were it still in force at the row, the wait would fail at once.
-      await beginBatchCommit(trx, batch, '1ms');
-      await recordBatch(trx, batch, { embedded: 7, skipped: 1, truncated: 0 });
-    });
+    const recording = db()
+      .db.transaction()
+      .execute(async (trx) => {
+        // 1 ms: were it still in force at the row, the wait would fail at once.
+        await beginBatchCommit(trx, batch, '1ms');
+        await recordBatch(trx, batch, { embedded: 7, skipped: 1, truncated: 0 });
+      });
     // Seen waiting on the row (a counted condition), or failed: then it gave way.
     const waiting = async () => {
       for (;;) {
         const { rows: waiters } = await sql<{ n: number }>`
           select count(*)::int as n from pg_stat_activity
-          where datname = current_database() and wait_event_type = 'Lock'`.execute(database.db);
+          where datname = current_database() and wait_event_type = 'Lock'`.execute(db().db);
         if ((waiters[0]?.n ?? 0) > 0) return;
         await new Promise((resolve) => setTimeout(resolve, 10));
       }
@@ -79,8 +73,8 @@ describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
       await holder;
     }
     await recording;
-    const run = await database.db
-      .selectFrom('embedding_runs')
+    const run = await db()
+      .db.selectFrom('embedding_runs')
       .select(['embedded', 'skipped', 'batches', 'requests', 'retries'])
       .where('id', '=', runId)
       .executeTakeFirstOrThrow();

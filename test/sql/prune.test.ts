@@ -1,26 +1,16 @@
 import { sql } from 'kysely';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Database } from '../../src/db/connect.js';
+import { describe, expect, it } from 'vitest';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/source.js';
 import { pruneHistory } from '../../src/sql/prune.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends, useMigratedDatabase } from '../support/db.js';
 import { insertEmbeddings, sha256 } from '../support/queue-fixture.js';
 
 const A = { provider: 'openai', model: 'a' };
 const B = { provider: 'openai', model: 'b' };
 
 describe.each(backends())('pruning history on %s', (backend) => {
-  let target: TestDatabase;
-  let database: Database;
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-  });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
+  const db = useMigratedDatabase(backend);
 
   async function run(model: typeof A, status: string, daysAgo: number): Promise<string> {
     const { rows } = await sql<{ id: string }>`
@@ -28,35 +18,35 @@ describe.each(backends())('pruning history on %s', (backend) => {
       values (${model.provider}, ${model.model}, 'h', 1, ${status},
         now() - ${`${daysAgo} days`}::interval, now() - ${`${daysAgo} days`}::interval,
         ${status === 'running' ? null : sql`now() - ${`${daysAgo} days`}::interval`})
-      returning id::text`.execute(database.db);
+      returning id::text`.execute(db().db);
     return rows[0]!.id;
   }
   async function batch(runId: string, batchNo: number, daysAgo: number): Promise<void> {
     await sql`insert into embedding_batches (run_id, batch_no, first_message_id, last_message_id,
         size, embedded, skipped, tokens, attempts, latency_ms, committed_at)
       values (${runId}, ${batchNo}, 1, 4, 4, 4, 0, 40, 1, 5,
-        now() - ${`${daysAgo} days`}::interval)`.execute(database.db);
+        now() - ${`${daysAgo} days`}::interval)`.execute(db().db);
   }
   async function skip(runId: string, id: number, text: string, daysAgo: number): Promise<void> {
     await sql`insert into embedding_skips (run_id, provider, model, message_id, reason, detail,
         created_at, content_sha256)
       values (${runId}, ${A.provider}, ${A.model}, ${id}, 'context_length', 'too long',
-        now() - ${`${daysAgo} days`}::interval, ${sha256(text)})`.execute(database.db);
+        now() - ${`${daysAgo} days`}::interval, ${sha256(text)})`.execute(db().db);
   }
   const ids = async (table: 'embedding_runs' | 'embedding_skips') =>
     (
       await sql<{
         id: string;
       }>`select ${sql.raw(table === 'embedding_runs' ? 'id' : 'message_id')}::text as id
-        from ${sql.table(table)} order by 1`.execute(database.db)
+        from ${sql.table(table)} order by 1`.execute(db().db)
     ).rows.map((r) => r.id);
 
   it('removes old runs, batches and skips, and keeps what is still needed; a rollback keeps all', async () => {
     await sql`insert into messages (id, content) values
-      (1, 'one'), (2, 'two'), (3, 'three now')`.execute(database.db);
-    const columnType = await readEmbeddingColumnType(database.db);
+      (1, 'one'), (2, 'two'), (3, 'three now')`.execute(db().db);
+    const columnType = await readEmbeddingColumnType(db().db);
     // Message 2 was embedded since it was skipped; 1 still was not.
-    await insertEmbeddings(database.db, columnType, A, [2], () => 'two');
+    await insertEmbeddings(db().db, columnType, A, [2], () => 'two');
     const kept = await run(A, 'partial', 40); // holds the skip of 1: still relevant
     const embeddedSince = await run(A, 'partial', 40);
     const editedSince = await run(A, 'partial', 40);
@@ -69,8 +59,8 @@ describe.each(backends())('pruning history on %s', (backend) => {
     await batch(latestOfA, 2, 1);
 
     // In a transaction rolled back, as --dry-run does: the same counts, nothing gone.
-    const dry = await database.db
-      .transaction()
+    const dry = await db()
+      .db.transaction()
       .execute(async (trx) => {
         const counts = await pruneHistory(trx, DEFAULT_SOURCE, '30 days');
         throw Object.assign(new Error('roll back'), { counts });
@@ -78,7 +68,7 @@ describe.each(backends())('pruning history on %s', (backend) => {
       .catch((error: { counts: unknown }) => error.counts);
     expect(await ids('embedding_runs')).toHaveLength(5);
 
-    const pruned = await pruneHistory(database.db, DEFAULT_SOURCE, '30 days');
+    const pruned = await pruneHistory(db().db, DEFAULT_SOURCE, '30 days');
     expect(pruned).toEqual({ runs: 2, batches: 4, skips: 2, skipsKept: 1 });
     expect(dry).toEqual(pruned);
     expect(await ids('embedding_runs')).toEqual(
@@ -86,11 +76,11 @@ describe.each(backends())('pruning history on %s', (backend) => {
     );
     expect(await ids('embedding_skips')).toEqual(['1']);
     const batches = await sql<{ run: string; no: number }>`
-      select run_id::text as run, batch_no as no from embedding_batches`.execute(database.db);
+      select run_id::text as run, batch_no as no from embedding_batches`.execute(db().db);
     // Only the batch younger than the cutoff, of the model's latest run.
     expect(batches.rows).toEqual([{ run: latestOfA, no: 2 }]);
     // A second prune finds nothing more.
-    expect(await pruneHistory(database.db, DEFAULT_SOURCE, '30 days')).toEqual({
+    expect(await pruneHistory(db().db, DEFAULT_SOURCE, '30 days')).toEqual({
       runs: 0,
       batches: 0,
       skips: 0,

@@ -3,7 +3,7 @@ import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
-import { inject } from 'vitest';
+import { afterAll, beforeAll, inject } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
 
@@ -75,4 +75,25 @@ export async function openMigrated(url: string): Promise<Database> {
     throw error;
   }
   return database;
+}
+
+/**
+ * A migrated test database for the whole file (describe block): made
+ * before its tests, closed and dropped after them. Returns its accessor.
+ */
+export function useMigratedDatabase(backend: BackendName): () => Database {
+  let target: TestDatabase | undefined;
+  let database: Database | undefined;
+  beforeAll(async () => {
+    target = await createTestDatabase(backend);
+    database = await openMigrated(target.url);
+  });
+  afterAll(async () => {
+    await database?.close();
+    await target?.drop();
+  });
+  return () => {
+    if (!database) throw new Error('useMigratedDatabase: used outside its tests');
+    return database;
+  };
 }

@@ -1,27 +1,16 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Database } from '../../src/db/connect.js';
+import { describe, expect, it } from 'vitest';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/source.js';
 import { claimBatch } from '../../src/sql/queue.js';
 import { ClaimKeyset } from '../../src/worker/claim-keyset.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends, useMigratedDatabase } from '../support/db.js';
 import { QueueFixture } from '../support/queue-fixture.js';
 
 describe.each(backends())('the claim keyset over the queue on %s', (backend) => {
-  let target: TestDatabase;
-  let database: Database;
-
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-  });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
+  const database = useMigratedDatabase(backend);
 
   it('finds a lower id that appears behind it while a stream of new ids goes on', async () => {
-    const db = database.db;
+    const db = database().db;
     const f = new QueueFixture(db, await readEmbeddingColumnType(db), DEFAULT_SOURCE, 'bigint');
     const scope = await f.scope({ provider: 'openai', model: 'keyset' });
     const insert = (id: number) => f.messages([[id, `message ${id}`]]);
