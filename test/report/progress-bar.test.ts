@@ -7,6 +7,7 @@ import type { EmbeddingProvider } from '../../src/provider/client.js';
 import { openAIProviderFor } from '../../src/provider/create.js';
 import { type ProgressDisplay, terminalProgressBar } from '../../src/report/progress-bar.js';
 import { EmbedRun } from '../../src/worker/run.js';
+import { deferred } from '../support/deferred.js';
 import { makeRun, sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
 
 /** A stream that says it is a terminal, recording what is drawn on it. */
@@ -45,14 +46,6 @@ function recordingTerminal() {
 const SAVE_CURSOR = '\x1B7';
 const RESTORE_CURSOR = '\x1B8';
 const WRAP_OFF = '\x1B[?7l';
-
-function deferred() {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
-}
 
 describe('the progress display', () => {
   afterEach(() => {

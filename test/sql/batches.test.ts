@@ -2,6 +2,7 @@ import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { beginBatchCommit, recordBatch } from '../../src/sql/batches.js';
 import { backends, useMigratedDatabase } from '../support/db.js';
+import { deferred } from '../support/deferred.js';
 
 // Two sessions, one holding the run's row: a Postgres server only (PGlite has one).
 const serverOnly = backends().includes('postgres');
@@ -28,22 +29,16 @@ describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
       latencyMs: 5,
     };
     // Another of the run's batches, mid-commit, holds the row.
-    let releaseHolder = () => {};
-    const holderReleased = new Promise<void>((resolve) => {
-      releaseHolder = resolve;
-    });
-    let holding = () => {};
-    const held = new Promise<void>((resolve) => {
-      holding = resolve;
-    });
+    const holderReleased = deferred();
+    const held = deferred();
     const holder = db()
       .db.transaction()
       .execute(async (trx) => {
         await sql`select 1 from embedding_runs where id = ${runId} for update`.execute(trx);
-        holding();
-        await holderReleased;
+        held.resolve();
+        await holderReleased.promise;
       });
-    await held;
+    await held.promise;
     const recording = db()
       .db.transaction()
       .execute(async (trx) => {
@@ -69,7 +64,7 @@ describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
         }),
       ]);
     } finally {
-      releaseHolder();
+      holderReleased.resolve();
       await holder;
     }
     await recording;

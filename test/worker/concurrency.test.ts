@@ -4,6 +4,7 @@ import type { FlagValues } from '../../src/config.js';
 import { tokenCount } from '../../src/provider/tokens.js';
 import type { RateGateClock, RateGateOptions } from '../../src/worker/rate-gate.js';
 import { backends } from '../support/db.js';
+import { deferred } from '../support/deferred.js';
 import {
   makeRun,
   sampleTexts,
@@ -133,17 +134,11 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
       // Every batch's commit waits at its fence (the lock of its own queue
       // rows, before the run's row is touched) until released.
       let committing = 0;
-      let allHeld = () => {};
-      const threeHeld = new Promise<void>((resolve) => {
-        allHeld = resolve;
-      });
-      let release = () => {};
-      const released = new Promise<void>((resolve) => {
-        release = resolve;
-      });
+      const threeHeld = deferred();
+      const released = deferred();
       const hold = queryHook(rawSqlIncludes('order by q.message_id for update'), async (result) => {
-        if (++committing === 3) allHeld();
-        await released;
+        if (++committing === 3) threeHeld.resolve();
+        await released.promise;
         return result;
       });
       const finished = makeRun(
@@ -151,7 +146,7 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
         { concurrency: '1', 'batch-size': '4' },
       ).run.run();
       // With one send slot, batches 2 and 3 went out while 1 and 2 committed.
-      await threeHeld;
+      await threeHeld.promise;
       expect(fx.fake.stats.requests).toBe(3);
       // And no fourth claimed: three batches committing fill the reader's room.
       const claimed = await fx.database.db
@@ -160,7 +155,7 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
         .where('claimed_by', 'is not', null)
         .executeTakeFirstOrThrow();
       expect(Number(claimed.n)).toBe(12);
-      release();
+      released.resolve();
       expect((await finished).summary).toMatchObject({ status: 'succeeded', embedded: 20 });
     },
   );

@@ -10,6 +10,7 @@ import type { EmbeddingProvider, EmbedResult } from '../../src/provider/client.j
 import { openAIProviderFor } from '../../src/provider/create.js';
 import { EmbedRun } from '../../src/worker/run.js';
 import { backends } from '../support/db.js';
+import { deferred } from '../support/deferred.js';
 import { sampleTexts, seedMessages, useWorkerFixture } from '../support/embed-run.js';
 import { queryHook } from '../support/query-hook.js';
 
@@ -30,14 +31,6 @@ interface Call {
   inputs: string[];
   /** Sends the request (the real SDK, over HTTP) and returns its answer. */
   send: () => Promise<EmbedResult>;
-}
-
-function deferred() {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
 }
 
 /**
