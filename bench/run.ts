@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only overhead,short,latency,rate,memory,peer] [--backends pglite,postgres]
+ * npm run bench [-- --only overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
@@ -20,7 +20,7 @@ import { syncBench } from './sync.js';
 
 const { values } = parseArgs({
   options: {
-    only: { type: 'string', default: 'overhead,short,latency,rate,memory,peer' },
+    only: { type: 'string', default: 'overhead,short,latency,rate,fleet,memory,peer' },
     backends: { type: 'string', default: 'pglite,postgres' },
     'rate-seconds': { type: 'string', default: '120' },
     'rate-tpm': { type: 'string', default: '1000000' },
@@ -65,7 +65,7 @@ const log = (text: string) => process.stderr.write(`bench: ${text}\n`);
 const prime = (messages: Iterable<SeedMessage>) =>
   fake.primeTokenCounts(Array.from(messages, (m) => m.content));
 
-const corpusScenarios = ['overhead', 'latency', 'rate', 'memory', 'peer'];
+const corpusScenarios = ['overhead', 'latency', 'rate', 'fleet', 'memory', 'peer'];
 for (const backend of corpusScenarios.some((name) => only.has(name)) ? backendList : []) {
   log(`seeding the corpus into ${backend}`);
   const template = await seedTemplate(backend, serverUrl, 1);
@@ -75,6 +75,8 @@ for (const backend of corpusScenarios.some((name) => only.has(name)) ? backendLi
       ['overhead', true, () => overhead(backend, template)],
       ['latency', true, () => latency(backend, template)],
       ['rate', backend === backendList[0], () => rateBound(backend, template)],
+      // Several processes on one database: a server's job (PGlite is one process's).
+      ['fleet', backend === 'postgres', () => rateBound(backend, template, 3)],
       ['memory', true, () => memory(backend, template)],
       ['peer', backend === 'pglite', () => peer(template)],
     ];
@@ -285,25 +287,34 @@ async function latency(backend: Backend, template: Template) {
 }
 
 /** 3. A server limit of N tokens a minute: achieved share of N, and of requests refused. */
-async function rateBound(backend: Backend, template: Template) {
+/**
+ * 3. Rate-bound: the server and each worker at the same --max-tpm. With
+ * `workers` > 1 (3b, the fleet), that many workers share one API key and so
+ * one budget (src/worker/fleet-gate.ts): together they should get the limit.
+ */
+async function rateBound(backend: Backend, template: Template, workers = 1) {
   const tpm = Number(values['rate-tpm']);
   const seconds = Number(values['rate-seconds']);
   Object.assign(fake.options, { latencyMs: 50, maxTpm: tpm, maxTpmBurst: undefined });
   fake.reset();
   const target = await template.copy();
   try {
-    log(`${backend}: rate-bound, server and --max-tpm ${tpm}, ${seconds} s`);
+    log(`${backend}: rate-bound, server and --max-tpm ${tpm}, ${workers} worker(s), ${seconds} s`);
     const samples: Array<{ t: number; tokens: number }> = [];
     const sampler = setInterval(
       () => samples.push({ t: Date.now(), tokens: fake.stats.tokensEmbedded }),
       1000,
     );
     const started = Date.now();
-    await runWorker(
-      target.url,
-      fake.url,
-      ['--batch-size', '8', '--concurrency', '8', '--max-tpm', String(tpm)],
-      { stopAfterMs: seconds * 1000 },
+    await Promise.all(
+      Array.from({ length: workers }, () =>
+        runWorker(
+          target.url,
+          fake.url,
+          ['--batch-size', '8', '--concurrency', '8', '--max-tpm', String(tpm)],
+          { stopAfterMs: seconds * 1000 },
+        ),
+      ),
     );
     clearInterval(sampler);
     const at = (s: number) =>
@@ -312,8 +323,9 @@ async function rateBound(backend: Backend, template: Template) {
     const steady = (at(seconds) - at(15)) / ((seconds - 15) / 60);
     const share = total / (seconds / 60) / tpm;
     const refused = fake.stats.rateLimited / Math.max(fake.stats.requests, 1);
-    results.rate = {
+    results[workers > 1 ? 'fleet' : 'rate'] = {
       backend,
+      workers,
       tpm,
       seconds,
       tokens: total,
@@ -323,22 +335,23 @@ async function rateBound(backend: Backend, template: Template) {
       rate_limited: fake.stats.rateLimited,
       refused_share: refused,
     };
+    const scenario = workers > 1 ? `3b fleet of ${workers}` : '3 rate-bound';
     row(
-      '3 rate-bound',
+      scenario,
       backend,
       `tokens/min over ${seconds} s`,
       fmt(total / (seconds / 60), 0),
       `${fmt(100 * share, 1)}% of ${tpm} (target >= 95%)`,
     );
     row(
-      '3 rate-bound',
+      scenario,
       backend,
       'tokens/min after the first 15 s',
       fmt(steady, 0),
       `${fmt((100 * steady) / tpm, 1)}% of ${tpm}`,
     );
     row(
-      '3 rate-bound',
+      scenario,
       backend,
       'requests answered 429',
       `${fake.stats.rateLimited}/${fake.stats.requests}`,

@@ -6,6 +6,7 @@ import { inspectSource, readIdType } from '../db/source.js';
 import { ConfigError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { createProvider } from '../provider/create.js';
+import { rateLimitKey } from '../provider/fingerprint.js';
 import { LOCAL_PROVIDER } from '../provider/models.js';
 import { observedProvider } from '../provider/observed.js';
 import { redactUrl } from '../redact.js';
@@ -133,6 +134,12 @@ await runCli(async (argv) => {
       progressDisplay: showBar ? terminalProgressBar() : undefined,
       watchChanges: database.watchChanges,
       observer: metrics,
+      rateLimitKey: rateLimitKey({
+        provider: config.provider,
+        model: config.model,
+        baseUrl: config.openaiBaseUrl,
+        apiKey: config.openaiApiKey,
+      }),
     });
     onStopSignals((signal) => {
       // stop() first: it takes the progress bar down before anything is written.

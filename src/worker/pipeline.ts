@@ -30,6 +30,7 @@ import { CircuitBreaker } from './breaker.js';
 import { SpendBudget } from './budget.js';
 import { ClaimKeyset } from './claim-keyset.js';
 import { type BatchWork, commitBatch } from './commit.js';
+import { createFleetRateGate } from './fleet-gate.js';
 import type { LatencyHistogram } from './latency.js';
 import { unobserved } from './observer.js';
 import { createRateGate } from './rate-gate.js';
@@ -92,7 +93,13 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
   const observer = ctx.deps.observer ?? unobserved;
   const limit = pLimit(config.concurrency);
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
-  const gate = createRateGate(config);
+  // With a key, --max-rpm/--max-tpm hold for every worker of the provider,
+  // model and API key together (fleet-gate.ts); without one, per process.
+  const fleetKey = ctx.deps.rateLimitKey;
+  const gate =
+    fleetKey && (config.maxRpm || config.maxTpm)
+      ? createFleetRateGate(db, fleetKey, config)
+      : createRateGate(config);
   const breaker = new CircuitBreaker();
   // Every batch until it has committed, and of those, the ones not yet
   // through their send. The reader keeps one batch ahead of the send slots,

@@ -71,9 +71,17 @@ export function createRateGate(
 }
 
 function bucket(perMinute: number, clock: RateGateClock): TokenBucket {
+  const { size, perSecond } = bucketShape(perMinute);
+  return new TokenBucket(size, perSecond / 1000, clock);
+}
+
+/** A per-minute limit as a bucket: paced 1% under, holding 10 s of it. */
+export function bucketShape(perMinute: number): { size: number; perSecond: number } {
   const rate = perMinute * HEADROOM;
-  const size = Math.max(Math.floor(rate * BURST_FRACTION), 1);
-  return new TokenBucket(size, rate / MINUTE_MS, clock);
+  return {
+    size: Math.max(Math.floor(rate * BURST_FRACTION), 1),
+    perSecond: (rate / MINUTE_MS) * 1000,
+  };
 }
 
 /**

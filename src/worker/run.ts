@@ -52,6 +52,13 @@ export interface RunDeps {
   progressDisplay?: ProgressDisplay | undefined;
   /** --watch: how the run hears of changes (Database.watchChanges); without it, it polls. */
   watchChanges?: Database['watchChanges'];
+  /**
+   * Who the provider limits this worker as (provider, model, key
+   * fingerprint: src/provider/fingerprint.ts): its --max-rpm/--max-tpm are
+   * then shared through the database with every worker of the same key.
+   * Without it, the limits hold per process.
+   */
+  rateLimitKey?: string | undefined;
   /** Told of commits, answers and retries as they happen (the metrics); default nobody. */
   observer?: RunObserver | undefined;
 }
