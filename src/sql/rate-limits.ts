@@ -29,9 +29,8 @@ export async function takeFromFleetBuckets(
 ): Promise<Take> {
   const r = shape.requests;
   const t = shape.tokens;
-  await sql`insert into embedding_rate_limits (key, requests, tokens)
-    values (${key}, ${r.size}, ${t.size}) on conflict (key) do nothing`.execute(db);
-  const { rows } = await sql<Take>`
+  const take = () =>
+    sql<Take>`
     with refilled as (
       select l.key,
         least(${r.size}::float8, l.requests
@@ -45,9 +44,15 @@ export async function takeFromFleetBuckets(
       refreshed_at = greatest(now(), l.refreshed_at)
     from refilled f where l.key = f.key
     returning f.requests >= 1 and f.tokens >= ${tokens}::float8 as taken, f.requests, f.tokens`.execute(
-    db,
-  );
-  const row = rows[0];
-  if (!row) throw new Error(`rate bucket ${key} vanished`);
-  return row;
+      db,
+    );
+  const { rows } = await take();
+  if (rows[0]) return rows[0];
+  // The key's first take anywhere: make its row, full, then take. One
+  // statement a request from then on.
+  await sql`insert into embedding_rate_limits (key, requests, tokens)
+    values (${key}, ${r.size}, ${t.size}) on conflict (key) do nothing`.execute(db);
+  const { rows: again } = await take();
+  if (!again[0]) throw new Error(`rate bucket ${key} vanished`);
+  return again[0];
 }
