@@ -39,10 +39,6 @@ export async function pruneHistory(
         and e.content_sha256 = l.content_sha256))`;
   const count = async (query: ReturnType<typeof sql<{ n: number }>>) =>
     (await query.execute(db)).rows[0]?.n ?? 0;
-  const skipsKept = await count(sql<{ n: number }>`
-    select count(*)::int as n from embedding_skips s
-    where s.created_at < ${cutoff}
-      and exists (select 1 from ${relevant} r where r.run_id = s.run_id and r.message_id = s.message_id)`);
   const skips = await count(sql<{ n: number }>`
     with gone as (
       delete from embedding_skips s
@@ -51,6 +47,10 @@ export async function pruneHistory(
                         where r.run_id = s.run_id and r.message_id = s.message_id)
       returning 1)
     select count(*)::int as n from gone`);
+  // Every old skip left now is one still relevant: counted after, not
+  // worked out twice.
+  const skipsKept = await count(sql<{ n: number }>`
+    select count(*)::int as n from embedding_skips where created_at < ${cutoff}`);
   const doomed = sql`(
     select r.id from embedding_runs r
     where r.status <> 'running' and coalesce(r.finished_at, r.heartbeat_at) < ${cutoff}
