@@ -1,5 +1,5 @@
 import { hostname } from 'node:os';
-import { type Kysely, sql } from 'kysely';
+import { type Kysely, type RawBuilder, sql } from 'kysely';
 import type { DB, RunStatus } from '../db/schema.js';
 import { redactSecrets, redactValues } from '../redact.js';
 
@@ -171,6 +171,11 @@ export async function billedTodayByOthers(
   const { rows } = await sql<{ n: string }>`
     select coalesce(sum(tokens_billed), 0)::text as n from embedding_runs
     where provider = ${target.provider} and model = ${target.model} and id <> ${target.runId}
-      and started_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'`.execute(db);
+      and ${startedTodayUtc(sql.ref('started_at'))}`.execute(db);
   return Number(rows[0]?.n ?? 0);
+}
+
+/** A run's day, for a watcher's daily budget: the UTC day it started on. */
+export function startedTodayUtc(startedAt: RawBuilder<unknown>) {
+  return sql`${startedAt} >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC'`;
 }

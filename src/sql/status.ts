@@ -1,6 +1,7 @@
 import { type Kysely, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { type MessageSource, sourceRelation } from '../db/source.js';
+import { startedTodayUtc } from './runs.js';
 
 export interface RunStatusRow {
   runId: string;
@@ -139,7 +140,7 @@ export async function budgets(db: Kysely<DB>): Promise<BudgetRow[]> {
       (case when r.watch then
         (select coalesce(sum(o.tokens_billed), 0) from embedding_runs o
          where o.provider = r.provider and o.model = r.model
-           and o.started_at >= date_trunc('day', now() at time zone 'UTC') at time zone 'UTC')
+           and ${startedTodayUtc(sql.ref('o.started_at'))})
        else r.tokens_billed end)::float8 as "spentTokens"
     from embedding_runs r
     where jsonb_typeof(r.options->'budget_tokens') = 'number'
