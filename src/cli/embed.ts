@@ -135,8 +135,7 @@ await runCli(async (argv) => {
       watchChanges: database.watchChanges,
       observer: metrics,
       rateLimitKey: rateLimitKey({
-        provider: config.provider,
-        model: config.model,
+        ...target,
         baseUrl: config.openaiBaseUrl,
         apiKey: config.openaiApiKey,
       }),

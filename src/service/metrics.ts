@@ -107,43 +107,38 @@ export class WorkerMetrics implements RunObserver {
       });
       return queueRead;
     };
-    new Gauge({
-      name: 'pgembed_queue_pending_messages',
-      help: 'Messages waiting to be embedded for this target (the queue depth).',
-      labelNames: targetLabels,
-      registers,
-      async collect() {
-        this.set(labels, (await queue()).pending);
-      },
-    });
-    new Gauge({
-      name: 'pgembed_queue_lag_seconds',
-      help: 'Age of the oldest change not yet embedded; 0 when none waits.',
-      labelNames: targetLabels,
-      registers,
-      async collect() {
-        this.set(labels, (await queue()).lagSeconds);
-      },
-    });
+    // A gauge of the target read at each scrape.
+    const gauge = (name: string, help: string, read: () => number | Promise<number>) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: targetLabels,
+        registers,
+        async collect() {
+          this.set(labels, await read());
+        },
+      });
     const live = () => this.#live;
-    new Gauge({
-      name: 'pgembed_batches_in_flight',
-      help: 'Batches claimed and not yet committed.',
-      labelNames: targetLabels,
-      registers,
-      collect() {
-        this.set(labels, live()?.inFlight() ?? 0);
-      },
-    });
-    new Gauge({
-      name: 'pgembed_concurrency',
-      help: 'Batches allowed in flight now (--concurrency, halved on 429s and grown back).',
-      labelNames: targetLabels,
-      registers,
-      collect() {
-        this.set(labels, live()?.concurrency() ?? 0);
-      },
-    });
+    gauge(
+      'pgembed_queue_pending_messages',
+      'Messages waiting to be embedded for this target (the queue depth).',
+      async () => (await queue()).pending,
+    );
+    gauge(
+      'pgembed_queue_lag_seconds',
+      'Age of the oldest change not yet embedded; 0 when none waits.',
+      async () => (await queue()).lagSeconds,
+    );
+    gauge(
+      'pgembed_batches_in_flight',
+      'Batches claimed and not yet committed.',
+      () => live()?.inFlight() ?? 0,
+    );
+    gauge(
+      'pgembed_concurrency',
+      'Batches allowed in flight now (--concurrency, halved on 429s and grown back).',
+      () => live()?.concurrency() ?? 0,
+    );
     new Gauge({
       name: 'pgembed_rate_budget_seconds',
       help: 'Seconds of sending at the full --max-rpm/--max-tpm the rate gate holds now (10 when full).',
