@@ -23,8 +23,8 @@ import { SETTINGS } from '../src/config.js';
 import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
 import { migrateToLatest } from '../src/db/migrator.js';
+import { DEFAULT_SOURCE } from '../src/db/names.js';
 import type { DB } from '../src/db/schema.js';
-import { DEFAULT_SOURCE } from '../src/db/source.js';
 import { WAKE_CHANNEL } from '../src/sql/capture.js';
 import { type ClaimScope, claimBatch, claimOldest } from '../src/sql/queue.js';
 import { reconcile } from '../src/sql/reconcile.js';
@@ -109,7 +109,7 @@ function machineState() {
 }
 
 // ---------------------------------------------------------------------------
-// The CLI, as `npm run embed` starts it: node --import tsx src/cli/embed.ts
+// The CLI, as `npm run embed` starts it: the compiled `pgembed embed` (npm run bench builds it)
 
 const repoRoot = fileURLToPath(new URL('..', import.meta.url));
 
@@ -129,7 +129,7 @@ function startEmbed(args: string[], env: Record<string, string>, timeoutMs: numb
   const blanks = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.env, '']));
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', join(repoRoot, 'src', 'cli', 'embed.ts'), ...args],
+    [join(repoRoot, 'dist', 'src', 'cli', 'pgembed.js'), 'embed', ...args],
     {
       cwd: repoRoot,
       env: {

@@ -1,6 +1,9 @@
-import { parseDatabaseUrl } from './db/connect.js';
-import { EMBEDDING_COLUMN_TYPES } from './db/embedding-column.js';
-import { type MessageSource, parseSource } from './db/source.js';
+import {
+  EMBEDDING_COLUMN_TYPES,
+  type MessageSource,
+  parseDatabaseUrl,
+  parseSource,
+} from './db/names.js';
 import { ConfigError } from './errors.js';
 import { knownModel, LOCAL_MODEL, LOCAL_PROVIDER } from './provider/models.js';
 import { redactUrl } from './redact.js';
@@ -432,6 +435,52 @@ function parseValue(def: SettingDefinition, raw: string | boolean, source: strin
 /** Where the messages are: every command that reads them takes these. */
 export const SOURCE_SETTINGS = ['source', 'idColumn', 'textColumn'] as const;
 
+/** `status`: what is embedded, queued and spent, and the latest runs. */
+export const STATUS_SETTINGS = [
+  'databaseUrl',
+  ...SOURCE_SETTINGS,
+  'json',
+  'statusRuns',
+] as const satisfies readonly SettingName[];
+export type StatusSettings = Pick<Settings, (typeof STATUS_SETTINGS)[number]>;
+
+/** `search`: the provider and model the embed job would use, to embed the query. */
+export const SEARCH_SETTINGS = [
+  'databaseUrl',
+  ...SOURCE_SETTINGS,
+  'openaiApiKey',
+  'openaiBaseUrl',
+  'provider',
+  'model',
+  'dimensions',
+  'timeoutMs',
+  'searchK',
+  'json',
+] as const satisfies readonly SettingName[];
+export type SearchSettings = Pick<Settings, (typeof SEARCH_SETTINGS)[number]>;
+
+/** `index`: the key and URL only decide the default provider, as for search; no API call is made. */
+export const INDEX_SETTINGS = [
+  'databaseUrl',
+  'openaiApiKey',
+  'openaiBaseUrl',
+  'provider',
+  'model',
+  'dimensions',
+] as const satisfies readonly SettingName[];
+export type IndexSettings = Pick<Settings, (typeof INDEX_SETTINGS)[number]>;
+
+/** `seed`: where the messages go; what is read is the command's own flags. */
+export const SEED_SETTINGS = [
+  'databaseUrl',
+  'embeddingColumnType',
+  'logLevel',
+] as const satisfies readonly SettingName[];
+export type SeedSettings = Pick<Settings, (typeof SEED_SETTINGS)[number]>;
+
+/** `demo`: its own embedded database and the local model; only how many to embed. */
+export const DEMO_SETTINGS = ['limit'] as const satisfies readonly SettingName[];
+
 /** `prune`: the database, the source (a skip is kept while its message waits), the age. */
 export const PRUNE_SETTINGS = [
   'databaseUrl',
@@ -439,6 +488,7 @@ export const PRUNE_SETTINGS = [
   'pruneOlderThan',
   'dryRun',
 ] as const satisfies readonly SettingName[];
+export type PruneSettings = Pick<Settings, (typeof PRUNE_SETTINGS)[number]>;
 
 const DURATION_UNITS = { d: 'days', h: 'hours', m: 'minutes', s: 'seconds' } as const;
 
@@ -455,6 +505,16 @@ export function parseAge(text: string | undefined): string {
 
 /** How a source's changes are captured: set by `migrate` and by `embed`. */
 export const CAPTURE_SETTINGS = ['triggers'] as const;
+
+/** `migrate`: the schema, the source whose changes are captured, the column type. */
+export const MIGRATE_SETTINGS = [
+  'databaseUrl',
+  ...SOURCE_SETTINGS,
+  ...CAPTURE_SETTINGS,
+  'embeddingColumnType',
+  'logLevel',
+] as const satisfies readonly SettingName[];
+export type MigrateSettings = Pick<Settings, (typeof MIGRATE_SETTINGS)[number]>;
 
 export const EMBED_SETTINGS = [
   'databaseUrl',

@@ -5,6 +5,7 @@ import { Ajv2019 } from 'ajv/dist/2019.js';
 import { describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
 
+import { type CliCommand, runCli } from './support/cli.js';
 import { workerHealthcheckScript } from './support/compose-healthcheck.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -213,7 +214,7 @@ describe('docker-compose.yml', () => {
   it('runs migrations only once the database reports healthy', () => {
     const migrate = service('migrate');
     expect(migrate.depends_on).toEqual({ db: { condition: 'service_healthy' } });
-    expect(commandOf(migrate)).toBe('node dist/src/cli/migrate.js');
+    expect(commandOf(migrate)).toBe('node dist/src/cli/pgembed.js migrate');
     expect(migrate.restart).toBe('no');
   });
 
@@ -225,7 +226,7 @@ describe('docker-compose.yml', () => {
 
   it('runs the embed job in the worker without re-applying migrations', () => {
     const worker = service('worker');
-    expect(commandOf(worker)).toBe('node dist/src/cli/embed.js');
+    expect(commandOf(worker)).toBe('node dist/src/cli/pgembed.js embed');
     expect(worker.environment).toMatchObject({
       DATABASE_URL: 'postgres://pgembed:pgembed@db:5432/pgembed',
       PGEMBED_MIGRATE: 'false',
@@ -292,7 +293,43 @@ describe('Dockerfile', () => {
     expect(['root', '0', '0:0']).not.toContain(last);
   });
 
-  it('runs the embed job by default', () => {
-    expect(dockerfileText).toContain('CMD ["node", "dist/src/cli/embed.js"]');
+  it('runs the embed job by default, and puts pgembed on the PATH', () => {
+    expect(dockerfileText).toContain('CMD ["node", "dist/src/cli/pgembed.js", "embed"]');
+    expect(dockerfileText).toContain('ln -s /app/dist/src/cli/pgembed.js /usr/local/bin/pgembed');
+  });
+
+  it('installs without scripts: `prepare` would build before the sources are copied', () => {
+    const installs = instructions.filter((line) => /\bnpm ci\b/.test(line));
+    expect(installs.length).toBe(2);
+    for (const line of installs) expect(line).toContain('--ignore-scripts');
+  });
+});
+
+/**
+ * Every command the image runs (the compose services', the Dockerfile's CMD)
+ * is the built binary with a subcommand it knows: the command's --help runs.
+ */
+describe('the commands the image runs', () => {
+  const cmd = /^CMD (\[.*\])$/m.exec(dockerfileText)?.[1];
+  const commands: Array<[string, string[]]> = [
+    ...Object.entries(compose.services)
+      .filter(([, svc]) => Array.isArray(svc.command) && svc.command[0] === 'node')
+      .map(([name, svc]): [string, string[]] => [name, svc.command as string[]]),
+    ['Dockerfile CMD', JSON.parse(cmd ?? '[]') as string[]],
+  ];
+
+  it('names at least migrate, the worker and the CMD', () => {
+    expect(commands.map(([name]) => name)).toEqual(
+      expect.arrayContaining(['migrate', 'worker', 'Dockerfile CMD']),
+    );
+  });
+
+  it.each(commands)('%s: the built binary knows its subcommand', async (_name, command) => {
+    const [node, script, subcommand] = command;
+    expect(node).toBe('node');
+    expect(script).toBe('dist/src/cli/pgembed.js');
+    const result = await runCli(subcommand as CliCommand, ['--help'], {});
+    expect(result.code).toBe(0);
+    expect(result.stdout).toMatch(new RegExp(`^usage: pgembed ${subcommand}\\b`));
   });
 });

@@ -1,25 +1,5 @@
 import { buildEmbedConfig, EMBED_SETTINGS } from '../config.js';
-import { openDatabase } from '../db/connect.js';
-import { requireMigrated } from '../db/embedding-column.js';
-import { migrateToLatest } from '../db/migrator.js';
-import { inspectSource, readIdType } from '../db/source.js';
-import { ConfigError } from '../errors.js';
-import { createLogger } from '../log.js';
-import { createProvider } from '../provider/create.js';
-import { rateLimitKey } from '../provider/fingerprint.js';
-import { LOCAL_PROVIDER } from '../provider/models.js';
-import { observedProvider } from '../provider/observed.js';
-import { redactUrl } from '../redact.js';
-import { terminalProgressBar } from '../report/progress-bar.js';
-import { startServiceServer } from '../service/http.js';
-import { WorkerMetrics } from '../service/metrics.js';
-import { workerReadiness } from '../service/readiness.js';
-import { registerSource } from '../sql/capture.js';
-import { queueFigures } from '../sql/queue.js';
-import { dryRun, formatDryRun } from '../worker/dry-run.js';
-import { EmbedRun } from '../worker/run.js';
-import { helpText, parseFlags } from './args.js';
-import { announceServing, onStopSignals, runCli, warnLoudly } from './main.js';
+import type { Command } from './command.js';
 
 const EXIT_CODES = [
   'exit codes: 0 every eligible message embedded; 1 failed (strict-mode skip, fatal provider error,',
@@ -30,131 +10,15 @@ const EXIT_CODES = [
   '',
 ];
 
-await runCli(async (argv) => {
-  const args = parseFlags(argv, EMBED_SETTINGS);
-  if (args.help) {
-    process.stdout.write(`${helpText('npm run embed -- [flags]', EMBED_SETTINGS, EXIT_CODES)}\n`);
-    return 0;
-  }
-  const config = buildEmbedConfig(args.flags, process.env);
-  // On a terminal a progress bar shows the run; info lines would only break
-  // it up, so they are left out unless a log level was asked for.
-  // Not in watch mode: a watcher never ends, and its log lines are its progress.
-  const showBar = process.stderr.isTTY === true && !config.dryRun && !config.watch;
-  const levelAsked = args.flags['log-level'] !== undefined || !!process.env.LOG_LEVEL;
-  const logger = createLogger(showBar && !levelAsked ? 'warn' : config.logLevel);
-  if (config.localByDefault) {
-    const notice = `neither OPENAI_API_KEY nor OPENAI_BASE_URL is set: embedding offline with the bundled local model ${config.model} (512 dimensions); set one of them for OpenAI or a compatible server`;
-    logger.info({ provider: config.provider, model: config.model }, notice);
-    // Behind a progress bar info lines are off; a newcomer must still see this.
-    if (showBar && !levelAsked) process.stderr.write(`pgembed: ${notice}\n`);
-  }
-  const database = await openDatabase(config.databaseUrl, {
-    // Each batch in flight commits on its own connection, plus one for reads.
-    poolMax: config.dbPoolSize ?? config.concurrency + 1,
-    onIdleError: (error) => logger.warn({ err: error }, 'idle database connection failed'),
-    command: config.dryRun ? 'embed --dry-run' : 'embed',
-    // A run lasts; others (status, search, psql, a second embed) connect
-    // through it rather than wait. A dry run is short: they wait for it.
-    serve: !config.dryRun,
-  });
-  announceServing(database, logger, showBar && !levelAsked);
-  try {
-    if (config.dryRun) {
-      await inspectSource(database.db, config.messageSource);
-      // Touches nothing: no migration, no run row, no API call.
-      const report = await dryRun(database.db, config);
-      logger.info({ ...report }, 'dry run');
-      process.stderr.write(`${formatDryRun(report)}\n`);
-      return 0;
-    }
-    const columnType = config.migrate
-      ? (
-          await migrateToLatest(database, {
-            forcedColumnType: config.embeddingColumnType,
-            warn: warnLoudly(logger),
-            source: config.messageSource,
-            triggers: config.triggers,
-          })
-        ).embeddingColumnType
-      : await requireMigrated(database.db, 'run `npm run migrate`, or drop --no-migrate');
-    // With --no-migrate too: the one-source rule and the capture mode hold.
-    if (!config.migrate) {
-      await registerSource(database.db, config.messageSource, { triggers: config.triggers });
-    }
-    // The source must exist with usable columns before anything is embedded
-    // (a missing one already failed the migration, which inspects it too).
-    const idType = await inspectSource(database.db, config.messageSource);
-    const storedIdType = await readIdType(database.db);
-    if (storedIdType !== idType) {
-      throw new ConfigError(
-        `--id-column ${config.messageSource.idColumn} of ${config.messageSource.table} is ${idType}, but this database's embeddings are keyed by ${storedIdType}: one database (or schema) holds one id type; use another for this source`,
-      );
-    }
-    const target = { provider: config.provider, model: config.model };
-    const metrics =
-      config.metricsPort === undefined
-        ? undefined
-        : new WorkerMetrics(target, () => queueFigures(database.db, target));
-    const provider = metrics
-      ? observedProvider(await createProvider(config), (r) => metrics.request(r))
-      : await createProvider(config);
-    const service =
-      metrics &&
-      (await startServiceServer({
-        host: config.metricsHost,
-        port: config.metricsPort ?? 0,
-        registry: metrics.registry,
-        ready: workerReadiness(database, { failing: () => metrics.providerFailing() }),
-      }));
-    if (service) logger.info({ url: service.url }, 'serving /metrics, /healthz and /readyz');
-    logger.info(
-      {
-        provider: config.provider,
-        model: config.model,
-        base_url:
-          config.provider === LOCAL_PROVIDER
-            ? null
-            : redactUrl(config.openaiBaseUrl ?? 'https://api.openai.com/v1'),
-        database: database.describe,
-        embedding_column: columnType,
-        mode: config.allowPartial ? 'partial' : 'strict',
-      },
-      'pgembed starting',
-    );
-
-    const run = new EmbedRun({
-      db: database.db,
-      writer: database.embeddingWriter(columnType, idType),
-      idType,
-      provider,
-      config,
-      logger,
-      report: (text) => process.stderr.write(`${text}\n`),
-      progressDisplay: showBar ? terminalProgressBar() : undefined,
-      watchChanges: database.watchChanges,
-      observer: metrics,
-      rateLimitKey: rateLimitKey({
-        ...target,
-        baseUrl: config.openaiBaseUrl,
-        apiKey: config.openaiApiKey,
-      }),
-    });
-    onStopSignals((signal) => {
-      // stop() first: it takes the progress bar down before anything is written.
-      run.stop(signal);
-      logger.warn({ signal }, 'stopping after the batch in flight; signal again to exit at once');
-      // This process is going away: closing will not wait for the ones it serves.
-      database.serving?.cutOffClients();
-    });
-    try {
-      const outcome = await run.run();
-      if (outcome.error) process.stderr.write(`pgembed: ${outcome.summary.error}\n`);
-      return outcome.exitCode;
-    } finally {
-      await service?.close();
-    }
-  } finally {
-    await database.close();
-  }
-});
+export const embed: Command = {
+  summary: 'embed every message not yet embedded for a model; --watch follows changes',
+  usage: 'pgembed embed [flags]',
+  settings: EMBED_SETTINGS,
+  notes: EXIT_CODES,
+  async run(args) {
+    const config = buildEmbedConfig(args.flags, process.env);
+    const levelAsked = args.flags['log-level'] !== undefined || !!process.env.LOG_LEVEL;
+    const { embed } = await import('../commands/embed.js');
+    return embed(config, levelAsked);
+  },
+};

@@ -1,52 +1,14 @@
 import { PRUNE_SETTINGS, parseAge, resolveSettings } from '../config.js';
-import { openDatabase } from '../db/connect.js';
-import { requireMigrated } from '../db/embedding-column.js';
-import { parseSource } from '../db/source.js';
-import { type Pruned, pruneHistory } from '../sql/prune.js';
-import { helpText, parseFlags } from './args.js';
-import { runCli } from './main.js';
+import type { Command } from './command.js';
 
-await runCli(async (argv) => {
-  const args = parseFlags(argv, PRUNE_SETTINGS);
-  if (args.help) {
-    process.stdout.write(
-      `${helpText('npm run prune -- --older-than 30d [--dry-run]', PRUNE_SETTINGS)}\n`,
-    );
-    return 0;
-  }
-  const settings = resolveSettings(PRUNE_SETTINGS, args.flags, process.env);
-  const age = parseAge(settings.pruneOlderThan);
-  const source = parseSource(settings);
-  const database = await openDatabase(settings.databaseUrl, { poolMax: 1, command: 'prune' });
-  try {
-    await requireMigrated(database.db, 'run `npm run migrate` or `npm run embed`');
-    // A dry run deletes as the real one would, counts, and rolls back.
-    const rollback = new Error('dry run');
-    let pruned: Pruned | undefined;
-    await database.db
-      .transaction()
-      .execute(async (trx) => {
-        pruned = await pruneHistory(trx, source, age);
-        if (settings.dryRun) throw rollback;
-      })
-      .catch((error: unknown) => {
-        if (error !== rollback) throw error;
-      });
-    process.stdout.write(
-      `${describe(pruned as Pruned, settings.pruneOlderThan ?? '', settings.dryRun)}\n`,
-    );
-  } finally {
-    await database.close();
-  }
-  return 0;
-});
-
-function describe(pruned: Pruned, age: string, dryRun: boolean): string {
-  const n = (count: number, what: string) => `${count.toLocaleString('en-US')} ${what}`;
-  const removed = [
-    n(pruned.runs, 'runs'),
-    n(pruned.batches, 'batch rows'),
-    n(pruned.skips, 'skips'),
-  ];
-  return `${dryRun ? 'would remove' : 'removed'} (older than ${age}): ${removed.join(', ')}; kept each model's latest run, running runs, and ${n(pruned.skipsKept, 'older skips')} of messages still not embedded${dryRun ? ' (dry run: nothing was deleted)' : ''}`;
-}
+export const prune: Command = {
+  summary: 'delete finished runs, batch rows and skips older than an age',
+  usage: 'pgembed prune --older-than 30d [--dry-run]',
+  settings: PRUNE_SETTINGS,
+  async run(args) {
+    const settings = resolveSettings(PRUNE_SETTINGS, args.flags, process.env);
+    const age = parseAge(settings.pruneOlderThan);
+    const { prune } = await import('../commands/prune.js');
+    return prune(settings, age);
+  },
+};

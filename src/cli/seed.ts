@@ -1,111 +1,39 @@
-import { setImmediate } from 'node:timers/promises';
-import { resolveSettings } from '../config.js';
-import { openDatabase } from '../db/connect.js';
-import { migrateToLatest } from '../db/migrator.js';
-import { ConfigError, InterruptedError } from '../errors.js';
-import { createLogger } from '../log.js';
-import { jsonLines, type SeedMessage, spamAssassin, spamAssassinText } from '../seed/sources.js';
-import { upsertMessages } from '../sql/seed.js';
-import { helpText, parseFlags } from './args.js';
-import { announceServing, onStopSignals, runCli, warnLoudly } from './main.js';
+import type { SeedInput } from '../commands/seed.js';
+import { resolveSettings, SEED_SETTINGS } from '../config.js';
+import { ConfigError } from '../errors.js';
+import type { Command } from './command.js';
 
-const SETTINGS = ['databaseUrl', 'embeddingColumnType', 'logLevel'] as const;
-const EXTRA = {
-  corpus: { type: 'string' },
-  jsonl: { type: 'string' },
-  limit: { type: 'string' },
-} as const;
-// Rows per INSERT: emails average ~8 KB, so 200 keeps a statement near 2 MB.
-const CHUNK_ROWS = 200;
+export const seed: Command = {
+  summary: 'load messages: the SpamAssassin emails, or a JSON-lines file',
+  usage: 'pgembed seed --corpus spamassassin [--limit N] | --jsonl FILE',
+  settings: SEED_SETTINGS,
+  extraFlags: {
+    corpus: { type: 'string' },
+    jsonl: { type: 'string' },
+    limit: { type: 'string' },
+  },
+  notes: [
+    '  --corpus spamassassin   the 6,046-email SpamAssassin corpus, ids 1..6046',
+    '  --corpus spamassassin-text  the same emails as Subject and body, headers dropped',
+    '  --jsonl FILE            one {"id", "content", "role"?, "conversation_id"?} per line',
+    '  --limit N               only the first N corpus messages',
+    '',
+  ],
+  async run(args) {
+    const input = seedInput(args.flags as Record<string, string | undefined>);
+    const settings = resolveSettings(SEED_SETTINGS, args.flags, process.env);
+    const { seed } = await import('../commands/seed.js');
+    return seed(settings, input);
+  },
+};
 
-await runCli(async (argv) => {
-  const args = parseFlags(argv, SETTINGS, EXTRA);
-  if (args.help) {
-    const usage = 'npm run seed -- --corpus spamassassin [--limit N] | --jsonl FILE';
-    process.stdout.write(
-      `${helpText(usage, SETTINGS, ['  --corpus spamassassin   the 6,046-email SpamAssassin corpus, ids 1..6046', '  --corpus spamassassin-text  the same emails as Subject and body, headers dropped', '  --jsonl FILE            one {"id", "content", "role"?, "conversation_id"?} per line', '  --limit N               only the first N corpus messages', ''])}\n`,
-    );
-    return 0;
-  }
-  const { corpus, jsonl, limit } = args.flags as Record<string, string | undefined>;
+function seedInput({ corpus, jsonl, limit }: Record<string, string | undefined>): SeedInput {
   if (!corpus === !jsonl)
     throw new ConfigError('seed needs exactly one of --corpus spamassassin or --jsonl FILE');
-  if (corpus && corpus !== 'spamassassin' && corpus !== 'spamassassin-text')
+  if (corpus !== undefined && corpus !== 'spamassassin' && corpus !== 'spamassassin-text')
     throw new ConfigError(`--corpus must be spamassassin or spamassassin-text, got '${corpus}'`);
   if (limit !== undefined && !/^[1-9]\d*$/.test(limit))
     throw new ConfigError(`--limit must be a whole number of 1 or more, got '${limit}'`);
-  const settings = resolveSettings(SETTINGS, args.flags, process.env);
-  const logger = createLogger(settings.logLevel);
-  const database = await openDatabase(settings.databaseUrl, { command: 'seed', serve: true });
-  announceServing(database, logger, false);
-  // The first signal stops seeding between batches: each batch is one INSERT,
-  // its own transaction, so what committed stays and a rerun adds the rest.
-  // The database is then closed, which releases the directory's lock.
-  let stopSignal: NodeJS.Signals | undefined;
-  let seeded = false;
-  onStopSignals((signal) => {
-    stopSignal = signal;
-    logger.warn(
-      { signal },
-      seeded
-        ? 'seeded; no longer waiting for connected clients'
-        : 'stopping after the batch being written commits; signal again to exit at once',
-    );
-    // This process is going away: closing will not wait for the ones it serves.
-    database.serving?.cutOffClients();
-  });
-  try {
-    await migrateToLatest(database, {
-      forcedColumnType: settings.embeddingColumnType,
-      warn: warnLoudly(logger),
-    });
-    const corpusLimit = limit ? Number(limit) : undefined;
-    const source: Iterable<SeedMessage> | AsyncIterable<SeedMessage> =
-      corpus === 'spamassassin-text'
-        ? spamAssassinText(corpusLimit)
-        : corpus
-          ? spamAssassin(corpusLimit)
-          : jsonLines(jsonl as string);
-    let read = 0;
-    let committed = 0;
-    let changed = 0;
-    let chunk: SeedMessage[] = [];
-    const write = async () => {
-      changed += await upsertMessages(database.db, chunk);
-      committed += chunk.length;
-      logger.debug({ committed, inserted_or_changed: changed }, 'seed batch committed');
-      chunk = [];
-      // A corpus read with readFileSync into PGlite may never wait on I/O:
-      // let a signal (and the clients served) in between batches.
-      await setImmediate();
-    };
-    for await (const message of source) {
-      // Messages read but not yet written are dropped: a rerun reads them again.
-      if (stopSignal) break;
-      chunk.push(message);
-      read++;
-      if (chunk.length === CHUNK_ROWS) await write();
-    }
-    if (!stopSignal && chunk.length > 0) await write();
-    // A signal during the last batch is a stop too: the exit code says a signal came.
-    if (stopSignal) {
-      logger.info(
-        { signal: stopSignal, seeded: committed, inserted_or_changed: changed },
-        'seed stopped',
-      );
-      process.stderr.write(
-        `pgembed: stopped by ${stopSignal}: seeded ${committed} messages (${changed} new or changed) before the stop; run the same seed again to add the rest, without duplicates\n`,
-      );
-      return new InterruptedError(stopSignal).exitCode;
-    }
-    seeded = true;
-    logger.info(
-      { read, inserted_or_changed: changed, database: database.describe },
-      'seeded messages',
-    );
-    process.stderr.write(`pgembed: seeded ${read} messages (${changed} new or changed)\n`);
-  } finally {
-    await database.close();
-  }
-  return 0;
-});
+  if (corpus === undefined) return { jsonl: jsonl as string };
+  return { corpus, limit: limit === undefined ? undefined : Number(limit) };
+}

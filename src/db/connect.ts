@@ -1,30 +1,15 @@
 import { mkdirSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
-import { PGlite } from '@electric-sql/pglite';
-import { vector } from '@electric-sql/pglite-pgvector';
 import { Kysely, PostgresDialect } from 'kysely';
 import pg from 'pg';
-import { ConfigError, DatabaseConnectionError } from '../errors.js';
+import { DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { WAKE_CHANNEL } from '../sql/capture.js';
-import type { EmbeddingColumnType } from './embedding-column.js';
-import {
-  type EmbeddingWriter,
-  pgliteEmbeddingWriter,
-  postgresEmbeddingWriter,
-} from './embedding-writer.js';
-import { PGliteDialect } from './pglite-dialect.js';
-import { acquireDirectoryLock, type HeldLock, stillServing } from './pglite-lock.js';
-import { PGliteServer, pgConfig, psqlCommand } from './pglite-server.js';
-import { PGliteSession } from './pglite-session.js';
+import { type EmbeddingWriter, postgresEmbeddingWriter } from './embedding-writer.js';
+import type { EmbeddingColumnType } from './names.js';
+import { type DatabaseTarget, type IdType, parseDatabaseUrl } from './names.js';
+import { acquireDirectoryLock, pgConfig, stillServing } from './pglite-lock.js';
 import type { DB } from './schema.js';
-import type { IdType } from './source.js';
-
-export const DEFAULT_PGLITE_DIR = './.data/pglite';
-
-export type DatabaseTarget =
-  | { kind: 'pglite'; dataDir: string | undefined /* undefined: in memory */ }
-  | { kind: 'postgres'; connectionString: string };
 
 export interface Database {
   readonly db: Kysely<DB>;
@@ -44,29 +29,6 @@ export interface Database {
    */
   readonly watchChanges?: ((onChange: () => void) => Promise<() => Promise<void>>) | undefined;
   close(): Promise<void>;
-}
-
-/** `DATABASE_URL` → backend. Unset means the embedded default, so a newcomer needs no server. */
-export function parseDatabaseUrl(url: string | undefined): DatabaseTarget {
-  const value = url?.trim();
-  if (!value) return { kind: 'pglite', dataDir: DEFAULT_PGLITE_DIR };
-  if (value.startsWith('postgres://') || value.startsWith('postgresql://')) {
-    try {
-      new URL(value);
-    } catch {
-      throw new ConfigError(`DATABASE_URL is not a valid URL: ${redactUrl(value)}`);
-    }
-    return { kind: 'postgres', connectionString: value };
-  }
-  if (value.startsWith('pglite:')) {
-    const rest = value.slice('pglite:'.length).replace(/^\/\//, '');
-    if (rest === 'memory') return { kind: 'pglite', dataDir: undefined };
-    return { kind: 'pglite', dataDir: rest || DEFAULT_PGLITE_DIR };
-  }
-  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(value)?.[1];
-  throw new ConfigError(
-    `DATABASE_URL has unsupported scheme '${scheme ?? value}': use postgres://user:pass@host:5432/db, pglite:<dir>, or pglite:memory`,
-  );
 }
 
 // Counts handles that are open, so the test suite can fail on a leaked pool.
@@ -113,7 +75,21 @@ export async function openDatabase(
   url: string | undefined,
   options: OpenOptions = {},
 ): Promise<Database> {
-  const target = parseDatabaseUrl(url);
+  const database = await openTarget(parseDatabaseUrl(url), options);
+  openHandles++;
+  let closed = false;
+  return {
+    ...database,
+    async close() {
+      if (closed) return;
+      closed = true;
+      openHandles--;
+      await database.close();
+    },
+  };
+}
+
+async function openTarget(target: DatabaseTarget, options: OpenOptions): Promise<Database> {
   if (target.kind === 'postgres') {
     return openPostgres(
       { connectionString: target.connectionString },
@@ -122,6 +98,8 @@ export async function openDatabase(
       (error) => describeConnectError(error, target.connectionString),
     );
   }
+  // The WASM engine and pgvector cost ~0.1 s and tens of MB to load: only here.
+  const { openPGlite } = await import('./pglite-open.js');
   if (target.dataDir === undefined) return openPGlite(undefined, undefined, options);
   mkdirSync(resolve(target.dataDir), { recursive: true });
   const dir = realpathSync(resolve(target.dataDir));
@@ -160,97 +138,6 @@ export async function openDatabase(
   }
 }
 
-async function openPGlite(
-  dataDir: string | undefined,
-  lock: HeldLock | undefined,
-  options: OpenOptions,
-): Promise<Database> {
-  const pglite = await PGlite.create(dataDir ? resolve(dataDir) : undefined, {
-    extensions: { vector },
-    // int8 as text, like pg, so ids stay exact and identical on both backends.
-    parsers: { 20: (value: string) => value },
-  });
-  const session = new PGliteSession(async () => {
-    await pglite.exec('discard all');
-  });
-  const db = new Kysely<DB>({ dialect: new PGliteDialect(pglite, session) });
-  const notice = options.notice ?? (() => {});
-  let server: PGliteServer | undefined;
-  if (lock && options.serve) {
-    try {
-      server = await PGliteServer.start(pglite, session, lock.dir, { notice });
-      lock.announce(server.address);
-    } catch (error) {
-      await server?.stop();
-      await pglite.close();
-      throw error;
-    }
-  }
-  /** No longer serving: the lock says so first, so no one new tries to connect. */
-  let stopping: Promise<void> | undefined;
-  const stopServing = () =>
-    (stopping ??= (async () => {
-      if (!server) return;
-      lock?.announce(undefined);
-      await server.stop();
-    })());
-  let stopWaiting = () => {};
-  let cutOff = false;
-  openHandles++;
-  let closed = false;
-  const serving: Serving | undefined = server && {
-    psql: psqlCommand(server.address),
-    clients: () => server?.clients ?? 0,
-    cutOffClients() {
-      // Now, not at close: a client holding the session must not keep this
-      // process's last commits (or its exit) waiting.
-      cutOff = true;
-      stopWaiting();
-      void stopServing();
-    },
-  };
-  return {
-    db,
-    backend: 'pglite',
-    describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
-    serving,
-    async watchChanges(onChange) {
-      const stop = session.onClientTurn(onChange);
-      return async () => {
-        stop();
-      };
-    },
-    embeddingWriter(columnType, idType) {
-      // PGlite has one session, so inside a Kysely transaction this COPY
-      // runs in that transaction.
-      const copyFromBlob = async (copySql: string, data: Uint8Array) => {
-        await pglite.query(copySql, [], { blob: new Blob([data]) });
-      };
-      return pgliteEmbeddingWriter(copyFromBlob, columnType, idType);
-    },
-    async close() {
-      if (closed) return;
-      closed = true;
-      openHandles--;
-      if (server && !cutOff && server.clients > 0) {
-        notice(
-          `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
-        );
-        await Promise.race([
-          server.whenIdle(),
-          new Promise<void>((resolve) => {
-            stopWaiting = resolve;
-          }),
-        ]);
-      }
-      await stopServing();
-      await db.destroy();
-      await pglite.close();
-      lock?.release();
-    },
-  };
-}
-
 async function openPostgres(
   connection: pg.PoolConfig,
   describe: string,
@@ -281,7 +168,6 @@ async function openPostgres(
     throw new DatabaseConnectionError(describeError(error), { cause: error });
   }
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
-  openHandles++;
   let closed = false;
   return {
     db,
@@ -293,7 +179,6 @@ async function openPostgres(
     async close() {
       if (closed) return;
       closed = true;
-      openHandles--;
       await db.destroy(); // ends the pool
     },
   };

@@ -1,4 +1,4 @@
-import type { EmbeddingColumnType } from './embedding-column.js';
+import type { EmbeddingColumnType } from './names.js';
 import { float4ArraySend, vectorSend } from './vector.js';
 
 /** One staged embedding row, in the stage table's column order. */

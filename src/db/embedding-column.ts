@@ -1,8 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 import { MigrationError, oneLine } from '../errors.js';
-
-export const EMBEDDING_COLUMN_TYPES = ['vector', 'halfvec', 'real[]'] as const;
-export type EmbeddingColumnType = (typeof EMBEDDING_COLUMN_TYPES)[number];
+import type { EmbeddingColumnType } from './names.js';
 
 const HOW_TO_GET_PGVECTOR =
   'install pgvector on the server (the pgvector/pgvector:pg17 image, or the postgresql-NN-pgvector package) or set EMBEDDING_COLUMN_TYPE=real[]';

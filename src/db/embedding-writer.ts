@@ -5,9 +5,8 @@ import {
   upsertEmbeddingsViaCopy,
   type WriteTarget,
 } from '../sql/batches.js';
-import type { EmbeddingColumnType } from './embedding-column.js';
+import type { EmbeddingColumnType, IdType } from './names.js';
 import type { DB } from './schema.js';
-import type { IdType } from './source.js';
 import { float4ArraySend, vectorLiteral, vectorSend } from './vector.js';
 
 /**

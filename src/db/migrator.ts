@@ -3,12 +3,14 @@ import { type Kysely, type Migration, type MigrationProvider, Migrator, sql } fr
 import { MigrationError, oneLine, PgembedError } from '../errors.js';
 import { registerSource } from '../sql/capture.js';
 import type { Database } from './connect.js';
+import { readEmbeddingColumnType, resolveEmbeddingColumnType } from './embedding-column.js';
 import {
+  DEFAULT_SOURCE,
   type EmbeddingColumnType,
-  readEmbeddingColumnType,
-  resolveEmbeddingColumnType,
-} from './embedding-column.js';
-import { DEFAULT_SOURCE, type IdType, inspectSource, type MessageSource } from './source.js';
+  type IdType,
+  type MessageSource,
+} from './names.js';
+import { inspectSource } from './source.js';
 
 /** What a migration file may use besides `db`. */
 export interface MigrationContext {

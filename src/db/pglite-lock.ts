@@ -33,6 +33,14 @@ export interface LockInfo {
 /** A unix socket directory: `psql -h socketDir -p port`. */
 export type ServeAddress = { socketDir: string; port: number };
 
+/**
+ * Connection settings for node-postgres. PGlite has one database and one
+ * user, whatever the startup packet names, but it must name a user.
+ */
+export function pgConfig(address: ServeAddress) {
+  return { host: address.socketDir, port: address.port, user: 'postgres', database: 'postgres' };
+}
+
 export const LOCK_FILE = 'pgembed.lock';
 const TAKEOVER_FILE = 'pgembed.lock.takeover';
 // A lock file created but never written, or a takeover marker, is a process

@@ -145,14 +145,6 @@ export function psqlCommand(address: ServeAddress): string {
 }
 
 /**
- * Connection settings for node-postgres. PGlite has one database and one
- * user, whatever the startup packet names, but it must name a user.
- */
-export function pgConfig(address: ServeAddress) {
-  return { host: address.socketDir, port: address.port, user: 'postgres', database: 'postgres' };
-}
-
-/**
  * What pglite-socket's handler calls for each protocol message of one
  * client (its `handlerId`), in the shape of its own queue.
  */

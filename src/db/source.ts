@@ -1,50 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 import { ConfigError } from '../errors.js';
-
-/**
- * Where the messages are: pgembed's own `messages(id, content)` by default, or
- * a table or view of the application's (--source, --id-column, --text-column).
- */
-export interface MessageSource {
-  /** `table` or `schema.table`, each part a plain identifier, used as written (quoted). */
-  table: string;
-  idColumn: string;
-  textColumn: string;
-}
-
-/** Ids are bigint (any integer column) or uuid; the embeddings tables follow. */
-export type IdType = 'bigint' | 'uuid';
-
-export const DEFAULT_SOURCE: MessageSource = {
-  table: 'messages',
-  idColumn: 'id',
-  textColumn: 'content',
-};
-
-const IDENTIFIER = /^[A-Za-z_][A-Za-z0-9_]{0,62}$/;
-
-/** Checks the names' syntax: identifiers only, so nothing but a name reaches SQL. */
-export function parseSource(settings: {
-  source: string;
-  idColumn: string;
-  textColumn: string;
-}): MessageSource {
-  const parts = settings.source.split('.');
-  if (parts.length > 2 || !parts.every((p) => IDENTIFIER.test(p))) {
-    throw new ConfigError(
-      `--source must be a table or view name, optionally schema-qualified (letters, digits, _), got '${settings.source}'`,
-    );
-  }
-  for (const [flag, value] of [
-    ['--id-column', settings.idColumn],
-    ['--text-column', settings.textColumn],
-  ] as const) {
-    if (!IDENTIFIER.test(value)) {
-      throw new ConfigError(`${flag} must be a column name (letters, digits, _), got '${value}'`);
-    }
-  }
-  return { table: settings.source, idColumn: settings.idColumn, textColumn: settings.textColumn };
-}
+import type { IdType, MessageSource } from './names.js';
 
 function tableRef(source: MessageSource) {
   return sql.id(...source.table.split('.'));

@@ -1,6 +1,6 @@
 import { endianness } from 'node:os';
 import pgvector from 'pgvector';
-import type { EmbeddingColumnType } from './embedding-column.js';
+import type { EmbeddingColumnType } from './names.js';
 
 /**
  * A vector as the SQL literal its column type accepts. Values are float32 on

@@ -27,6 +27,32 @@ export interface LocalProvider extends EmbeddingProvider {
  * call is waiting on it.
  */
 export async function createLocalProvider(): Promise<LocalProvider> {
+  // Loaded on the first call, not here: the model costs ~0.5 s and ~115 MB
+  // (BENCHMARKS.md, "Start-up") that a run with nothing to embed never needs.
+  let model: Promise<LocalProvider> | undefined;
+  let closed = false;
+  return {
+    expectedDimensions: DIMENSIONS,
+    async embed(inputs) {
+      if (closed) throw closedError();
+      if (inputs.length === 0) return { vectors: [], promptTokens: undefined };
+      model ??= loadModel();
+      return (await model).embed(inputs);
+    },
+    async close() {
+      if (closed) return;
+      closed = true;
+      await (await model?.catch(() => undefined))?.close();
+    },
+  };
+}
+
+function closedError(): ProviderFatalError {
+  return new ProviderFatalError(`the local model ${LOCAL_MODEL} was closed`, undefined);
+}
+
+/** Starts the worker and waits for the model to load; a failed load rejects every call. */
+async function loadModel(): Promise<LocalProvider> {
   const worker = startWorker();
   const pending = new Map<
     number,
@@ -104,7 +130,7 @@ export async function createLocalProvider(): Promise<LocalProvider> {
   const close = async () => {
     if (closed) return;
     closed = true;
-    failAll(new ProviderFatalError(`the local model ${LOCAL_MODEL} was closed`, undefined));
+    failAll(closedError());
     await worker.terminate();
   };
 

@@ -1,4 +1,18 @@
-import { countTokens, isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
+import { createRequire } from 'node:module';
+
+type Cl100k = typeof import('gpt-tokenizer/encoding/cl100k_base');
+let cl100kLoaded: Cl100k | undefined;
+
+/**
+ * cl100k, loaded on the first count: its ranks cost ~0.1 s and ~40 MB to
+ * load, and a run whose inputs are all within the limit in bytes (or that
+ * has nothing to do) counts nothing (src/worker/batch.ts). Synchronous, so
+ * counting stays a plain call: the package's CommonJS build, through require.
+ */
+function cl100k(): Cl100k {
+  cl100kLoaded ??= createRequire(import.meta.url)('gpt-tokenizer/encoding/cl100k_base') as Cl100k;
+  return cl100kLoaded;
+}
 
 // Text like '<|endoftext|>' in an email is ordinary text to the embeddings API;
 // gpt-tokenizer throws on it by default.
@@ -9,11 +23,11 @@ const PLAIN_TEXT = { disallowedSpecial: new Set<string>() };
  * For other models it is an estimate: the provider's own 400 is still handled.
  */
 export function tokenCount(text: string): number {
-  return countTokens(text, PLAIN_TEXT);
+  return cl100k().countTokens(text, PLAIN_TEXT);
 }
 
 function fits(text: string, maxTokens: number): boolean {
-  return isWithinTokenLimit(text, maxTokens, PLAIN_TEXT) !== false;
+  return cl100k().isWithinTokenLimit(text, maxTokens, PLAIN_TEXT) !== false;
 }
 
 /**

@@ -23,7 +23,7 @@ function duration(seconds: number): string {
  */
 export function formatStatus(report: StatusReport): string {
   const lines: string[] = ['coverage (up to date / eligible, per provider/model):'];
-  if (report.coverage.length === 0) lines.push('  nothing embedded yet: npm run embed');
+  if (report.coverage.length === 0) lines.push('  nothing embedded yet: pgembed embed');
   for (const c of report.coverage) {
     const percent = c.eligible ? ((100 * c.upToDate) / c.eligible).toFixed(1) : '100.0';
     lines.push(

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
-import { type MessageSource, quotedSource } from '../db/source.js';
+import type { MessageSource } from '../db/names.js';
+import { quotedSource } from '../db/source.js';
 import { ConfigError } from '../errors.js';
 
 /** How a source's changes reach the queue. */

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
-import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { EmbeddingColumnType } from '../db/names.js';
 import type { DB } from '../db/schema.js';
 import { ConfigError } from '../errors.js';
 import {
@@ -76,7 +76,7 @@ export async function createSearchIndex(
   const stored = await embeddedDimensions(db, target);
   if (stored.length === 0) {
     throw new ConfigError(
-      `no embeddings for ${label} yet: run \`npm run embed\` with the same provider and model first (the index takes its dimension from them)`,
+      `no embeddings for ${label} yet: run \`pgembed embed\` with the same provider and model first (the index takes its dimension from them)`,
     );
   }
   const dimensions = target.dimensions ?? (stored.length === 1 ? stored[0]?.dimensions : undefined);

@@ -1,6 +1,7 @@
 import { type Kysely, sql } from 'kysely';
+import type { MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
-import { assertUniqueIds, type MessageSource, sourceRelation } from '../db/source.js';
+import { assertUniqueIds, sourceRelation } from '../db/source.js';
 
 export interface EligibleMessage {
   id: string;

@@ -1,12 +1,7 @@
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
+import type { IdType, MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
-import {
-  duplicateIdError,
-  type IdType,
-  type MessageSource,
-  quotedSource,
-  sourceRelation,
-} from '../db/source.js';
+import { duplicateIdError, quotedSource, sourceRelation } from '../db/source.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 

@@ -1,7 +1,7 @@
 import { type Kysely, type RawBuilder, sql } from 'kysely';
-import type { EmbeddingColumnType } from '../db/embedding-column.js';
+import type { EmbeddingColumnType, MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
-import { type MessageSource, sourceRelation } from '../db/source.js';
+import { sourceRelation } from '../db/source.js';
 import { vectorLiteral } from '../db/vector.js';
 
 export interface SearchHit {
@@ -23,7 +23,7 @@ export const HNSW_MAX_VECTOR_DIMENSIONS = 2000;
 export const HNSW_MAX_HALFVEC_DIMENSIONS = 4000;
 
 /**
- * What search orders by, and what `npm run index` indexes: the column cast to
+ * What search orders by, and what `pgembed index` indexes: the column cast to
  * one model's dimension, `embedding::vector(N)` (or `halfvec(N)` above 2,000
  * dimensions, or on a halfvec column). The two must be the same expression
  * for the index to serve the search, so both take it from here.
@@ -129,7 +129,7 @@ export function castExpression(cast: OrderCast, alias?: string): RawBuilder<unkn
  * (provider, model) at the query's dimension. On vector/halfvec columns it
  * orders by `embedding::vector(N) <=> $q::vector(N)` (halfvec(N) above 2,000
  * dimensions) under `provider = … and model = … and dimensions = N`, which is
- * what `npm run index` indexes, so an HNSW index serves it; the similarity
+ * what `pgembed index` indexes, so an HNSW index serves it; the similarity
  * shown is computed on the stored vectors, exactly. On real[] a plain SQL
  * cosine over every row of the model, exact and fine for tens of thousands
  * of rows. Exported so tests can EXPLAIN it.

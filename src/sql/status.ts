@@ -1,6 +1,7 @@
 import { type Kysely, sql } from 'kysely';
+import type { MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
-import { type MessageSource, sourceRelation } from '../db/source.js';
+import { sourceRelation } from '../db/source.js';
 import { startedTodayUtc } from './runs.js';
 
 export interface RunStatusRow {

@@ -67,13 +67,12 @@ describe('embedding with the bundled local model', () => {
 });
 
 /**
- * `npm run embed` the way a terminal runs it: npm, its `sh -c`, tsx and the
- * node process that runs pgembed share a process group of their own, and
- * Ctrl-C is a SIGINT to every process of the group at once. tsx passes the
- * signal on and kills its child (SIGINT again, then SIGKILL, 30 ms apart)
- * unless the child's own handler reports it within 30 ms: with the model on
- * the main thread, which holds it for most of a run, that report waits for
- * the model and the run dies half-recorded.
+ * `npm run embed` the way a terminal runs it: npm, its `sh -c` and the
+ * `pgembed` binary (node, through its `#!/usr/bin/env node` line) share a
+ * process group of their own, and Ctrl-C is a SIGINT to every process of the
+ * group at once. With the model working for most of a run, pgembed must still
+ * hear the signal, let the batches in flight commit and record the run before
+ * it exits, while npm and its shell die of the signal.
  */
 describe.each(backends())(
   'Ctrl-C through `npm run embed` with the local model on %s',

@@ -47,7 +47,7 @@ describe.each(backends())('migrate and seed against %s', (backend) => {
     await database?.drop();
   });
 
-  it('tells the user to run npm run migrate when --no-migrate meets an unmigrated database', async () => {
+  it('tells the user to run pgembed migrate when --no-migrate meets an unmigrated database', async () => {
     const result = await runCli('embed', ['--no-migrate'], {
       DATABASE_URL: database.url,
       OPENAI_BASE_URL: 'http://127.0.0.1:9/v1',
@@ -55,7 +55,7 @@ describe.each(backends())('migrate and seed against %s', (backend) => {
     expect(result.code, result.stderr).toBe(1);
     const lines = stderrLines(result);
     expect(lines, result.stderr).toHaveLength(1);
-    expect(lines[0]).toContain('npm run migrate');
+    expect(lines[0]).toContain('pgembed migrate');
     expect(result.stderr).not.toMatch(/^\s+at /m);
   });
 

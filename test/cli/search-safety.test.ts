@@ -1,11 +1,9 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
+import type { EmbeddingColumnType } from '../../src/db/names.js';
 import { searchIndexName } from '../../src/sql/index.js';
-import { type CliScript, runCli, stderrLines } from '../support/cli.js';
+import { runCli, stderrLines } from '../support/cli.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
 import { seedMessages } from '../support/embed-run.js';
 import { type FakeOpenAI, startFakeOpenAI } from '../support/fake-openai.js';
@@ -36,11 +34,8 @@ function rawControls(text: string): string[] {
 }
 const withoutNewlines = (text: string) => text.replaceAll('\n', '');
 
-// `npm run index` is src/cli/index.ts; test/support/cli.ts names the older scripts only.
-const INDEX: CliScript = 'index';
-
 describe.each(backends())(
-  'search and status on a terminal, and npm run index, on %s',
+  'search and status on a terminal, and pgembed index, on %s',
   (backend) => {
     let database: TestDatabase;
     let fake: FakeOpenAI;
@@ -119,7 +114,7 @@ describe.each(backends())(
     }, 60_000);
 
     it('creates the search index once, named from provider, model and dimensions; refuses real[] in one line', async () => {
-      const first = await runCli(INDEX, [], env());
+      const first = await runCli('index', [], env());
       if (columnType === 'real[]') {
         expect(first.code).toBe(1);
         expect(stderrLines(first)).toHaveLength(1);
@@ -133,12 +128,12 @@ describe.each(backends())(
       expect(first.stdout).toBe(
         `created index ${name} for openai/text-embedding-3-small at 1536 dimensions (4 rows, hnsw on embedding::vector(1536), cosine)\n`,
       );
-      const second = await runCli(INDEX, [], env());
+      const second = await runCli('index', [], env());
       expect(second.code, second.stderr).toBe(0);
       expect(second.stdout).toBe(
         `index ${name} already exists for openai/text-embedding-3-small at 1536 dimensions (4 rows, hnsw on embedding::vector(1536), cosine): nothing to do\n`,
       );
-      const short = await runCli(INDEX, ['--provider', 'short'], env());
+      const short = await runCli('index', ['--provider', 'short'], env());
       expect(short.code, short.stderr).toBe(0);
       expect(short.stdout).toBe(
         `created index ${searchIndexName('short', 'text-embedding-3-small', 256)} for short/text-embedding-3-small at 256 dimensions (4 rows, hnsw on embedding::vector(256), cosine); search with --dimensions 256\n`,

@@ -133,7 +133,7 @@ describe.each(backends())('status and search on %s', (backend) => {
     const none = await runCli('search', ['hello', '--model', 'text-embedding-3-large'], env());
     expect(none.code).toBe(1);
     expect(none.stderr.trim()).toMatch(
-      /^pgembed: no embeddings for openai\/text-embedding-3-large yet: run `npm run embed`/,
+      /^pgembed: no embeddings for openai\/text-embedding-3-large yet: run `pgembed embed`/,
     );
     const empty = await runCli('search', [], env());
     expect(empty.code).toBe(1);

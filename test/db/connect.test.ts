@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openDatabase, parseDatabaseUrl } from '../../src/db/connect.js';
+import { openDatabase } from '../../src/db/connect.js';
+import { parseDatabaseUrl } from '../../src/db/names.js';
 import { ConfigError, DatabaseConnectionError } from '../../src/errors.js';
 import { redactUrl } from '../../src/redact.js';
 import { startEmbeddedPostgres } from '../support/global-setup.js';

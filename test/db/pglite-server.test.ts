@@ -7,7 +7,8 @@ import { Kysely, sql } from 'kysely';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { PGliteDialect } from '../../src/db/pglite-dialect.js';
-import { PGliteServer, pgConfig } from '../../src/db/pglite-server.js';
+import { pgConfig } from '../../src/db/pglite-lock.js';
+import { PGliteServer } from '../../src/db/pglite-server.js';
 import { PGliteSession } from '../../src/db/pglite-session.js';
 
 /** Resolves once `check` holds, looking again on every turn of the event loop. */

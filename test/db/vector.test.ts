@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
-import type { EmbeddingColumnType } from '../../src/db/embedding-column.js';
+import type { EmbeddingColumnType } from '../../src/db/names.js';
 import { float4ArraySend, parseVector, vectorLiteral, vectorSend } from '../../src/db/vector.js';
 import { backends, createTestDatabase, type TestDatabase } from '../support/db.js';
 

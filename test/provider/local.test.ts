@@ -1,3 +1,4 @@
+import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { ProviderFatalError } from '../../src/errors.js';
 import { createLocalProvider } from '../../src/provider/local.js';
@@ -73,6 +74,23 @@ describe('the local provider', () => {
         /^the local model universal-sentence-encoder-lite failed: /,
       );
       expect((await provider.embed(['still here'])).vectors).toHaveLength(1);
+    } finally {
+      await provider.close();
+    }
+  }, 60_000);
+
+  // A run with nothing to embed must not pay for the model (~0.5 s, ~115 MB):
+  // its worker thread, and the model in it, start with the first real call.
+  it('loads the model on the first call with inputs, not when created', async () => {
+    const threads = () => readdirSync('/proc/self/task').length;
+    const before = threads();
+    const provider = await createLocalProvider();
+    try {
+      expect(threads(), 'created: no worker thread yet').toBe(before);
+      expect((await provider.embed([])).vectors).toEqual([]);
+      expect(threads(), 'nothing to embed: still none').toBe(before);
+      expect((await provider.embed(['now it loads'])).vectors).toHaveLength(1);
+      expect(threads()).toBeGreaterThan(before);
     } finally {
       await provider.close();
     }

@@ -3,13 +3,14 @@ import { type Kysely, sql } from 'kysely';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
+import {
+  DEFAULT_SOURCE,
+  type EmbeddingColumnType,
+  type MessageSource,
+} from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
-import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/source.js';
 import { ConfigError } from '../../src/errors.js';
 import { captureMode, registerSource, WAKE_CHANNEL } from '../../src/sql/capture.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';

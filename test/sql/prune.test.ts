@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
-import { DEFAULT_SOURCE } from '../../src/db/source.js';
+import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { pruneHistory } from '../../src/sql/prune.js';
 import { backends, useMigratedDatabase } from '../support/db.js';
 import { insertEmbeddings, sha256 } from '../support/queue-fixture.js';

@@ -2,7 +2,7 @@ import { sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
-import { DEFAULT_SOURCE } from '../../src/db/source.js';
+import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import {
   analyzeQueueIfStale,

@@ -1,13 +1,10 @@
 import { type Kysely, sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
+import { DEFAULT_SOURCE, type EmbeddingColumnType } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
-import { DEFAULT_SOURCE } from '../../src/db/source.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import { ConfigError } from '../../src/errors.js';
 import { createSearchIndex, searchIndexName } from '../../src/sql/index.js';

@@ -1,10 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { inject } from 'vitest';
 import { SETTINGS } from '../../src/config.js';
 
-export type CliScript =
+export type CliCommand =
   | 'embed'
   | 'seed'
   | 'migrate'
@@ -40,15 +39,6 @@ export interface RunningCli {
 
 export const repoRoot = fileURLToPath(new URL('../..', import.meta.url));
 
-/** The test run's compiled CLI (global-setup), or undefined outside vitest. */
-function compiledCli(): string | undefined {
-  try {
-    return inject('cliBuildDir');
-  } catch {
-    return undefined;
-  }
-}
-
 /**
  * Every setting's variable is present but blank unless the test sets it: the CLI
  * reads .env without overriding the environment, so a developer's .env (with a
@@ -66,21 +56,27 @@ function childEnv(env: Record<string, string>): Record<string, string> {
 }
 
 /**
- * Starts `src/cli/<script>.ts` as a real child process, compiled (see
- * global-setup's compileCli), as the Docker image runs it.
+ * The `pgembed` binary, the file `npm ci` links into node_modules/.bin: built
+ * by the suite's global-setup, or by `npm run bench` for bench/lib.ts.
+ */
+export const builtBinary = join(repoRoot, 'dist', 'src', 'cli', 'pgembed.js');
+
+/**
+ * Starts `pgembed <command>` as a real child process: the compiled binary
+ * (see global-setup's compileCli), as a user and the Docker image run it.
  */
 export function startCli(
-  script: CliScript,
+  command: CliCommand,
   args: string[],
   env: Record<string, string>,
   options: CliOptions = {},
 ): RunningCli {
-  const built = compiledCli();
-  // Outside vitest (bench/lib.ts spawns workers too), through tsx.
-  const argv = built
-    ? [join(built, 'src', 'cli', `${script}.js`)]
-    : ['--import', import.meta.resolve('tsx'), join(repoRoot, 'src', 'cli', `${script}.ts`)];
-  return startNode(`${script} ${args.join(' ')}`, [...argv, ...args], env, options);
+  return startNode(
+    `pgembed ${command} ${args.join(' ')}`,
+    [builtBinary, command, ...args],
+    env,
+    options,
+  );
 }
 
 /**
@@ -185,14 +181,14 @@ export function startNode(
   return { child, result, waitForStdoutLine };
 }
 
-/** Runs `src/cli/<script>.ts` to completion. */
+/** Runs `pgembed <command>` to completion. */
 export function runCli(
-  script: CliScript,
+  command: CliCommand,
   args: string[],
   env: Record<string, string>,
   options: CliOptions = {},
 ): Promise<CliResult> {
-  return startCli(script, args, env, options).result;
+  return startCli(command, args, env, options).result;
 }
 
 /** The stderr lines, without the trailing empty one. */

@@ -2,11 +2,9 @@ import { type Kysely, sql } from 'kysely';
 import { afterAll, beforeAll, beforeEach } from 'vitest';
 import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
 import type { Database } from '../../src/db/connect.js';
-import {
-  type EmbeddingColumnType,
-  readEmbeddingColumnType,
-} from '../../src/db/embedding-column.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import type { EmbeddingWriter } from '../../src/db/embedding-writer.js';
+import type { EmbeddingColumnType } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { openAIProviderFor } from '../../src/provider/create.js';

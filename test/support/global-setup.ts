@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -13,8 +13,6 @@ declare module 'vitest' {
     postgresServerSource: string;
     /** An initialised, empty PGlite directory that test databases start as a copy of. */
     pgliteTemplateDir: string;
-    /** This run's compile of src/ and migrations/, which spawned CLI processes run. */
-    cliBuildDir: string;
   }
 }
 
@@ -29,35 +27,26 @@ export default async function setup(project: TestProject) {
   const { PGlite } = await import('@electric-sql/pglite');
   await (await PGlite.create(template)).close();
   project.provide('pgliteTemplateDir', template);
-  const build = compileCli();
-  project.provide('cliBuildDir', build);
+  buildBinary();
   const stopServer = await pickServer(project);
   return async () => {
     await stopServer?.();
     rmSync(template, { recursive: true, force: true });
-    rmSync(build, { recursive: true, force: true });
   };
 }
 
 /**
- * Compiles src/ and migrations/ once for the spawned CLI processes, as the
- * Docker image runs them: a child started through tsx spent 2.1 s of CPU
+ * Builds dist/ as `npm run build` does, so every spawned command is the
+ * `pgembed` binary a user runs (node_modules/.bin/pgembed after `npm ci`),
+ * compiled from this tree: a child started through tsx spent 2.1 s of CPU
  * before its first line, compiled JavaScript 0.66 s (measured here), and the
- * suite starts a few hundred. Fresh for every run, never a stale dist/; in
- * node_modules/.cache so the compiled files resolve the same packages.
+ * suite starts a few hundred. Fresh for every run, never a stale dist/.
  */
-function compileCli(): string {
-  const root = fileURLToPath(new URL('../..', import.meta.url));
-  const cache = join(root, 'node_modules', '.cache');
-  mkdirSync(cache, { recursive: true });
-  const dir = mkdtempSync(join(cache, 'pgembed-cli-'));
-  const tsc = createRequire(import.meta.url).resolve('typescript/lib/tsc.js');
-  execFileSync(
-    process.execPath,
-    [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', dir, '--sourceMap', 'false'],
-    { stdio: 'inherit' },
-  );
-  return dir;
+function buildBinary(): void {
+  execFileSync('npm', ['run', '--silent', 'build'], {
+    cwd: fileURLToPath(new URL('../..', import.meta.url)),
+    stdio: 'inherit',
+  });
 }
 
 /**

@@ -1,8 +1,7 @@
 import { createHash } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
-import type { EmbeddingColumnType } from '../../src/db/embedding-column.js';
+import type { EmbeddingColumnType, IdType, MessageSource } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
-import type { IdType, MessageSource } from '../../src/db/source.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import { type ClaimScope, ensureTarget } from '../../src/sql/queue.js';
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
-import { DEFAULT_SOURCE } from '../../src/db/source.js';
+import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { claimBatch } from '../../src/sql/queue.js';
 import { ClaimKeyset } from '../../src/worker/claim-keyset.js';
 import { backends, useMigratedDatabase } from '../support/db.js';
