@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- --only overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
+ * npm run bench [-- --only startup,overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
@@ -16,11 +16,12 @@ import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
 import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
 import { type Backend, runWorker, seedTemplate, shortMessages, type Template } from './lib.js';
 import { runPeer } from './peer.js';
+import { startupBench } from './startup.js';
 import { syncBench } from './sync.js';
 
 const { values } = parseArgs({
   options: {
-    only: { type: 'string', default: 'overhead,short,latency,rate,fleet,memory,peer' },
+    only: { type: 'string', default: 'startup,overhead,short,latency,rate,fleet,memory,peer' },
     backends: { type: 'string', default: 'pglite,postgres' },
     'rate-seconds': { type: 'string', default: '120' },
     'rate-tpm': { type: 'string', default: '1000000' },
@@ -64,6 +65,16 @@ const log = (text: string) => process.stderr.write(`bench: ${text}\n`);
 // tokenizes on its own machines: count each text's tokens before any timing.
 const prime = (messages: Iterable<SeedMessage>) =>
   fake.primeTokenCounts(Array.from(messages, (m) => m.content));
+
+if (only.has('startup')) {
+  try {
+    await startupBench({ serverUrl, fakeUrl: fake.url, log, row, results });
+  } catch (error) {
+    results.startup_error = String(error);
+    log(`startup failed: ${error}`);
+  }
+  save();
+}
 
 const corpusScenarios = ['overhead', 'latency', 'rate', 'fleet', 'memory', 'peer'];
 for (const backend of corpusScenarios.some((name) => only.has(name)) ? backendList : []) {
