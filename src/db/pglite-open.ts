@@ -6,7 +6,7 @@ import type { Database, OpenOptions, Serving } from './connect.js';
 import { pgliteEmbeddingWriter } from './embedding-writer.js';
 import { PGliteDialect } from './pglite-dialect.js';
 import type { HeldLock } from './pglite-lock.js';
-import { PGliteServer, psqlCommand } from './pglite-server.js';
+import type { PGliteServer } from './pglite-server.js';
 import { PGliteSession } from './pglite-session.js';
 import type { DB } from './schema.js';
 
@@ -35,6 +35,8 @@ export async function openPGlite(
   let server: PGliteServer | undefined;
   if (lock && options.serve) {
     try {
+      // pglite-socket only for a command that serves (embed, seed).
+      const { PGliteServer } = await import('./pglite-server.js');
       server = await PGliteServer.start(pglite, session, lock.dir, { notice });
       lock.announce(server.address);
     } catch (error) {
@@ -55,7 +57,7 @@ export async function openPGlite(
   let cutOff = false;
   let closed = false;
   const serving: Serving | undefined = server && {
-    psql: psqlCommand(server.address),
+    psql: server.psql,
     clients: () => server?.clients ?? 0,
     cutOffClients() {
       // Now, not at close: a client holding the session must not keep this

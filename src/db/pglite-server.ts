@@ -111,6 +111,11 @@ export class PGliteServer {
     return this.#address;
   }
 
+  /** The exact psql command that reaches this server. */
+  get psql(): string {
+    return psqlCommand(this.address);
+  }
+
   get clients(): number {
     return this.#clients.size;
   }
@@ -140,7 +145,7 @@ export class PGliteServer {
 }
 
 /** The exact psql command for an address, as the holder prints it. */
-export function psqlCommand(address: ServeAddress): string {
+function psqlCommand(address: ServeAddress): string {
   return `psql -h ${shellQuote(address.socketDir)} -p ${address.port} -U postgres postgres`;
 }
 

@@ -167,5 +167,7 @@ describe.each(backends())('what a command loads on %s', (backend) => {
     ).toEqual([]);
     expect(result.packages.has('@electric-sql/pglite')).toBe(backend === 'pglite');
     expect(result.packages.has(backend === 'pglite' ? '@electric-sql/pglite' : 'pg')).toBe(true);
+    // A short command does not serve its PGlite directory: no socket server.
+    expect(result.packages.has('@electric-sql/pglite-socket')).toBe(false);
   });
 });
