@@ -39,10 +39,10 @@ export function postgresEmbeddingWriter(columnType: EmbeddingColumnType): Embedd
 }
 
 /**
- * PGlite: binary COPY from a blob into a stage table, then one upsert. Its
- * query parameters travel as text, so COPY is its binary path: ~0.14 ms a
- * row against ~2 ms for decimal text (BENCHMARKS.md). The stage table has a
- * bigint id and no halfvec column, so the rest goes as text.
+ * PGlite: the batch's rows deleted, then binary COPY from a blob. Its query
+ * parameters travel as text, so COPY is its binary path: ~0.14 ms a row
+ * against ~2 ms for decimal text (BENCHMARKS.md). The encoder writes bigint
+ * ids and no halfvec, so the rest goes as text.
  */
 export function pgliteEmbeddingWriter(
   copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,

@@ -1,5 +1,5 @@
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
-import { encodeStageRows } from '../db/copy-binary.js';
+import { COPY_COLUMNS, encodeEmbeddingRows } from '../db/copy-binary.js';
 import type { DB } from '../db/schema.js';
 
 export interface EmbeddedRow {
@@ -165,9 +165,14 @@ export async function recordBatch(
 }
 
 /**
- * The bulk path: COPY the batch's rows into a session-local stage table in
- * binary, then upsert them with one INSERT … SELECT. On PGlite this is ~14x
- * cheaper than the multi-row VALUES upsert (no decimal parsing of vectors).
+ * The bulk path, for PGlite: the batch's rows of this model deleted, then
+ * COPYed in, binary, in the caller's transaction: an upsert in two
+ * statements. It was a COPY into a session-local stage table and an
+ * INSERT … SELECT … ON CONFLICT from it; the stage table cost its create
+ * (if not exists) and, at every commit, its truncation in the file system,
+ * and the upsert a plan: 2.0 ms a batch of 8 emails, against 1.4 ms so
+ * (BENCHMARKS.md, "The hot path, third pass"). A batch never holds a message
+ * twice (claims are unique; a view that repeats an id is refused).
  */
 export async function upsertEmbeddingsViaCopy(
   trx: Transaction<DB>,
@@ -176,27 +181,11 @@ export async function upsertEmbeddingsViaCopy(
   rows: EmbeddedRow[],
 ): Promise<void> {
   if (rows.length === 0) return;
-  // Temp and `on commit delete rows`: private to the session, empty after each
-  // batch. Named by column type: PGlite's one session outlives a database's
-  // tables, and a stage of another type would take this COPY's bytes as its own.
-  const stageName = target.columnType === 'vector' ? 'pgembed_stage_vector' : 'pgembed_stage_real';
-  const stage = sql.raw(stageName);
-  await sql`create temp table if not exists ${stage} (
-      message_id bigint, embedding ${sql.raw(target.columnType)}, dimensions int,
-      content_sha256 bytea, input_tokens int, truncated boolean)
-      with (toast_tuple_target = 8160) on commit delete rows`.execute(trx);
+  await sql`delete from message_embeddings
+    where provider = ${target.provider} and model = ${target.model}
+      and message_id = any(${rows.map((r) => r.messageId)}::bigint[])`.execute(trx);
   await copyFromBlob(
-    `copy ${stageName} from '/dev/blob' with (format binary)`,
-    encodeStageRows(rows, target.columnType),
+    `copy message_embeddings (${COPY_COLUMNS}) from '/dev/blob' with (format binary)`,
+    encodeEmbeddingRows(target, rows, target.columnType),
   );
-  await sql`
-    insert into message_embeddings
-      (provider, model, message_id, embedding, dimensions, content_sha256, input_tokens, truncated, run_id)
-    select ${target.provider}, ${target.model}, message_id, embedding, dimensions, content_sha256,
-           input_tokens, truncated, ${target.runId}::bigint
-    from ${stage}
-    on conflict (provider, model, message_id) do update set
-      embedding = excluded.embedding, dimensions = excluded.dimensions,
-      content_sha256 = excluded.content_sha256, input_tokens = excluded.input_tokens,
-      truncated = excluded.truncated, run_id = excluded.run_id, embedded_at = now()`.execute(trx);
 }
