@@ -180,6 +180,38 @@ describe.each(backends())('the change queue on %s', (backend) => {
       ).toEqual([]);
     });
 
+    it('hashes what it read as the database does, so the fence settles it', async () => {
+      const scope = await f.scope(SMALL);
+      const texts = [
+        'plain ascii',
+        'naïve café, Ünïcödé',
+        '日本語のテキスト',
+        'emoji 🎉👩‍👩‍👧 and a combining e\u0301',
+        'tabs\tand\r\nnewlines',
+        `${'long '.repeat(20_000)}end`,
+      ];
+      await f.messages(texts.map((text, i) => [i + 1, text]));
+      const claimed = await claimBatch(db(), scope, {
+        after: null,
+        limit: 10,
+        ignoreBackoff: false,
+      });
+      const { rows } = await sql<{ id: string; sha: string }>`
+        select id::text as id, encode(sha256(convert_to(content, 'UTF8')), 'hex') as sha
+        from messages order by id`.execute(db());
+      expect(claimed.map((c) => [c.id, c.sha256Hex])).toEqual(rows.map((r) => [r.id, r.sha]));
+      const settled = await db()
+        .transaction()
+        .execute((trx) =>
+          settleClaims(
+            trx,
+            scope,
+            claimed.map((c) => ({ id: c.id, sha256Hex: c.sha256Hex })),
+          ),
+        );
+      expect(settled.size).toBe(texts.length);
+    });
+
     it('claims at most limit rows, after the keyset only', async () => {
       const scope = await f.scope(SMALL);
       await f.messages(range(1, 8).map((id) => [id, `message ${id}`]));
