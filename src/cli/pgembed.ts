@@ -43,6 +43,11 @@ function version(): string {
   return 'unknown';
 }
 
+/** Own keys only: `pgembed constructor` is an unknown command, not Object's. */
+function commandNamed(name: string | undefined): Command | undefined {
+  return name !== undefined && Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+}
+
 function overview(): string {
   const width = Math.max(...Object.keys(COMMANDS).map((name) => name.length));
   return [
@@ -66,11 +71,11 @@ await runCli(async (argv) => {
     return 0;
   }
   if (name === 'help') {
-    const command = rest[0] === undefined ? undefined : COMMANDS[rest[0]];
+    const command = commandNamed(rest[0]);
     process.stdout.write(`${command ? commandHelp(command) : overview()}\n`);
     return 0;
   }
-  const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+  const command = commandNamed(name);
   if (!command) {
     throw new ConfigError(
       `unknown command '${name}': use one of ${Object.keys(COMMANDS).join(', ')} (pgembed --help)`,

@@ -79,7 +79,8 @@ function loadedOf(packages: Set<string>, names: string[]): string[] {
 
 describe('the pgembed binary', () => {
   it('lists its commands when run bare, and with --help', async () => {
-    for (const args of [[], ['--help'], ['help']]) {
+    // `help constructor`: an own command name only, never one of Object's.
+    for (const args of [[], ['--help'], ['help'], ['help', 'constructor']]) {
       const result = await traced(args);
       expect(result.code, result.stderr).toBe(0);
       expect(result.stdout).toMatch(/^usage: pgembed <command> \[flags\]\n/);
