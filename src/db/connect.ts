@@ -6,8 +6,12 @@ import { DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { WAKE_CHANNEL } from '../sql/capture.js';
 import { type EmbeddingWriter, postgresEmbeddingWriter } from './embedding-writer.js';
-import type { EmbeddingColumnType } from './names.js';
-import { type DatabaseTarget, type IdType, parseDatabaseUrl } from './names.js';
+import {
+  type DatabaseTarget,
+  type EmbeddingColumnType,
+  type IdType,
+  parseDatabaseUrl,
+} from './names.js';
 import { acquireDirectoryLock, pgConfig, stillServing } from './pglite-lock.js';
 import type { DB } from './schema.js';
 
@@ -168,7 +172,6 @@ async function openPostgres(
     throw new DatabaseConnectionError(describeError(error), { cause: error });
   }
   const db = new Kysely<DB>({ dialect: new PostgresDialect({ pool }) });
-  let closed = false;
   return {
     db,
     backend: 'postgres',
@@ -176,9 +179,8 @@ async function openPostgres(
     embeddingWriter: (columnType) => postgresEmbeddingWriter(columnType),
     watchChanges:
       options.listen === false ? undefined : (onChange) => listenForChanges(connection, onChange),
+    // Once: openDatabase guards it.
     async close() {
-      if (closed) return;
-      closed = true;
       await db.destroy(); // ends the pool
     },
   };

@@ -1,21 +1,6 @@
+import type { EmbeddedRow, WriteTarget } from '../sql/batches.js';
 import type { EmbeddingColumnType } from './names.js';
 import { float4ArraySend, vectorSend } from './vector.js';
-
-/** One embedding row, for binary COPY into message_embeddings. */
-export interface CopyRow {
-  messageId: string;
-  vector: Float32Array;
-  sha256Hex: string;
-  inputTokens: number;
-  truncated: boolean;
-}
-
-/** What every row of one batch shares: its target and the run writing it. */
-export interface CopyTarget {
-  provider: string;
-  model: string;
-  runId: string;
-}
 
 const SIGNATURE = Buffer.from('PGCOPY\n\xff\r\n\0', 'latin1');
 
@@ -32,8 +17,8 @@ export const COPY_COLUMNS =
  * ~0.14 ms. Floats are sent as their exact bits.
  */
 export function encodeEmbeddingRows(
-  target: CopyTarget,
-  rows: CopyRow[],
+  target: WriteTarget,
+  rows: EmbeddedRow[],
   type: Exclude<EmbeddingColumnType, 'halfvec'>,
 ): Buffer {
   const provider = Buffer.from(target.provider, 'utf8');

@@ -55,7 +55,6 @@ export async function openPGlite(
     })());
   let stopWaiting = () => {};
   let cutOff = false;
-  let closed = false;
   const serving: Serving | undefined = server && {
     psql: server.psql,
     clients: () => server?.clients ?? 0,
@@ -86,9 +85,8 @@ export async function openPGlite(
       };
       return pgliteEmbeddingWriter(copyFromBlob, columnType, idType);
     },
+    // Once: openDatabase guards it.
     async close() {
-      if (closed) return;
-      closed = true;
       if (server && !cutOff && server.clients > 0) {
         notice(
           `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
