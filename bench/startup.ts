@@ -12,10 +12,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { SETTINGS } from '../src/config.js';
+import { builtBinary, childEnv, repoRoot } from '../test/support/cli.js';
 
-const repoRoot = fileURLToPath(new URL('..', import.meta.url));
-const binary = join(repoRoot, 'dist', 'src', 'cli', 'pgembed.js');
 const peakRss = fileURLToPath(new URL('./peak-rss.mjs', import.meta.url));
 
 export interface StartupFigure {
@@ -32,12 +30,6 @@ interface Context {
   log: (text: string) => void;
   row: (...cells: Array<string | number>) => void;
   results: Record<string, unknown>;
-}
-
-/** Every setting blank unless given, as the tests run the CLI: a developer's .env changes nothing. */
-function env(extra: Record<string, string>): NodeJS.ProcessEnv {
-  const blanks = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.env, '']));
-  return { PATH: process.env.PATH, HOME: process.env.HOME, ...blanks, ...extra };
 }
 
 function measure(
@@ -62,7 +54,7 @@ function measure(
       const started = process.hrtime.bigint();
       const child = spawnSync(command, args, {
         cwd: repoRoot,
-        env: env({
+        env: childEnv({
           ...options.env,
           PGEMBED_PEAK_RSS_FILE: rssFile,
           NODE_OPTIONS: `--import ${peakRss}`,
@@ -116,8 +108,8 @@ export async function startupBench(context: Context): Promise<void> {
   };
   const openai = { OPENAI_BASE_URL: fakeUrl, OPENAI_API_KEY: 'sk-bench' };
   try {
-    add(measure('pgembed --help', process.execPath, [binary, '--help']), '≤ 0.3 s');
-    add(measure('pgembed status --help', process.execPath, [binary, 'status', '--help']));
+    add(measure('pgembed --help', process.execPath, [builtBinary, '--help']), '≤ 0.3 s');
+    add(measure('pgembed status --help', process.execPath, [builtBinary, 'status', '--help']));
     add(
       measure('pgembed --help through tsx (the sources)', process.execPath, [
         '--import',
@@ -139,7 +131,7 @@ export async function startupBench(context: Context): Promise<void> {
       measure(
         'pgembed status, Postgres, no tables yet (exit 1)',
         process.execPath,
-        [binary, 'status'],
+        [builtBinary, 'status'],
         {
           env: pg,
           expectCode: 1,
@@ -148,24 +140,31 @@ export async function startupBench(context: Context): Promise<void> {
     );
     // The embed below migrates the database: status then has tables to read.
     add(
-      measure('pgembed embed, Postgres, nothing to do', process.execPath, [binary, 'embed'], {
+      measure('pgembed embed, Postgres, nothing to do', process.execPath, [builtBinary, 'embed'], {
         env: { ...pg, ...openai },
       }),
     );
     add(
-      measure('pgembed status, Postgres, empty', process.execPath, [binary, 'status'], { env: pg }),
+      measure('pgembed status, Postgres, empty', process.execPath, [builtBinary, 'status'], {
+        env: pg,
+      }),
       '≤ 0.6 s',
     );
     const pglite = { DATABASE_URL: `pglite:${pgliteDir}` };
     add(
-      measure('pgembed embed, PGlite, first start (initdb)', process.execPath, [binary, 'embed'], {
-        env: { ...pglite, ...openai },
-        runs: 1,
-        warm: false,
-      }),
+      measure(
+        'pgembed embed, PGlite, first start (initdb)',
+        process.execPath,
+        [builtBinary, 'embed'],
+        {
+          env: { ...pglite, ...openai },
+          runs: 1,
+          warm: false,
+        },
+      ),
     );
     add(
-      measure('pgembed embed, PGlite, nothing to do', process.execPath, [binary, 'embed'], {
+      measure('pgembed embed, PGlite, nothing to do', process.execPath, [builtBinary, 'embed'], {
         env: { ...pglite, ...openai },
         runs: 5,
       }),
@@ -174,12 +173,12 @@ export async function startupBench(context: Context): Promise<void> {
       measure(
         'pgembed embed, PGlite, nothing to do, local model',
         process.execPath,
-        [binary, 'embed'],
+        [builtBinary, 'embed'],
         { env: pglite, runs: 5 },
       ),
     );
     add(
-      measure('pgembed status, PGlite, empty', process.execPath, [binary, 'status'], {
+      measure('pgembed status, PGlite, empty', process.execPath, [builtBinary, 'status'], {
         env: pglite,
         runs: 5,
       }),

@@ -19,7 +19,6 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type CompiledQuery, Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
-import { SETTINGS } from '../src/config.js';
 import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
 import { migrateToLatest } from '../src/db/migrator.js';
@@ -28,6 +27,7 @@ import type { DB } from '../src/db/schema.js';
 import { WAKE_CHANNEL } from '../src/sql/capture.js';
 import { type ClaimScope, claimBatch, claimOldest } from '../src/sql/queue.js';
 import { reconcile } from '../src/sql/reconcile.js';
+import { builtBinary, childEnv } from '../test/support/cli.js';
 import { withAdminClient } from '../test/support/db.js';
 import { type FakeOpenAI, startFakeOpenAI } from '../test/support/fake-openai.js';
 import type { Backend } from './lib.js';
@@ -126,21 +126,11 @@ interface CliResult {
  * .env (read without overriding the environment) changes nothing here.
  */
 function startEmbed(args: string[], env: Record<string, string>, timeoutMs: number) {
-  const blanks = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.env, '']));
-  const child = spawn(
-    process.execPath,
-    [join(repoRoot, 'dist', 'src', 'cli', 'pgembed.js'), 'embed', ...args],
-    {
-      cwd: repoRoot,
-      env: {
-        PATH: process.env.PATH ?? '/usr/bin:/bin',
-        HOME: process.env.HOME ?? '/tmp',
-        ...blanks,
-        ...env,
-      },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    },
-  );
+  const child = spawn(process.execPath, [builtBinary, 'embed', ...args], {
+    cwd: repoRoot,
+    env: childEnv(env),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stdout = '';
   let stderr = '';
   const waiters = new Set<() => void>();

@@ -45,7 +45,7 @@ export const repoRoot = fileURLToPath(new URL('../..', import.meta.url));
  * real OPENAI_API_KEY, say) cannot change what a test sees. Blank means unset
  * to the settings resolver.
  */
-function childEnv(env: Record<string, string>): Record<string, string> {
+export function childEnv(env: Record<string, string>): Record<string, string> {
   const blanks = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.env, '']));
   return {
     PATH: process.env.PATH ?? '/usr/bin:/bin',
@@ -63,7 +63,7 @@ export const builtBinary = join(repoRoot, 'dist', 'src', 'cli', 'pgembed.js');
 
 /**
  * Starts `pgembed <command>` as a real child process: the compiled binary
- * (see global-setup's compileCli), as a user and the Docker image run it.
+ * (see global-setup's buildBinary), as a user and the Docker image run it.
  */
 export function startCli(
   command: CliCommand,
