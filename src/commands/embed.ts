@@ -105,7 +105,7 @@ export async function embed(config: EmbedConfig, levelAsked: boolean): Promise<n
 
     const run = new EmbedRun({
       db: database.db,
-      writer: database.embeddingWriter(columnType, idType),
+      committer: database.batchCommitter(columnType),
       idType,
       provider,
       config,

@@ -5,6 +5,7 @@ import pg from 'pg';
 import { DatabaseConnectionError } from '../errors.js';
 import { redactUrl } from '../redact.js';
 import { WAKE_CHANNEL } from '../sql/capture.js';
+import { type BatchCommitter, localCommitter } from '../worker/commit.js';
 import { type EmbeddingWriter, postgresEmbeddingWriter } from './embedding-writer.js';
 import {
   type DatabaseTarget,
@@ -20,6 +21,8 @@ export interface Database {
   readonly backend: DatabaseTarget['kind'];
   /** How this backend writes a batch's vectors into a column of this type, chosen once. */
   embeddingWriter(columnType: EmbeddingColumnType, idType: IdType): EmbeddingWriter;
+  /** How a run commits its batches here, vectors written as embeddingWriter writes them. */
+  batchCommitter(columnType: EmbeddingColumnType): BatchCommitter;
   /** Where we are connected, password removed: safe for logs. */
   readonly describe: string;
   /** Set while this process serves its PGlite directory to other processes. */
@@ -66,7 +69,6 @@ export interface OpenOptions {
 export interface Serving {
   /** The exact psql command that reaches the database. */
   readonly psql: string;
-  readonly clients: () => number;
   /** Close does not wait for connected clients; if it is waiting, it stops waiting. */
   cutOffClients(): void;
 }
@@ -177,6 +179,7 @@ async function openPostgres(
     backend: 'postgres',
     describe,
     embeddingWriter: (columnType) => postgresEmbeddingWriter(columnType),
+    batchCommitter: (columnType) => localCommitter(postgresEmbeddingWriter(columnType)),
     watchChanges:
       options.listen === false ? undefined : (onChange) => listenForChanges(connection, onChange),
     // Once: openDatabase guards it.

@@ -1,4 +1,3 @@
-import type { PGlite } from '@electric-sql/pglite';
 import {
   CompiledQuery,
   type DatabaseConnection,
@@ -11,25 +10,22 @@ import {
   type QueryResult,
   type TransactionSettings,
 } from 'kysely';
-import type { PGliteSession } from './pglite-session.js';
+import type { EngineConnection, PGliteEngine } from './pglite-engine.js';
 
 /**
  * Kysely dialect for PGlite. Written here because the published ones do not
  * accept PGlite 0.5 as a peer. PGlite is a single session, so the driver hands
  * out its one connection to one caller at a time: a transaction owns it until
  * commit or rollback, and everyone else (this process's other callers and the
- * clients served over the socket) queues on the same PGliteSession.
+ * clients served over the socket) queues on the same session (PGliteEngine).
  */
 export class PGliteDialect implements Dialect {
-  constructor(
-    private readonly pglite: PGlite,
-    private readonly session: PGliteSession,
-  ) {}
+  constructor(private readonly engine: PGliteEngine) {}
   createAdapter() {
     return new PostgresAdapter();
   }
   createDriver(): Driver {
-    return new PGliteDriver(this.pglite, this.session);
+    return new PGliteDriver(this.engine);
   }
   createIntrospector(db: Kysely<unknown>) {
     return new PostgresIntrospector(db);
@@ -40,15 +36,12 @@ export class PGliteDialect implements Dialect {
 }
 
 class PGliteDriver implements Driver {
-  constructor(
-    private readonly pglite: PGlite,
-    private readonly session: PGliteSession,
-  ) {}
+  constructor(private readonly engine: PGliteEngine) {}
 
   async init(): Promise<void> {}
 
   async acquireConnection(): Promise<DatabaseConnection> {
-    return new PGliteConnection(this.pglite, await this.session.acquire());
+    return new PGliteConnection(await this.engine.acquire());
   }
 
   async beginTransaction(connection: DatabaseConnection, settings: TransactionSettings) {
@@ -68,18 +61,19 @@ class PGliteDriver implements Driver {
     (connection as PGliteConnection).release();
   }
 
-  // The PGlite instance belongs to whoever opened it (see connect.ts).
+  // The engine belongs to whoever opened it (see pglite-open.ts).
   async destroy(): Promise<void> {}
 }
 
 class PGliteConnection implements DatabaseConnection {
-  constructor(
-    private readonly pglite: PGlite,
-    readonly release: () => void,
-  ) {}
+  constructor(private readonly connection: EngineConnection) {}
+
+  release(): void {
+    this.connection.release();
+  }
 
   async executeQuery<R>(compiled: CompiledQuery): Promise<QueryResult<R>> {
-    const result = await this.pglite.query<R>(compiled.sql, compiled.parameters as unknown[]);
+    const result = await this.connection.query<R>(compiled.sql, compiled.parameters);
     return {
       rows: result.rows,
       numAffectedRows: result.affectedRows === undefined ? undefined : BigInt(result.affectedRows),

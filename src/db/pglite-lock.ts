@@ -41,6 +41,15 @@ export function pgConfig(address: ServeAddress) {
   return { host: address.socketDir, port: address.port, user: 'postgres', database: 'postgres' };
 }
 
+/** The exact psql command that reaches a served directory, as the holder prints it. */
+export function psqlCommand(address: ServeAddress): string {
+  return `psql -h ${shellQuote(address.socketDir)} -p ${address.port} -U postgres postgres`;
+}
+
+function shellQuote(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
+}
+
 export const LOCK_FILE = 'pgembed.lock';
 const TAKEOVER_FILE = 'pgembed.lock.takeover';
 // A lock file created but never written, or a takeover marker, is a process

@@ -1,20 +1,18 @@
 import { resolve } from 'node:path';
-import { PGlite } from '@electric-sql/pglite';
-import { vector } from '@electric-sql/pglite-pgvector';
 import { Kysely } from 'kysely';
 import type { Database, OpenOptions, Serving } from './connect.js';
 import { pgliteEmbeddingWriter } from './embedding-writer.js';
 import { PGliteDialect } from './pglite-dialect.js';
-import type { HeldLock } from './pglite-lock.js';
-import type { PGliteServer } from './pglite-server.js';
-import { PGliteSession } from './pglite-session.js';
+import { type HeldLock, psqlCommand, type ServeAddress } from './pglite-lock.js';
+import { PGliteThread } from './pglite-thread-client.js';
 import type { DB } from './schema.js';
 
 /*
- * The embedded database, in this process: PGlite with pgvector, and the
- * socket that serves it to others. Imported only when DATABASE_URL names
- * PGlite (src/db/connect.ts), so a command on a Postgres server never loads
- * the WASM engine or its extension.
+ * The embedded database, owned by this process: PGlite with pgvector, and
+ * the socket that serves it to others, all in a thread of their own
+ * (pglite-thread.ts). Imported only when DATABASE_URL names PGlite
+ * (src/db/connect.ts), so a command on a Postgres server never starts the
+ * WASM engine or its extension.
  */
 
 export async function openPGlite(
@@ -22,26 +20,16 @@ export async function openPGlite(
   lock: HeldLock | undefined,
   options: OpenOptions,
 ): Promise<Database> {
-  const pglite = await PGlite.create(dataDir ? resolve(dataDir) : undefined, {
-    extensions: { vector },
-    // int8 as text, like pg, so ids stay exact and identical on both backends.
-    parsers: { 20: (value: string) => value },
-  });
-  const session = new PGliteSession(async () => {
-    await pglite.exec('discard all');
-  });
-  const db = new Kysely<DB>({ dialect: new PGliteDialect(pglite, session) });
   const notice = options.notice ?? (() => {});
-  let server: PGliteServer | undefined;
+  const engine = await PGliteThread.start(dataDir ? resolve(dataDir) : undefined, notice);
+  const db = new Kysely<DB>({ dialect: new PGliteDialect(engine) });
+  let address: ServeAddress | undefined;
   if (lock && options.serve) {
     try {
-      // pglite-socket only for a command that serves (embed, seed).
-      const { PGliteServer } = await import('./pglite-server.js');
-      server = await PGliteServer.start(pglite, session, lock.dir, { notice });
-      lock.announce(server.address);
+      address = await engine.serve(lock.dir);
+      lock.announce(address);
     } catch (error) {
-      await server?.stop();
-      await pglite.close();
+      await engine.close();
       throw error;
     }
   }
@@ -49,15 +37,14 @@ export async function openPGlite(
   let stopping: Promise<void> | undefined;
   const stopServing = () =>
     (stopping ??= (async () => {
-      if (!server) return;
+      if (!address) return;
       lock?.announce(undefined);
-      await server.stop();
+      await engine.stopServing();
     })());
   let stopWaiting = () => {};
   let cutOff = false;
-  const serving: Serving | undefined = server && {
-    psql: server.psql,
-    clients: () => server?.clients ?? 0,
+  const serving: Serving | undefined = address && {
+    psql: psqlCommand(address),
     cutOffClients() {
       // Now, not at close: a client holding the session must not keep this
       // process's last commits (or its exit) waiting.
@@ -72,7 +59,7 @@ export async function openPGlite(
     describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
     serving,
     async watchChanges(onChange) {
-      const stop = session.onClientTurn(onChange);
+      const stop = engine.onClientTurn(onChange);
       return async () => {
         stop();
       };
@@ -80,19 +67,22 @@ export async function openPGlite(
     embeddingWriter(columnType, idType) {
       // PGlite has one session, so inside a Kysely transaction this COPY
       // runs in that transaction.
-      const copyFromBlob = async (copySql: string, data: Uint8Array) => {
-        await pglite.query(copySql, [], { blob: new Blob([data]) });
-      };
-      return pgliteEmbeddingWriter(copyFromBlob, columnType, idType);
+      return pgliteEmbeddingWriter(
+        (copySql, data) => engine.copyFrom(copySql, data),
+        columnType,
+        idType,
+      );
     },
+    batchCommitter: (columnType) => engine.committer(columnType),
     // Once: openDatabase guards it.
     async close() {
-      if (server && !cutOff && server.clients > 0) {
+      const clients = address && !cutOff ? await engine.clients() : 0;
+      if (clients > 0) {
         notice(
-          `still serving ${dataDir} to ${server.clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
+          `still serving ${dataDir} to ${clients} connected client(s); exiting when they disconnect (Ctrl-C cuts them off)`,
         );
         await Promise.race([
-          server.whenIdle(),
+          engine.whenIdle(),
           new Promise<void>((resolve) => {
             stopWaiting = resolve;
           }),
@@ -100,7 +90,7 @@ export async function openPGlite(
       }
       await stopServing();
       await db.destroy();
-      await pglite.close();
+      await engine.close();
       lock?.release();
     },
   };

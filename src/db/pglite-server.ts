@@ -111,11 +111,6 @@ export class PGliteServer {
     return this.#address;
   }
 
-  /** The exact psql command that reaches this server. */
-  get psql(): string {
-    return psqlCommand(this.address);
-  }
-
   get clients(): number {
     return this.#clients.size;
   }
@@ -142,11 +137,6 @@ export class PGliteServer {
     this.#idleWaiters = [];
     for (const wake of waiters) wake();
   }
-}
-
-/** The exact psql command for an address, as the holder prints it. */
-function psqlCommand(address: ServeAddress): string {
-  return `psql -h ${shellQuote(address.socketDir)} -p ${address.port} -U postgres postgres`;
 }
 
 /**
@@ -317,8 +307,4 @@ function listen(server: Server, path: string) {
       resolve();
     });
   });
-}
-
-function shellQuote(text: string): string {
-  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", `'\\''`)}'`;
 }

@@ -1,5 +1,5 @@
-import { Worker } from 'node:worker_threads';
 import { InvalidResponseError, ProviderFatalError } from '../errors.js';
+import { startSiblingThread } from '../thread.js';
 import type { EmbeddingProvider } from './client.js';
 import type { EmbedRequest, WorkerAnswer } from './local-worker.js';
 import { LOCAL_MODEL } from './models.js';
@@ -53,7 +53,8 @@ function closedError(): ProviderFatalError {
 
 /** Starts the worker and waits for the model to load; a failed load rejects every call. */
 async function loadModel(): Promise<LocalProvider> {
-  const worker = startWorker();
+  // Beside this module: `.js` once compiled, `.ts` under tsx in tests.
+  const worker = startSiblingThread(import.meta.url, 'local-worker');
   const pending = new Map<
     number,
     { count: number; resolve: (v: Float32Array[]) => void; reject: (e: Error) => void }
@@ -162,24 +163,6 @@ async function loadModel(): Promise<LocalProvider> {
     },
     close,
   };
-}
-
-/**
- * The worker sits next to this module with the same extension: `.js` once
- * compiled, `.ts` from the source tree, where tsx compiles it. Node does not
- * hand a loader given with --import on to a worker, so a `.ts` worker
- * registers tsx itself before it imports the file.
- */
-function startWorker(): Worker {
-  const extension = new URL(import.meta.url).pathname.match(/\.[cm]?[jt]s$/)?.[0] ?? '.js';
-  const file = new URL(`./local-worker${extension}`, import.meta.url);
-  if (!extension.endsWith('ts')) return new Worker(file);
-  const boot = [
-    `import { register } from ${JSON.stringify(import.meta.resolve('tsx/esm/api'))};`,
-    'register();',
-    `await import(${JSON.stringify(file.href)});`,
-  ].join('\n');
-  return new Worker(new URL(`data:text/javascript,${encodeURIComponent(boot)}`));
 }
 
 /** The same checks as a server's answer: count, dimension, finite values. */

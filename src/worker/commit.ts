@@ -17,6 +17,28 @@ import {
   settleClaims,
 } from '../sql/queue.js';
 
+/**
+ * How a run commits its batches, chosen once per backend
+ * (Database.batchCommitter): commitBatch in this process on a Postgres
+ * server; on PGlite, in the engine's own thread, so the transaction holds
+ * the one session for the engine's time alone, not for a round trip
+ * through this thread's event loop per statement.
+ */
+export interface BatchCommitter {
+  /** `db` is the run's handle; PGlite's thread commits through its own. */
+  commit(
+    db: Kysely<DB>,
+    scope: ClaimScope,
+    batch: BatchRecord | undefined,
+    work: BatchWork,
+  ): Promise<Committed | undefined>;
+}
+
+/** Commits in this process, writing vectors with `writer`. */
+export function localCommitter(writer: EmbeddingWriter): BatchCommitter {
+  return { commit: (db, scope, batch, work) => commitBatch({ db, scope, writer }, batch, work) };
+}
+
 export interface CommitTarget {
   db: Kysely<DB>;
   scope: ClaimScope;

@@ -29,7 +29,7 @@ import {
 import { CircuitBreaker } from './breaker.js';
 import { SpendBudget } from './budget.js';
 import { ClaimKeyset } from './claim-keyset.js';
-import { type BatchWork, commitBatch } from './commit.js';
+import type { BatchWork } from './commit.js';
 import { createFleetRateGate } from './fleet-gate.js';
 import type { LatencyHistogram } from './latency.js';
 import { unobserved } from './observer.js';
@@ -496,9 +496,10 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
     retries: outcome.attempts - outcome.sends,
     latencyMs,
   };
-  const to = { db, scope, writer: ctx.deps.writer };
   const commitStart = performance.now();
-  const committed = await ctx.dbRetry('commit a batch', () => commitBatch(to, batch, work));
+  const committed = await ctx.dbRetry('commit a batch', () =>
+    ctx.deps.committer.commit(db, scope, batch, work),
+  );
   const commitMs = performance.now() - commitStart;
   ctx.commitLatency.record(commitMs);
   if (committed) {

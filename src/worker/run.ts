@@ -1,7 +1,6 @@
 import type { Kysely } from 'kysely';
 import type { EmbedConfig } from '../config.js';
 import type { Database } from '../db/connect.js';
-import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import type { IdType } from '../db/names.js';
 import { withDbRetry } from '../db/retry.js';
 import type { DB } from '../db/schema.js';
@@ -28,6 +27,7 @@ import {
   skipsByReason,
   touchRun,
 } from '../sql/runs.js';
+import type { BatchCommitter } from './commit.js';
 import { LatencyHistogram } from './latency.js';
 import type { RunObserver } from './observer.js';
 import { runPipeline } from './pipeline.js';
@@ -37,8 +37,8 @@ import { sleep, Waker } from './waker.js';
 
 export interface RunDeps {
   db: Kysely<DB>;
-  /** How batches' vectors are written (Database.embeddingWriter). */
-  writer: EmbeddingWriter;
+  /** How batches commit (Database.batchCommitter). */
+  committer: BatchCommitter;
   /** The source's id type; default bigint. */
   idType?: IdType | undefined;
   provider: EmbeddingProvider;

@@ -7,6 +7,7 @@ import { Kysely, sql } from 'kysely';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { PGliteDialect } from '../../src/db/pglite-dialect.js';
+import { localEngine } from '../../src/db/pglite-engine.js';
 import { pgConfig } from '../../src/db/pglite-lock.js';
 import { PGliteServer } from '../../src/db/pglite-server.js';
 import { PGliteSession } from '../../src/db/pglite-session.js';
@@ -45,7 +46,7 @@ describe('serving PGlite to other processes', () => {
     session = new PGliteSession(async () => {
       await pglite.exec('discard all');
     });
-    db = new Kysely({ dialect: new PGliteDialect(pglite, session) });
+    db = new Kysely({ dialect: new PGliteDialect(localEngine(pglite, session)) });
     server = await PGliteServer.start(pglite, session, dir, {
       notice: (message) => notices.push(message),
       // Short, so the test that leaves a transaction open sees it closed soon.

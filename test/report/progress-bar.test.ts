@@ -144,7 +144,7 @@ describe('the progress display', () => {
           },
         },
       );
-      const { db, writer, baseUrl } = fx.ctx();
+      const { db, committer, baseUrl } = fx.ctx();
       const config = buildEmbedConfig(
         { 'batch-size': '4', concurrency: '1' },
         { OPENAI_BASE_URL: baseUrl },
@@ -167,7 +167,7 @@ describe('the progress display', () => {
       };
       const run = new EmbedRun({
         db,
-        writer,
+        committer,
         provider,
         config,
         logger,

@@ -3,12 +3,12 @@ import { afterAll, beforeAll, beforeEach } from 'vitest';
 import { buildEmbedConfig, type FlagValues } from '../../src/config.js';
 import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
-import type { EmbeddingWriter } from '../../src/db/embedding-writer.js';
 import type { EmbeddingColumnType } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { createLogger } from '../../src/log.js';
 import { openAIProviderFor } from '../../src/provider/create.js';
 import { upsertMessages } from '../../src/sql/seed.js';
+import type { BatchCommitter } from '../../src/worker/commit.js';
 import { EmbedRun, type RunDeps } from '../../src/worker/run.js';
 import { type BackendName, createTestDatabase, openMigrated, type TestDatabase } from './db.js';
 import { type FakeOpenAI, type FakeOpenAIOptions, startFakeOpenAI } from './fake-openai.js';
@@ -16,8 +16,8 @@ import { type FakeOpenAI, type FakeOpenAIOptions, startFakeOpenAI } from './fake
 export interface RunHarnessContext {
   db: Kysely<DB>;
   columnType: EmbeddingColumnType;
-  /** How vectors are written, as the CLI chooses it (Database.embeddingWriter). */
-  writer: EmbeddingWriter;
+  /** How batches commit, as the CLI chooses it (Database.batchCommitter). */
+  committer: BatchCommitter;
   /** The fake server's base URL. */
   baseUrl: string;
 }
@@ -39,7 +39,7 @@ export function makeRun(
   const reports: string[] = [];
   const run = new EmbedRun({
     db: ctx.db,
-    writer: ctx.writer,
+    committer: ctx.committer,
     provider,
     config,
     logger: extra.logger ?? createLogger('silent'),
@@ -133,7 +133,7 @@ export function useWorkerFixture(
       return {
         db: database.db,
         columnType,
-        writer: database.embeddingWriter(columnType, 'bigint'),
+        committer: database.batchCommitter(columnType),
         baseUrl: fake.url,
       };
     },

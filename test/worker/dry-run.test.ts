@@ -34,7 +34,7 @@ describe.each(backends())('the dry run on %s', (backend) => {
       const ctx = {
         db: database.db,
         columnType,
-        writer: database.embeddingWriter(columnType, 'bigint'),
+        committer: database.batchCommitter(columnType),
         baseUrl: fake.url,
       };
       // Part of it is already embedded, so the dry run must leave those out too.

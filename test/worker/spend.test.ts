@@ -70,7 +70,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     around: (call: Call) => Promise<EmbedResult>,
     extra: { heartbeats?: HeartbeatWatch; progressIntervalMs?: number } = {},
   ) {
-    const { db, writer, baseUrl } = fx.ctx();
+    const { db, committer, baseUrl } = fx.ctx();
     const config = buildEmbedConfig(
       { 'batch-size': '2', 'max-retry-wait-ms': '20', ...flags },
       { OPENAI_BASE_URL: baseUrl },
@@ -85,7 +85,7 @@ describe.each(backends())('billed and kept spend on %s', (backend) => {
     const reports: string[] = [];
     const run = new EmbedRun({
       db: extra.heartbeats ? db.withPlugin(extra.heartbeats.plugin) : db,
-      writer,
+      committer,
       provider,
       config,
       logger: createLogger('silent'),

@@ -1,0 +1,181 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { PGlite } from '@electric-sql/pglite';
+import { vector } from '@electric-sql/pglite-pgvector';
+import { Kysely } from 'kysely';
+import type { BatchRecord } from '../sql/batches.js';
+import type { ClaimScope } from '../sql/queue.js';
+import { type BatchCommitter, type BatchWork, localCommitter } from '../worker/commit.js';
+import { pgliteEmbeddingWriter } from './embedding-writer.js';
+import type { EmbeddingColumnType } from './names.js';
+import { PGliteDialect } from './pglite-dialect.js';
+import { type EngineConnection, localEngine } from './pglite-engine.js';
+import type { ServeAddress } from './pglite-lock.js';
+import type { PGliteServer } from './pglite-server.js';
+import { PGliteSession } from './pglite-session.js';
+import type { DB } from './schema.js';
+
+/*
+ * The embedded database's own thread: PGlite, its one session, and the
+ * socket that serves it to other processes. The engine runs each statement
+ * synchronously in WebAssembly; on the main thread it took turns with
+ * everything else the worker does (a claim's 2 ms, a commit's COPY, while
+ * sixteen requests' answers waited to be read), and at 16 batches in flight
+ * the one thread bound the run at 81% of the provider's pace. Here the main
+ * thread sends a statement, and reads the network while it runs.
+ *
+ * pglite-thread-client.ts is the other end. Messages on one port arrive in
+ * order, so a release is always seen before the acquire that follows it.
+ */
+
+export interface ThreadStart {
+  /** An absolute path, or undefined for a database in memory. */
+  dataDir: string | undefined;
+}
+
+export type ThreadRequest =
+  | { op: 'acquire'; id: number }
+  | { op: 'query'; id: number; connection: number; sql: string; parameters: readonly unknown[] }
+  | { op: 'copy'; id: number; sql: string; data: Uint8Array }
+  | {
+      op: 'commit';
+      id: number;
+      columnType: EmbeddingColumnType;
+      scope: ClaimScope;
+      batch: BatchRecord | undefined;
+      work: BatchWork;
+    }
+  | { op: 'release'; connection: number }
+  | { op: 'serve'; id: number; dir: string }
+  | { op: 'stopServing'; id: number }
+  | { op: 'clients'; id: number }
+  | { op: 'whenIdle'; id: number }
+  | { op: 'close'; id: number };
+
+/** An error as it crosses: its message and PGlite's fields (code, detail, constraint …). */
+export interface ThreadError {
+  name: string;
+  message: string;
+  fields: Record<string, string | number>;
+}
+
+export type ThreadMessage =
+  | { type: 'opened' }
+  | { type: 'failed'; error: ThreadError }
+  | { type: 'reply'; id: number; value: unknown }
+  | { type: 'error'; id: number; error: ThreadError }
+  /** A served client gave the session back: it may have queued work. */
+  | { type: 'clientTurn' }
+  | { type: 'notice'; message: string };
+
+const port = parentPort;
+if (!port) throw new Error('pglite-thread runs as the worker thread of pglite-thread-client');
+const post = (message: ThreadMessage) => port.postMessage(message);
+
+function threadError(error: unknown): ThreadError {
+  if (!(error instanceof Error)) return { name: 'Error', message: String(error), fields: {} };
+  const fields: Record<string, string | number> = {};
+  // Strings and numbers only: PGlite's error also carries the statement's
+  // parameters, which are message texts, and need not travel.
+  for (const [key, value] of Object.entries(error)) {
+    if (typeof value === 'string' || typeof value === 'number') fields[key] = value;
+  }
+  return { name: error.name, message: error.message, fields };
+}
+
+async function open(dataDir: string | undefined): Promise<PGlite | undefined> {
+  try {
+    return await PGlite.create(dataDir, {
+      extensions: { vector },
+      // int8 as text, like pg, so ids stay exact and identical on both backends.
+      parsers: { 20: (value: string) => value },
+    });
+  } catch (error) {
+    post({ type: 'failed', error: threadError(error) });
+    port?.close();
+    return undefined;
+  }
+}
+
+const pglite = await open((workerData as ThreadStart).dataDir);
+if (pglite) {
+  const session = new PGliteSession(async () => {
+    await pglite.exec('discard all');
+  });
+  session.onClientTurn(() => post({ type: 'clientTurn' }));
+  const engine = localEngine(pglite, session);
+  // The batch commit's own handle on the session: its transaction runs
+  // here, statement after statement, without a message between them.
+  const db = new Kysely<DB>({ dialect: new PGliteDialect(engine) });
+  const committers = new Map<string, BatchCommitter>();
+  const committer = (columnType: EmbeddingColumnType, scope: ClaimScope) => {
+    const key = `${columnType} ${scope.idType}`;
+    let found = committers.get(key);
+    if (!found) {
+      const copy = engine.copyFrom.bind(engine);
+      found = localCommitter(pgliteEmbeddingWriter(copy, columnType, scope.idType));
+      committers.set(key, found);
+    }
+    return found;
+  };
+  const connections = new Map<number, EngineConnection>();
+  let nextConnection = 0;
+  let server: PGliteServer | undefined;
+
+  const handle = async (request: Exclude<ThreadRequest, { op: 'release' }>): Promise<unknown> => {
+    switch (request.op) {
+      case 'acquire': {
+        const connection = await engine.acquire();
+        connections.set(++nextConnection, connection);
+        return nextConnection;
+      }
+      case 'query': {
+        const connection = connections.get(request.connection);
+        if (!connection) throw new Error('the session was already given back');
+        return connection.query(request.sql, request.parameters);
+      }
+      case 'copy':
+        return engine.copyFrom(request.sql, request.data);
+      case 'commit':
+        return committer(request.columnType, request.scope).commit(
+          db,
+          request.scope,
+          request.batch,
+          request.work,
+        );
+      case 'serve': {
+        // pglite-socket only for a command that serves (embed, seed).
+        const { PGliteServer } = await import('./pglite-server.js');
+        server = await PGliteServer.start(pglite, session, request.dir, {
+          notice: (message) => post({ type: 'notice', message }),
+        });
+        return server.address satisfies ServeAddress;
+      }
+      case 'stopServing':
+        return server?.stop();
+      case 'clients':
+        return server?.clients ?? 0;
+      case 'whenIdle':
+        return server?.whenIdle();
+      case 'close':
+        await server?.stop();
+        await db.destroy();
+        await pglite.close();
+        // Nothing is left to answer: the thread ends once the port closes.
+        setImmediate(() => port.close());
+        return undefined;
+    }
+  };
+
+  port.on('message', (request: ThreadRequest) => {
+    if (request.op === 'release') {
+      connections.get(request.connection)?.release();
+      connections.delete(request.connection);
+      return;
+    }
+    handle(request).then(
+      (value) => post({ type: 'reply', id: request.id, value }),
+      (error: unknown) => post({ type: 'error', id: request.id, error: threadError(error) }),
+    );
+  });
+  post({ type: 'opened' });
+}
