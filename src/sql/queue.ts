@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { IdType, MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
@@ -161,23 +162,30 @@ async function claimAndRead(
   /** CTEs `picked` reads from, each followed by a comma. */
   before: RawBuilder<unknown> = sql``,
 ): Promise<ClaimedMessage[]> {
-  const { rows } = await sql<ClaimedMessage>`
+  const { rows: read } = await sql<ReadClaim>`
     with ${before} picked as (${picked}),
     claimed as (
       update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id
       returning q.message_id, q.force)
     select c.message_id::text as id, m.id is not null as exists, m.content,
-      encode(sha256(convert_to(m.content, 'UTF8')), 'hex') as "sha256Hex",
       coalesce(m.content ~ '\\S', false) as "nonBlank",
-      coalesce((select e.content_sha256 = sha256(convert_to(m.content, 'UTF8'))
-        from message_embeddings e
+      (select encode(e.content_sha256, 'hex') from message_embeddings e
         where e.provider = ${scope.provider} and e.model = ${scope.model}
-          and e.message_id = c.message_id), false) as current,
+          and e.message_id = c.message_id) as "embeddedSha256",
       c.force
     from claimed c
     left join ${sourceRelation(scope.source)} m on m.id = c.message_id
     order by c.message_id`.execute(db);
+  // The content is hashed here, not in SQL: PGlite's sha256() in WebAssembly
+  // was 3.6 ms of a 64-message claim's engine time, and the engine is the
+  // busier thread; OpenSSL takes microseconds. UTF-8, as the fence's
+  // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
+  const rows = read.map(({ embeddedSha256, ...row }): ClaimedMessage => {
+    const sha256Hex =
+      row.content === null ? null : createHash('sha256').update(row.content, 'utf8').digest('hex');
+    return { ...row, sha256Hex, current: sha256Hex !== null && embeddedSha256 === sha256Hex };
+  });
   // A view may return an id twice: refuse it by name before a batch holding
   // both copies fails its upsert.
   for (let i = 1; i < rows.length; i++) {
@@ -188,6 +196,9 @@ async function claimAndRead(
   }
   return rows;
 }
+
+/** A claimed row as read, before its content is hashed. */
+type ReadClaim = Omit<ClaimedMessage, 'sha256Hex' | 'current'> & { embeddedSha256: string | null };
 
 /** A claimed message as handled, with the content hash the handling was based on. */
 export interface Handled {
