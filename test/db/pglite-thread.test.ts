@@ -1,6 +1,7 @@
 import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
 import { openDatabase } from '../../src/db/connect.js';
+import { turnsWhile } from '../support/turns.js';
 
 const ports = () =>
   process.getActiveResourcesInfo().filter((resource) => resource === 'MessagePort').length;
@@ -12,17 +13,12 @@ describe('PGlite in a thread of its own', () => {
   it('keeps the event loop turning while a statement runs', async () => {
     const database = await openDatabase('pglite:memory');
     try {
-      let turns = 0;
-      let answered = false;
-      const turn = () => {
-        turns++;
-        if (!answered) setImmediate(turn);
-      };
-      setImmediate(turn);
-      const { rows } = await sql<{ n: string }>`
-        select count(*) as n from generate_series(1, 2000000)`.execute(database.db);
-      answered = true;
-      expect(rows).toEqual([{ n: '2000000' }]);
+      const { value, turns } = await turnsWhile(() =>
+        sql<{ n: string }>`select count(*) as n from generate_series(1, 2000000)`.execute(
+          database.db,
+        ),
+      );
+      expect(value.rows).toEqual([{ n: '2000000' }]);
       expect(turns).toBeGreaterThan(10);
     } finally {
       await database.close();

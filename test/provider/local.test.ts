@@ -2,6 +2,7 @@ import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { ProviderFatalError } from '../../src/errors.js';
 import { createLocalProvider } from '../../src/provider/local.js';
+import { turnsWhile } from '../support/turns.js';
 
 function cosine(a: Float32Array, b: Float32Array): number {
   let dot = 0;
@@ -49,15 +50,10 @@ describe('the local provider', () => {
   it('leaves the event loop free while it embeds a long input', async () => {
     const provider = await createLocalProvider();
     try {
-      let turns = 0;
-      let answered = false;
-      const turn = () => {
-        turns++;
-        if (!answered) setImmediate(turn);
-      };
-      setImmediate(turn);
-      const { vectors } = await provider.embed(['lorem ipsum dolor sit amet '.repeat(150), 'hi']);
-      answered = true;
+      const { value, turns } = await turnsWhile(() =>
+        provider.embed(['lorem ipsum dolor sit amet '.repeat(150), 'hi']),
+      );
+      const { vectors } = value;
       expect(vectors.map((v) => v.length)).toEqual([512, 512]);
       expect(turns).toBeGreaterThan(1_000);
     } finally {
