@@ -1,6 +1,7 @@
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { sql } from 'kysely';
 import { openDatabase } from '../src/db/connect.js';
 import { migrateToLatest } from '../src/db/migrator.js';
 import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
@@ -162,4 +163,48 @@ export async function runWorker(
     messagesPerSecond: (embedded + skipped) / (elapsedMs / 1000),
     peakRssMiB: Number(finished.peak_rss_mib),
   };
+}
+
+export interface CommitTimeline {
+  /** From the run's start (its first scan included) to its first batch's commit. */
+  firstCommitMs: number;
+  /** Messages committed after the first batch, a second, until the last commit. */
+  steadyMessagesPerSecond: number;
+  /** The provider's answer time the worker saw, averaged over batches. */
+  requestMsAvg: number;
+}
+
+/**
+ * Where a finished run's time went, read from its batch rows: the start
+ * (the first scan of a new model, the first claims and request) and the
+ * steady pace between the first and the last commit.
+ */
+export async function commitTimeline(url: string): Promise<CommitTimeline> {
+  const database = await openDatabase(url);
+  try {
+    const { rows } = await sql<{
+      first_ms: number;
+      span_ms: number;
+      after_first: number;
+      request_ms: number;
+    }>`
+      with b as (
+        select b.size, b.latency_ms, b.committed_at, r.started_at,
+               row_number() over (order by b.committed_at, b.batch_no) as n
+        from embedding_batches b join embedding_runs r on r.id = b.run_id)
+      select extract(epoch from min(committed_at) - min(started_at)) * 1000 as first_ms,
+             extract(epoch from max(committed_at) - min(committed_at)) * 1000 as span_ms,
+             sum(size) filter (where n > 1)::int as after_first,
+             avg(latency_ms)::float8 as request_ms
+      from b`.execute(database.db);
+    const row = rows[0];
+    if (!row) throw new Error('no batches committed');
+    return {
+      firstCommitMs: Number(row.first_ms),
+      steadyMessagesPerSecond: row.after_first / (Number(row.span_ms) / 1000),
+      requestMsAvg: row.request_ms,
+    };
+  } finally {
+    await database.close();
+  }
 }

@@ -14,7 +14,14 @@ import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
 import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
 import { fakeEmbedding, startFakeOpenAI } from '../test/support/fake-openai.js';
-import { type Backend, runWorker, seedTemplate, shortMessages, type Template } from './lib.js';
+import {
+  type Backend,
+  commitTimeline,
+  runWorker,
+  seedTemplate,
+  shortMessages,
+  type Template,
+} from './lib.js';
 import { runPeer } from './peer.js';
 import { startupBench } from './startup.js';
 import { syncBench } from './sync.js';
@@ -275,12 +282,18 @@ async function latency(backend: Backend, template: Template) {
       ]);
       const ideal = (concurrency * 8) / 0.2;
       const share = run.messagesPerSecond / ideal;
+      const timeline = await commitTimeline(target.url);
+      const steadyShare = timeline.steadyMessagesPerSecond / ideal;
       rows.push({
         concurrency,
         messages: limit,
         messages_per_s: run.messagesPerSecond,
         ideal,
         share,
+        first_commit_ms: timeline.firstCommitMs,
+        steady_messages_per_s: timeline.steadyMessagesPerSecond,
+        steady_share: steadyShare,
+        request_ms_avg: timeline.requestMsAvg,
       });
       row(
         '2 latency 200 ms',
@@ -288,6 +301,13 @@ async function latency(backend: Backend, template: Template) {
         `--concurrency ${concurrency}`,
         fmt(run.messagesPerSecond),
         `ideal ${fmt(ideal, 0)} (${fmt(100 * share, 0)}%)`,
+      );
+      row(
+        '2 latency 200 ms',
+        backend,
+        `  first commit; then, until the last`,
+        `${fmt(timeline.firstCommitMs, 0)} ms; ${fmt(timeline.steadyMessagesPerSecond)}/s`,
+        `${fmt(100 * steadyShare, 0)}% of ideal; requests ${fmt(timeline.requestMsAvg, 0)} ms`,
       );
     } finally {
       await target.drop();
