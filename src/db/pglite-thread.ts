@@ -1,18 +1,15 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
-import { Kysely } from 'kysely';
 import type { BatchRecord } from '../sql/batches.js';
 import type { ClaimScope } from '../sql/queue.js';
-import { type BatchCommitter, type BatchWork, localCommitter } from '../worker/commit.js';
-import { pgliteEmbeddingWriter } from './embedding-writer.js';
+import type { BatchWork } from '../worker/commit.js';
 import type { EmbeddingColumnType } from './names.js';
-import { PGliteDialect } from './pglite-dialect.js';
+import type { engineCommits } from './pglite-commits.js';
 import { type EngineConnection, localEngine } from './pglite-engine.js';
 import type { ServeAddress } from './pglite-lock.js';
 import type { PGliteServer } from './pglite-server.js';
 import { PGliteSession } from './pglite-session.js';
-import type { DB } from './schema.js';
 
 /*
  * The embedded database's own thread: PGlite, its one session, and the
@@ -103,20 +100,8 @@ if (pglite) {
   });
   session.onClientTurn(() => post({ type: 'clientTurn' }));
   const engine = localEngine(pglite, session);
-  // The batch commit's own handle on the session: its transaction runs
-  // here, statement after statement, without a message between them.
-  const db = new Kysely<DB>({ dialect: new PGliteDialect(engine) });
-  const committers = new Map<string, BatchCommitter>();
-  const committer = (columnType: EmbeddingColumnType, scope: ClaimScope) => {
-    const key = `${columnType} ${scope.idType}`;
-    let found = committers.get(key);
-    if (!found) {
-      const copy = engine.copyFrom.bind(engine);
-      found = localCommitter(pgliteEmbeddingWriter(copy, columnType, scope.idType));
-      committers.set(key, found);
-    }
-    return found;
-  };
+  // Loaded once, on the first commit, however many arrive meanwhile.
+  let commits: Promise<ReturnType<typeof engineCommits>> | undefined;
   const connections = new Map<number, EngineConnection>();
   let nextConnection = 0;
   let server: PGliteServer | undefined;
@@ -136,8 +121,9 @@ if (pglite) {
       case 'copy':
         return engine.copyFrom(request.sql, request.data);
       case 'commit':
-        return committer(request.columnType, request.scope).commit(
-          db,
+        commits ??= import('./pglite-commits.js').then((m) => m.engineCommits(engine));
+        return (await commits).commit(
+          request.columnType,
           request.scope,
           request.batch,
           request.work,
@@ -158,7 +144,7 @@ if (pglite) {
         return server?.whenIdle();
       case 'close':
         await server?.stop();
-        await db.destroy();
+        await (await commits)?.close();
         await pglite.close();
         // Nothing is left to answer: the thread ends once the port closes.
         setImmediate(() => port.close());
