@@ -114,11 +114,14 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     void sent.finally(() => unsent.delete(sent));
   };
   // Sending at most `current`, committing at most `current` more, and one
-  // batch read ahead for every 8 send slots. Sends end in bunches, and the
-  // reader refills them one claim at a time (~10 ms each): with one read
-  // ahead, 16 in flight at 200 ms reached 88% of ideal, with two 91%
-  // (BENCHMARKS.md, "The hot path, third pass").
-  const readAhead = () => Math.ceil(adaptive.current / 8);
+  // batch read ahead for every 4 send slots, at most 8. Sends end in bunches,
+  // and the reader refills them one claim at a time. With one ahead, 16 in
+  // flight at 200 ms reached 88% of ideal, with two 91% (BENCHMARKS.md, "The
+  // hot path, third pass"). Since PGlite's claims run in its own thread
+  // beside the worker's, two ahead left a steady 88-89% there and four 95-97%
+  // (PostgreSQL 97% either way); at 64 in flight more than 8 measured no
+  // better ("fourth pass").
+  const readAhead = () => Math.min(Math.ceil(adaptive.current / 4), 8);
   const full = () =>
     unsent.size >= adaptive.current + readAhead() ||
     inFlight.size >= 2 * adaptive.current + readAhead();
@@ -203,7 +206,7 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       if (ctx.limit !== undefined && taken >= ctx.limit) break;
       // Backpressure: batches claimed and tokenized ahead of the free send
       // slots, so claiming, tokenizing, sending and committing overlap, while
-      // memory holds at most 2 × `concurrency` + ⌈concurrency / 8⌉ batches
+      // memory holds at most 2 × `concurrency` + min(⌈concurrency / 4⌉, 8) batches
       // however long the queue.
       while (full()) await Promise.race([...unsent, ...inFlight]);
       if (ctx.stopped() || failure) break;

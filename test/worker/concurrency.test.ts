@@ -160,28 +160,37 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     },
   );
 
-  it('reads one batch ahead for every 8 send slots', async () => {
-    await seedMessages(fx.database.db, sampleTexts(60));
-    // Every request is held at the server: 16 sent, and the reader fills its room.
-    const held = fx.fake.hold(() => true);
-    const finished = makeRun(ctx(), { concurrency: '16', 'batch-size': '2' }).run.run();
-    const claimedMessages = async () =>
-      Number(
-        (
-          await fx.database.db
-            .selectFrom('embedding_queue')
-            .select((eb) => eb.fn.countAll<string>().as('n'))
-            .where('claimed_by', 'is not', null)
-            .executeTakeFirstOrThrow()
-        ).n,
-      );
-    await waitFor(async () => held.held === 16 && (await claimedMessages()) >= 36);
-    // 16 at the server and 2 read ahead (⌈16 / 8⌉), claimed; then the reader waits.
-    expect(await claimedMessages()).toBe(36);
-    expect(held.held).toBe(16);
-    held.release();
-    expect((await finished).summary).toMatchObject({ status: 'succeeded', embedded: 60 });
-  });
+  it.each([
+    [16, 4],
+    [64, 8],
+  ])(
+    'reads ahead one batch for every 4 send slots, at most 8: at %i slots, %i',
+    async (slots, ahead) => {
+      await seedMessages(fx.database.db, sampleTexts(slots + ahead + 10));
+      // Every request is held at the server: all slots sent, and the reader fills its room.
+      const held = fx.fake.hold(() => true);
+      const finished = makeRun(ctx(), { concurrency: String(slots), 'batch-size': '1' }).run.run();
+      const claimedMessages = async () =>
+        Number(
+          (
+            await fx.database.db
+              .selectFrom('embedding_queue')
+              .select((eb) => eb.fn.countAll<string>().as('n'))
+              .where('claimed_by', 'is not', null)
+              .executeTakeFirstOrThrow()
+          ).n,
+        );
+      await waitFor(async () => held.held === slots && (await claimedMessages()) >= slots + ahead);
+      // Sent and read ahead, claimed; then the reader waits.
+      expect(await claimedMessages()).toBe(slots + ahead);
+      expect(held.held).toBe(slots);
+      held.release();
+      expect((await finished).summary).toMatchObject({
+        status: 'succeeded',
+        embedded: slots + ahead + 10,
+      });
+    },
+  );
 
   it('splits a batch into requests within the per-request input and token caps', async () => {
     const text = (i: number) => `item ${i} ${'alpha beta gamma '.repeat(5)}`;
