@@ -16,9 +16,9 @@ import type { DB } from './schema.js';
 /**
  * Runs' batch commits, inside PGlite's thread (pglite-thread.ts), through a
  * Kysely handle of its own on the engine: the transaction's statements
- * follow each other there without a message between them. Loaded on the
- * first commit, so a command that commits no batch (status, search) never
- * loads the worker's commit code.
+ * follow each other there without a message between them. Loaded when a
+ * run asks for its committer, so a command that commits no batch (status,
+ * search) never loads the worker's commit code.
  */
 export function engineCommits(engine: PGliteEngine) {
   const db = new Kysely<DB>({ dialect: new PGliteDialect(engine) });

@@ -90,6 +90,9 @@ export class PGliteThread implements PGliteEngine {
 
   /** Commits a run's batches in the engine's thread (see BatchCommitter). */
   committer(columnType: EmbeddingColumnType): BatchCommitter {
+    // Loaded there now, while the run scans and claims; a failure to load
+    // is the first commit's error.
+    this.#call({ op: 'loadCommits' }).catch(() => {});
     return {
       commit: (_db, scope, batch, work) =>
         this.#call({ op: 'commit', columnType, scope, batch, work }) as Promise<

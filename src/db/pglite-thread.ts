@@ -33,6 +33,8 @@ export type ThreadRequest =
   | { op: 'acquire'; id: number }
   | { op: 'query'; id: number; connection: number; sql: string; parameters: readonly unknown[] }
   | { op: 'copy'; id: number; sql: string; data: Uint8Array }
+  /** A run is about to commit batches: load the commit code now, not at its first commit. */
+  | { op: 'loadCommits'; id: number }
   | {
       op: 'commit';
       id: number;
@@ -100,8 +102,12 @@ if (pglite) {
   });
   session.onClientTurn(() => post({ type: 'clientTurn' }));
   const engine = localEngine(pglite, session);
-  // Loaded once, on the first commit, however many arrive meanwhile.
+  // Loaded once, when a run asks for its committer (its first commit would
+  // otherwise wait ~150 ms for Kysely and the commit's modules), however
+  // many commits arrive meanwhile.
   let commits: Promise<ReturnType<typeof engineCommits>> | undefined;
+  const loadCommits = () =>
+    (commits ??= import('./pglite-commits.js').then((m) => m.engineCommits(engine)));
   const connections = new Map<number, EngineConnection>();
   let nextConnection = 0;
   let server: PGliteServer | undefined;
@@ -120,9 +126,11 @@ if (pglite) {
       }
       case 'copy':
         return engine.copyFrom(request.sql, request.data);
+      case 'loadCommits':
+        await loadCommits();
+        return undefined;
       case 'commit':
-        commits ??= import('./pglite-commits.js').then((m) => m.engineCommits(engine));
-        return (await commits).commit(
+        return (await loadCommits()).commit(
           request.columnType,
           request.scope,
           request.batch,
