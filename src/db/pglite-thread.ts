@@ -18,7 +18,10 @@ import { PGliteSession } from './pglite-session.js';
  * everything else the worker does (a claim's 2 ms, a commit's COPY, while
  * sixteen requests' answers waited to be read), and at 16 batches in flight
  * the one thread bound the run at 81% of the provider's pace. Here the main
- * thread sends a statement, and reads the network while it runs.
+ * thread sends a statement, and reads the network while it runs; a run's
+ * batch commits run here whole (pglite-commits.ts), so a transaction never
+ * waits on the main thread between its statements while it holds the one
+ * session.
  *
  * pglite-thread-client.ts is the other end. Messages on one port arrive in
  * order, so a release is always seen before the acquire that follows it.
