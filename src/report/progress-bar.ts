@@ -3,6 +3,8 @@ import cliProgress from 'cli-progress';
 /** What the run reports as it goes; a terminal bar, or nothing (the log lines then). */
 export interface ProgressDisplay {
   start(total: number): void;
+  /** The total changed: a scan beside the run has queued more, or has ended. */
+  setTotal(total: number): void;
   update(done: number, detail: { embedded: number; skipped: number; ratePerSecond: number }): void;
   /** Draws the last frame, ends its line, and never draws again. */
   stop(): void;
@@ -44,6 +46,9 @@ export function terminalProgressBar(stream: NodeJS.WriteStream = process.stderr)
     start(total) {
       started = true;
       bar.start(total, 0, { rate: '0.0', skipped: 0 });
+    },
+    setTotal(total) {
+      if (started) bar.setTotal(total);
     },
     update(done, detail) {
       if (!started) return;

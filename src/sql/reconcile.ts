@@ -21,15 +21,46 @@ export interface ReconcileOptions {
   force: boolean;
   /** Enqueue messages skipped before with their current content too (--retry-skipped). */
   retrySkipped: boolean;
-  /** Messages per chunk; each chunk is one statement (after a read of its end) and its own transaction. */
+  /**
+   * Messages per chunk, fixed; each chunk is one statement (after a read of
+   * its end) and its own transaction. Default: sized by time (ChunkSizer).
+   */
   chunkSize?: number;
-  /** After each chunk; return false to stop early (a stop signal). */
-  onChunk?: (counts: ReconcileCounts) => boolean;
+  /** After each chunk has committed; false stops the scan early (a stop signal). */
+  onChunk?: (counts: ReconcileCounts) => boolean | Promise<boolean>;
 }
 
-// 5,000 ids a chunk: one chunk of 1 M short messages took ~30 ms on the local
-// PostgreSQL 15, so a statement never holds locks or a snapshot for long.
-const CHUNK = 5000;
+/**
+ * How many ids the next chunk takes. The scan runs beside the run's claims
+ * and commits (BackgroundScan), and on PGlite each chunk's statement holds
+ * the one session while it runs: 5,000 emails took ~250 ms there, long
+ * enough to leave 16 requests of 200 ms waiting for their claims and
+ * commits. So the first chunk is small (the first claims wait for it), and
+ * each next one is sized from the last one's time to take about 50 ms, at
+ * most 5,000 ids (~30 ms of 1 M short messages on PostgreSQL 15, so a
+ * statement never holds locks or a snapshot for long) and at least 500.
+ */
+export class ChunkSizer {
+  static readonly FIRST = 500;
+  static readonly MIN = 500;
+  static readonly MAX = 5000;
+  static readonly TARGET_MS = 50;
+  #size = ChunkSizer.FIRST;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  /** Takes in how long a chunk of the current size took. */
+  took(elapsedMs: number): void {
+    // At most 4× bigger at a time: one quick chunk (a range of short or
+    // blank messages) does not make the next one huge.
+    const scaled = (this.#size * ChunkSizer.TARGET_MS) / Math.max(elapsedMs, 1);
+    this.#size = Math.round(
+      Math.min(ChunkSizer.MAX, Math.max(ChunkSizer.MIN, Math.min(scaled, 4 * this.#size))),
+    );
+  }
+}
 
 /**
  * The reconciliation scan: walks the source by keyset, enqueueing for the
@@ -62,7 +93,7 @@ export async function reconcile(
     skippedBefore: 0,
     orphansDeleted: 0,
   };
-  const size = options.chunkSize ?? CHUNK;
+  const sizer = options.chunkSize === undefined ? new ChunkSizer() : undefined;
   const idType = sql.raw(scope.idType);
   const source = sourceRelation(scope.source);
   // Every (provider, model) with embeddings, for the orphans' range scans:
@@ -82,6 +113,8 @@ export async function reconcile(
 
   let after: string | null = null;
   for (;;) {
+    const size = sizer?.size ?? (options.chunkSize as number);
+    const startedAt = performance.now();
     const afterId = (column: RawBuilder<unknown>) =>
       after === null ? sql`true` : sql`${column} > ${after}::${idType}`;
     // The chunk's last id, by keyset and limit (never OFFSET); none when
@@ -159,6 +192,7 @@ export async function reconcile(
       await sql`set local jit = off`.execute(trx);
       return judge.execute(trx);
     });
+    sizer?.took(performance.now() - startedAt);
     const chunk = result.rows[0];
     if (chunk) {
       total.scanned += chunk.scanned;
@@ -168,7 +202,7 @@ export async function reconcile(
       total.skippedBefore += options.retrySkipped || options.force ? 0 : chunk.skippedBefore;
       total.orphansDeleted += chunk.orphansDeleted;
     }
-    if (options.onChunk && !options.onChunk(total)) return total;
+    if (options.onChunk && !(await options.onChunk(total))) return total;
     if (upper === null) break;
     after = upper;
   }

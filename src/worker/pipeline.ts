@@ -15,6 +15,7 @@ import {
 } from '../sql/queue.js';
 import { billedTodayByOthers } from '../sql/runs.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
+import type { QueueFiller } from './background-scan.js';
 import {
   type BatchOutcome,
   type BatchSettings,
@@ -67,6 +68,8 @@ export interface PipelineContext {
   pause: (ms: number) => Promise<void>;
   /** Waits while other workers hold the rest of the queue (one-shot), releasing dead runs' claims. */
   waitForOthers: () => Promise<void>;
+  /** A scan still filling the queue beside the run (a model's first), if one is. */
+  filler: QueueFiller | undefined;
 }
 
 export interface PipelineResult {
@@ -210,6 +213,11 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       // however long the queue.
       while (full()) await Promise.race([...unsent, ...inFlight]);
       if (ctx.stopped() || failure) break;
+      if (ctx.filler?.error) {
+        // The scan beside the run failed: nothing more is sent.
+        fail(batchNo + 1, ctx.filler.error);
+        break;
+      }
       if (breaker.state !== 'closed') {
         // Watch mode only (a one-shot run has failed by now): wait out the
         // pause with nothing in flight, then one batch at a time until one works.
@@ -254,6 +262,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
             log.warn({ messages: strays }, 'claims whose answer was lost given back');
             continue;
           }
+        }
+        if (ctx.filler?.running) {
+          // The scan has not queued everything yet: claim again after its
+          // next chunk (or once a batch in flight settles).
+          await Promise.race([ctx.filler.nextChunk(), ...inFlight]);
+          continue;
         }
         if (ctx.idle) {
           // Watching: until a wake-up, the poll, or a batch in flight settles.

@@ -12,13 +12,7 @@ import {
   pendingCount,
 } from '../sql/queue.js';
 import { type ReconcileCounts, reconcile } from '../sql/reconcile.js';
-
-export interface QueueReadiness {
-  /** What the scan found, when the run made one. */
-  scan: ReconcileCounts | undefined;
-  /** Rows of the target no one holds, once ready. */
-  pending: number;
-}
+import { BackgroundScan } from './background-scan.js';
 
 interface ReadyDeps {
   db: Kysely<DB>;
@@ -48,15 +42,25 @@ export function scanReason(
   return undefined;
 }
 
-/** The reconciliation scan, with its lines in the log. */
-export async function scanSource(deps: ReadyDeps, why: string): Promise<ReconcileCounts> {
+/**
+ * The reconciliation scan, with its lines in the log. `onChunk` hears of
+ * each chunk committed, with the totals so far.
+ */
+export async function scanSource(
+  deps: ReadyDeps,
+  why: string,
+  onChunk?: (counts: ReconcileCounts) => Promise<void>,
+): Promise<ReconcileCounts> {
   const { db, config, scope, log, dbRetry, going } = deps;
   log.info({ why }, 'reconciling: scanning the source for missing, stale and deleted messages');
   const counts = await dbRetry('reconcile', () =>
     reconcile(db, scope, {
       force: config.force,
       retrySkipped: config.retrySkipped,
-      onChunk: going,
+      onChunk: async (sofar) => {
+        await onChunk?.(sofar);
+        return going();
+      },
     }),
   ).catch(async (caught: unknown) => {
     // 21000: one chunk queued an id twice, so the source (a view) returns
@@ -69,16 +73,42 @@ export async function scanSource(deps: ReadyDeps, why: string): Promise<Reconcil
 }
 
 /**
- * Readies the target's queue for a run: the scan where one is due, deferred
- * rows made due at once for an explicit (one-shot) run, and, in strict mode
- * or with --retry-skipped, the messages earlier runs skipped queued again.
+ * Starts the scan beside the pipeline (BackgroundScan): the run claims what
+ * its chunks have queued while it queues the rest. `pendingBefore`: the rows
+ * the queue held before it. After each chunk the queue is analyzed if its
+ * statistics have fallen far behind (a first scan of a million messages
+ * passes 10,000, 20,000, 40,000 … rows queued: about 7 ANALYZEs), since the
+ * claims that run meanwhile are planned on them; `onChunk` hears of each
+ * chunk, with the scan's totals so far.
  */
-export async function readyQueue(
+export function scanBeside(
   deps: ReadyDeps,
-  scanWhy: string | undefined,
-): Promise<QueueReadiness> {
+  why: string,
+  pendingBefore: number,
+  onChunk: (counts: ReconcileCounts) => Promise<void>,
+): BackgroundScan<ReconcileCounts> {
+  const { db, log, dbRetry } = deps;
+  return new BackgroundScan((chunkDone) =>
+    scanSource(deps, why, async (counts) => {
+      const queued = pendingBefore + counts.enqueued;
+      if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, queued))) {
+        log.info({ queued }, 'analyzed the queue: its statistics were behind what it holds');
+      }
+      await onChunk(counts);
+      chunkDone();
+    }),
+  );
+}
+
+/**
+ * Readies the target's queue for a run, before any scan: deferred rows made
+ * due at once for an explicit (one-shot) run, and, in strict mode or with
+ * --retry-skipped, the messages earlier runs skipped queued again. Then the
+ * rows no one holds are counted, and the queue analyzed if its statistics
+ * are far behind them. Resolves with that count.
+ */
+export async function readyQueue(deps: ReadyDeps): Promise<number> {
   const { db, config, scope, log, dbRetry } = deps;
-  const scan = scanWhy ? await scanSource(deps, scanWhy) : undefined;
   if (!config.watch) {
     await dbRetry('ready deferred messages', () => clearBackoff(db, scope.targetId));
   }
@@ -92,5 +122,5 @@ export async function readyQueue(
   if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, pending))) {
     log.info({ pending }, 'analyzed the queue: its statistics were behind what it holds');
   }
-  return { scan, pending };
+  return pending;
 }

@@ -14,10 +14,12 @@ import {
   type ClaimScope,
   countOutstandingSkips,
   ensureTarget,
+  pendingCount,
   queueState,
   releaseDeadClaims,
   releaseRunClaims,
 } from '../sql/queue.js';
+import type { ReconcileCounts } from '../sql/reconcile.js';
 import {
   finishRun,
   insertRun,
@@ -31,7 +33,7 @@ import type { BatchCommitter } from './commit.js';
 import { LatencyHistogram } from './latency.js';
 import type { RunObserver } from './observer.js';
 import { runPipeline } from './pipeline.js';
-import { readyQueue, scanReason, scanSource } from './ready-queue.js';
+import { readyQueue, scanBeside, scanReason, scanSource } from './ready-queue.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
 import { sleep, Waker } from './waker.js';
 
@@ -190,10 +192,12 @@ export class EmbedRun {
     let display: ProgressDisplay | undefined;
     let progress: NodeJS.Timeout | undefined;
     let stopListening: (() => Promise<void>) | undefined;
+    // Messages this run has claimed to send, for the plan once a scan ends.
+    let claimedToSend = 0;
+    let scanEnded: Promise<void> | undefined;
     try {
       const ready = { db, config, scope, log, dbRetry, going: () => !this.#stopSignal };
-      const { scan, pending } = await readyQueue(ready, scanReason(config, target, capture));
-      if (scan) {
+      const noteScan = (scan: ReconcileCounts) => {
         census.blank = scan.blank;
         census.upToDate = scan.upToDate;
         reconciled = {
@@ -201,8 +205,21 @@ export class EmbedRun {
           enqueued: scan.enqueued,
           orphansDeleted: scan.orphansDeleted,
         };
-      }
-      planned = watch ? 0 : Math.min(pending, config.limit ?? Number.POSITIVE_INFINITY);
+      };
+      const scanWhy = scanReason(config, target, capture);
+      // --force marks each row the scan passes (force = true): a claim ahead
+      // of the scan could read a queued row before its mark and settle it as
+      // unchanged. So a forced scan runs before the first claim; any other
+      // runs beside the claims (below).
+      if (scanWhy && config.force) noteScan(await scanSource(ready, scanWhy));
+      const scanning = scanWhy && !config.force ? scanWhy : undefined;
+      const pending = await readyQueue(ready);
+      // What a one-shot run means to send: rows no one holds, up to --limit.
+      // While a scan runs beside it, what the scan has queued so far is
+      // added (rows it queued again are counted twice until it ends).
+      const plan = (queued: number) =>
+        watch ? 0 : Math.min(queued, config.limit ?? Number.POSITIVE_INFINITY);
+      planned = plan(pending);
       await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
       log.info(
         {
@@ -211,6 +228,7 @@ export class EmbedRun {
           capture,
           watch,
           ...(reconciled ? { reconciled } : {}),
+          ...(scanning ? { scanning } : {}),
           model: config.model,
         },
         'run started',
@@ -263,6 +281,34 @@ export class EmbedRun {
             await waker.wait(waitMs, this.#abort.signal);
           }
         : undefined;
+      // The scan beside the run: the run claims what its chunks have queued
+      // while it queues the rest. Once it ends, the plan is what this run
+      // has claimed to send plus what no one holds.
+      // Never drawn again once stopped (see stop()).
+      const showPlan = () => {
+        if (display && !this.#displayStopped) display.setTotal(planned);
+      };
+      const scan = scanning
+        ? scanBeside(ready, scanning, pending, async (sofar) => {
+            if (watch) return;
+            planned = plan(pending + sofar.enqueued);
+            showPlan();
+            await dbRetry('record the plan', () => setPlanned(db, runId, planned, sofar.blank));
+          })
+        : undefined;
+      scanEnded = scan?.finished.then(async (counts) => {
+        if (!counts) return;
+        noteScan(counts);
+        if (watch) return;
+        try {
+          const left = await dbRetry('count the queue', () => pendingCount(db, scope.targetId));
+          planned = plan(claimedToSend + left);
+          showPlan();
+          await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
+        } catch (caught) {
+          log.warn({ err: oneLine(caught) }, 'could not record the plan');
+        }
+      });
       const result = await runPipeline({
         deps: this.deps,
         scope,
@@ -276,8 +322,10 @@ export class EmbedRun {
         idle,
         pollIntervalMs: config.pollIntervalMs,
         onClaimed: (n) => {
+          claimedToSend += n;
           if (watch) planned += n;
         },
+        filler: scan,
         pause: (ms) => sleep(ms, this.#abort.signal),
         waitForOthers: async () => {
           if ((await dbRetry('mark abandoned runs', () => markAbandonedRuns(db))) > 0) {
@@ -287,9 +335,15 @@ export class EmbedRun {
         },
       });
       if (result.error) throw result.error;
+      await scanEnded;
+      if (scan?.error) throw scan.error;
     } catch (caught) {
       error = this.#stopSignal ? new InterruptedError(this.#stopSignal) : asError(caught);
     } finally {
+      // A scan beside a run that failed goes on to its end, so the next run
+      // trusts the queue and costs O(changes); after a stop it ends at its
+      // next chunk. Either way nothing of it runs once the run has ended.
+      await scanEnded;
       clearInterval(progress);
       clearInterval(heartbeat);
       await stopListening?.().catch(() => {});
