@@ -40,6 +40,7 @@ export async function embed(config: EmbedConfig, levelAsked: boolean): Promise<n
     // A run lasts; others (status, search, psql, a second embed) connect
     // through it rather than wait. A dry run is short: they wait for it.
     serve: !config.dryRun,
+    commits: !config.dryRun,
   });
   announceServing(database, logger, showBar && !levelAsked);
   try {

@@ -57,6 +57,11 @@ export interface OpenOptions {
    * others waiting for a short one is cheaper than it serving them.
    */
   serve?: boolean;
+  /**
+   * The process will commit runs' batches (embed): PGlite's thread loads the
+   * commit code while the engine opens, not after (see pglite-thread.ts).
+   */
+  commits?: boolean;
   /** PGlite directory: how long to wait for a holder that does not serve it. */
   lockWaitMs?: number;
   /** One line for a person: a lock taken over, a wait, clients still served at close. */

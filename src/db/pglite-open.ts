@@ -21,7 +21,10 @@ export async function openPGlite(
   options: OpenOptions,
 ): Promise<Database> {
   const notice = options.notice ?? (() => {});
-  const engine = await PGliteThread.start(dataDir ? resolve(dataDir) : undefined, notice);
+  const engine = await PGliteThread.start(
+    { dataDir: dataDir ? resolve(dataDir) : undefined, commits: options.commits === true },
+    notice,
+  );
   const db = new Kysely<DB>({ dialect: new PGliteDialect(engine) });
   let address: ServeAddress | undefined;
   if (lock && options.serve) {

@@ -47,13 +47,8 @@ export class PGliteThread implements PGliteEngine {
   }
 
   /** Opens the database in a thread of its own; rejects with the engine's own error. */
-  static async start(
-    dataDir: string | undefined,
-    notice: (message: string) => void,
-  ): Promise<PGliteThread> {
-    const worker = startSiblingThread(import.meta.url, 'pglite-thread', {
-      workerData: { dataDir } satisfies ThreadStart,
-    });
+  static async start(start: ThreadStart, notice: (message: string) => void): Promise<PGliteThread> {
+    const worker = startSiblingThread(import.meta.url, 'pglite-thread', { workerData: start });
     await new Promise<void>((resolve, reject) => {
       const settle = (message: ThreadMessage) => {
         if (message.type === 'opened') resolve();

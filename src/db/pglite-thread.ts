@@ -30,6 +30,8 @@ import { PGliteSession } from './pglite-session.js';
 export interface ThreadStart {
   /** An absolute path, or undefined for a database in memory. */
   dataDir: string | undefined;
+  /** Load the commit code while the engine opens: this process will commit batches. */
+  commits: boolean;
 }
 
 export type ThreadRequest =
@@ -98,19 +100,30 @@ async function open(dataDir: string | undefined): Promise<PGlite | undefined> {
   }
 }
 
-const pglite = await open((workerData as ThreadStart).dataDir);
+const start = workerData as ThreadStart;
+// Kysely and the commit's modules took ~300 ms to load after the engine had
+// opened, in this thread, where a run's first statements waited for them;
+// loaded while it opens (its WebAssembly compiles off this thread), the
+// engine opened ~130 ms later and the load was done (embed: ~710 ms to a
+// ready thread, against ~890).
+const commitCode = start.commits ? import('./pglite-commits.js') : undefined;
+// A failure to load is the first commit's error, not this thread's end.
+commitCode?.catch(() => {});
+const pglite = await open(start.dataDir);
 if (pglite) {
   const session = new PGliteSession(async () => {
     await pglite.exec('discard all');
   });
   session.onClientTurn(() => post({ type: 'clientTurn' }));
   const engine = localEngine(pglite, session);
-  // Loaded once, when a run asks for its committer (its first commit would
-  // otherwise wait ~150 ms for Kysely and the commit's modules), however
-  // many commits arrive meanwhile.
+  // Loaded once, at the start (above) or when a run asks for its committer
+  // (its first commit would otherwise wait for Kysely and the commit's
+  // modules), however many commits arrive meanwhile.
   let commits: Promise<ReturnType<typeof engineCommits>> | undefined;
   const loadCommits = () =>
-    (commits ??= import('./pglite-commits.js').then((m) => m.engineCommits(engine)));
+    (commits ??= (commitCode ?? import('./pglite-commits.js')).then((m) =>
+      m.engineCommits(engine),
+    ));
   const connections = new Map<number, EngineConnection>();
   let nextConnection = 0;
   let server: PGliteServer | undefined;
