@@ -62,6 +62,11 @@ export async function ensureTarget(
 /** A queue row this run claimed, with the message as it is now. */
 export interface ClaimedMessage {
   id: string;
+  /**
+   * The queue row's version (its xmin) as the claim left it, the same for
+   * every row of one claim: the fence settles the row only if it still is.
+   */
+  version: string;
   /** The message still exists. */
   exists: boolean;
   /** Null when the message is gone, or its text is NULL (then it is blank). */
@@ -146,14 +151,18 @@ export async function claimOldest(
 }
 
 /**
- * Marks the picked rows as this run's (`claimed_by`) and reads each message
- * as it is now. Whether an embedding of this content exists is a correlated
- * subquery, so it stays one primary-key probe a row whatever the statistics
- * say: as a left join, on a table analyzed while empty, the planner merged
- * against every embedding of the target, sorted (9 ms a claim at 10,000
- * embeddings, growing with the table). Committed at once, so no transaction stays open across the
- * HTTP request (PGlite has one session; a pool would need a connection per
- * batch in flight). In id order, as the fence locks them.
+ * Marks the picked rows as this run's (`claimed_by`), then reads each
+ * message as it is now, in a statement of its own: read in the claim's own
+ * statement, a message whose edit committed while the claim waited for its
+ * row came from the claim's older snapshot, while the row's version was
+ * already the edit's, and the fence (which compares versions) would have
+ * settled the old text. Read after, any edit either is in what was read or
+ * changes the row's version after the claim (its capture trigger updates
+ * the row), and the fence leaves the row to be embedded again.
+ *
+ * Committed at once, so no transaction stays open across the HTTP request
+ * (PGlite has one session; a pool would need a connection per batch in
+ * flight). In id order, as the fence settles them.
  */
 async function claimAndRead(
   db: Db,
@@ -162,91 +171,105 @@ async function claimAndRead(
   /** CTEs `picked` reads from, each followed by a comma. */
   before: RawBuilder<unknown> = sql``,
 ): Promise<ClaimedMessage[]> {
-  const { rows: read } = await sql<ReadClaim>`
+  const { rows: claimed } = await sql<{ id: string; force: boolean; version: string }>`
     with ${before} picked as (${picked}),
     claimed as (
       update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id
-      returning q.message_id, q.force)
-    select c.message_id::text as id, m.id is not null as exists, m.content,
-      coalesce(m.content ~ '\\S', false) as "nonBlank",
-      (select encode(e.content_sha256, 'hex') from message_embeddings e
-        where e.provider = ${scope.provider} and e.model = ${scope.model}
-          and e.message_id = c.message_id) as "embeddedSha256",
-      c.force
-    from claimed c
-    left join ${sourceRelation(scope.source)} m on m.id = c.message_id
-    order by c.message_id`.execute(db);
-  // The content is hashed here, not in SQL: PGlite's sha256() in WebAssembly
-  // was 3.6 ms of a 64-message claim's engine time, and the engine is the
-  // busier thread; OpenSSL takes microseconds. UTF-8, as the fence's
-  // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
-  const rows = read.map(({ embeddedSha256, ...row }): ClaimedMessage => {
-    const sha256Hex =
-      row.content === null ? null : createHash('sha256').update(row.content, 'utf8').digest('hex');
-    return { ...row, sha256Hex, current: sha256Hex !== null && embeddedSha256 === sha256Hex };
-  });
+      returning q.message_id, q.force, q.xmin::text as version)
+    select message_id::text as id, force, version from claimed order by message_id`.execute(db);
+  if (claimed.length === 0) return [];
+  const read = await readClaimed(
+    db,
+    scope,
+    claimed.map((c) => c.id),
+  );
   // A view may return an id twice: refuse it by name before a batch holding
   // both copies fails its upsert.
-  for (let i = 1; i < rows.length; i++) {
-    const id = (rows[i] as ClaimedMessage).id;
-    if (id === rows[i - 1]?.id) {
-      throw duplicateIdError(scope.source, id, rows.filter((r) => r.id === id).length);
+  for (let i = 1; i < read.length; i++) {
+    const id = (read[i] as ReadClaim).id;
+    if (id === read[i - 1]?.id) {
+      throw duplicateIdError(scope.source, id, read.filter((r) => r.id === id).length);
     }
   }
-  return rows;
+  // The content is hashed here, not in SQL: PGlite's sha256() in WebAssembly
+  // was 3.6 ms of a 64-message claim's engine time, and the engine is the
+  // busier thread; OpenSSL takes microseconds. UTF-8, as the scan's
+  // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
+  return claimed.map(({ id, force, version }, i): ClaimedMessage => {
+    const { embeddedSha256, ...row } = read[i] as ReadClaim;
+    const sha256Hex =
+      row.content === null ? null : createHash('sha256').update(row.content, 'utf8').digest('hex');
+    return {
+      ...row,
+      id,
+      version,
+      force,
+      sha256Hex,
+      current: sha256Hex !== null && embeddedSha256 === sha256Hex,
+    };
+  });
 }
 
-/** A claimed row as read, before its content is hashed. */
-type ReadClaim = Omit<ClaimedMessage, 'sha256Hex' | 'current'> & { embeddedSha256: string | null };
-
-/** A claimed message as handled, with the content hash the handling was based on. */
-export interface Handled {
+/** A claimed message as read, before its content is hashed. */
+interface ReadClaim {
   id: string;
-  /** The content hash embedded, skipped or found; null: the message was gone. */
-  sha256Hex: string | null;
+  exists: boolean;
+  content: string | null;
+  nonBlank: boolean;
+  embeddedSha256: string | null;
 }
 
 /**
- * The fence. Deletes the queue rows of `handled` that this run still holds
- * and whose message is still as it was handled (same content hash, or still
- * gone), and returns their ids: only those may be written. A row another
- * worker took over (this run stopped beating) or a message edited since it
- * was read is left in the queue, to be claimed and embedded again. The
- * delete locks the rows, so a capture trigger re-enqueueing one of them
- * waits for this transaction and then inserts it afresh.
+ * Reads claimed messages as they are now, one row per id in id order.
+ * Whether an embedding of this content exists is a correlated subquery, so
+ * it stays one primary-key probe a row whatever the statistics say: as a
+ * left join, on a table analyzed while empty, the planner merged against
+ * every embedding of the target, sorted (9 ms a claim at 10,000 embeddings,
+ * growing with the table).
+ */
+async function readClaimed(db: Db, scope: ClaimScope, ids: string[]): Promise<ReadClaim[]> {
+  const { rows } = await sql<ReadClaim>`
+    select c.id::text as id, m.id is not null as exists, m.content,
+      coalesce(m.content ~ '\\S', false) as "nonBlank",
+      (select encode(e.content_sha256, 'hex') from message_embeddings e
+        where e.provider = ${scope.provider} and e.model = ${scope.model}
+          and e.message_id = c.id) as "embeddedSha256"
+    from unnest(${idArray(scope, ids)}) as c(id)
+    left join ${sourceRelation(scope.source)} m on m.id = c.id
+    order by c.id`.execute(db);
+  return rows;
+}
+
+/**
+ * The fence. Deletes the queue rows of `ids` that this run still holds at
+ * the version its claim left (`version`, ClaimedMessage.version), and
+ * returns their ids: only those may be written. A row another worker took
+ * over (this run stopped beating) or whose message changed since the claim
+ * (the capture trigger updated the row: a new version) is left in the
+ * queue, to be claimed and embedded again. On a source without triggers a
+ * change is found by the next scan, as every change there is.
+ *
+ * One statement, and no message read: the condition is on the queue row
+ * alone, so a row a writer's trigger holds is waited for, then rechecked at
+ * its new version (and left). The delete locks the rows, so a trigger
+ * re-enqueueing one of them waits for this transaction and then inserts it
+ * afresh. Before, the fence compared each message's content hash, in SQL,
+ * after a separate lock statement: on PGlite 3 ms of a 8-email batch's 11
+ * ms of engine time (BENCHMARKS.md, "fifth pass").
  */
 export async function settleClaims(
   trx: Transaction<DB>,
   scope: ClaimScope,
-  handled: Handled[],
+  ids: string[],
+  version: string,
 ): Promise<Set<string>> {
-  if (handled.length === 0) return new Set();
-  const ids = handled.map((h) => h.id);
-  const hashes = handled.map((h) => h.sha256Hex);
-  // Lock first, in id order, and compare after, in a statement of its own:
-  // a writer whose capture trigger holds one of these rows commits before we
-  // get it, and only a new statement's snapshot sees its new content. In one
-  // statement, Postgres rechecks the locked row against the old snapshot,
-  // finds the old hash, and settles a message whose text just changed.
-  await sql`select 1 from embedding_queue q
-    where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
-      and q.message_id = any(${idArray(scope, ids)})
-    order by q.message_id for update`.execute(trx);
-  // `message_id = any(ids)` probes the batch's own rows: joined on h alone,
-  // the planner hashed every row the run had claimed, content hash included
-  // (144 rows and 6 ms a batch at 16 in flight on PGlite, each message's text
-  // read and hashed once for every batch committed while it was claimed).
+  if (ids.length === 0) return new Set();
   const { rows } = await sql<{ id: string }>`
-    with h as (select * from unnest(${idArray(scope, ids)}, ${hashes}::text[]) as h(id, sha256_hex))
     delete from embedding_queue q
-    using h
     where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
       and q.message_id = any(${idArray(scope, ids)})
-      and q.message_id = h.id
-      and coalesce((select encode(sha256(convert_to(m.content, 'UTF8')), 'hex')
-                    from ${sourceRelation(scope.source)} m where m.id = q.message_id), '')
-          = coalesce(h.sha256_hex, '')
+      and q.xmin = ${version}::xid
     returning q.message_id::text as id`.execute(trx);
   return new Set(rows.map((r) => r.id));
 }

@@ -9,13 +9,7 @@ import {
   recordBatch,
   type SkippedRow,
 } from '../sql/batches.js';
-import {
-  type ClaimScope,
-  deleteEmbeddingsOf,
-  type Handled,
-  releaseClaims,
-  settleClaims,
-} from '../sql/queue.js';
+import { type ClaimScope, deleteEmbeddingsOf, releaseClaims, settleClaims } from '../sql/queue.js';
 
 /**
  * How a run commits its batches, chosen once per backend
@@ -47,14 +41,16 @@ export interface CommitTarget {
 
 /** What one batch hands to its commit. */
 export interface BatchWork {
+  /** The version the batch's claim left on its queue rows (ClaimedMessage.version). */
+  claimVersion: string;
   embedded: EmbeddedRow[];
   skipped: SkippedRow[];
   /** Claimed, found gone: their embeddings (every model's) are orphans. */
   gone: string[];
   /** Claimed, found blank: never embedded; the target's old embedding goes. */
-  blank: Handled[];
+  blank: string[];
   /** Claimed, found with an embedding of their current content: nothing to do. */
-  unchanged: Handled[];
+  unchanged: string[];
   /** Claimed and failed for now (retries exhausted): back in the queue after a backoff. */
   deferred: string[];
   /** Why they were deferred, for `embedding_queue.last_error`. */
@@ -80,7 +76,7 @@ export interface Committed {
 
 /**
  * One transaction per batch: the fence (settleClaims: the queue rows this
- * run still holds, of messages still as they were read), then only those
+ * run still holds, unchanged since its claim), then only those
  * rows' vectors and skips, the rest given back, the batch's progress row and
  * the run's counts. A crash loses at most the batch in flight: its claims
  * are released when the run is found dead, and eligibility (no embedding of
@@ -101,31 +97,26 @@ export async function commitBatch(
     // whole batch is redone (withDbRetry), and the application never fails.
     const { committedBefore } = await beginBatchCommit(trx, batch, '200ms');
     if (committedBefore) return undefined;
-    const settled = await settleClaims(trx, scope, [
-      ...work.embedded.map((e) => ({ id: e.messageId, sha256Hex: e.sha256Hex })),
-      ...work.skipped.map((s) => ({ id: s.messageId, sha256Hex: s.sha256Hex })),
-      ...work.gone.map((id) => ({ id, sha256Hex: null })),
+    // What was handled, by whatever means; the rest goes back unsettled.
+    const handledIds = [
+      ...work.embedded.map((e) => e.messageId),
+      ...work.skipped.map((s) => s.messageId),
+      ...work.gone,
       ...work.blank,
       ...work.unchanged,
-    ]);
+    ];
+    const settled = await settleClaims(trx, scope, handledIds, work.claimVersion);
     const embedded = work.embedded.filter((e) => settled.has(e.messageId));
     const skipped = work.skipped.filter((s) => settled.has(s.messageId));
     const gone = work.gone.filter((id) => settled.has(id));
-    const blank = work.blank.filter((h) => settled.has(h.id)).map((h) => h.id);
+    const blank = work.blank.filter((id) => settled.has(id));
     const target = { provider: scope.provider, model: scope.model, runId: scope.runId };
     await to.writer.upsert(trx, target, embedded);
     await insertSkips(trx, target, skipped);
     await deleteEmbeddingsOf(trx, scope, gone);
     await deleteEmbeddingsOf(trx, scope, blank, 'target');
-    // What was handled from content that changed since, and what was not
+    // What was handled from a message that changed since, and what was not
     // handled at all, goes back to the queue.
-    const handledIds = [
-      ...work.embedded.map((e) => e.messageId),
-      ...work.skipped.map((s) => s.messageId),
-      ...work.gone,
-      ...work.blank.map((h) => h.id),
-      ...work.unchanged.map((h) => h.id),
-    ];
     const changed = handledIds.filter((id) => !settled.has(id));
     await releaseClaims(trx, scope, [...changed, ...work.released]);
     await releaseClaims(trx, scope, work.deferred, {
@@ -149,7 +140,7 @@ export async function commitBatch(
       skippedByReason,
       gone: gone.length,
       blank: blank.length,
-      unchanged: work.unchanged.filter((h) => settled.has(h.id)).length,
+      unchanged: work.unchanged.filter((id) => settled.has(id)).length,
       changed: changed.length,
     };
   });

@@ -9,7 +9,6 @@ import {
   type ClaimScope,
   claimBatch,
   claimOldest,
-  type Handled,
   queueState,
   releaseRunClaims,
 } from '../sql/queue.js';
@@ -340,22 +339,24 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
 
 /** A claimed page sorted: what to send, and what settles without a request. */
 interface SortedClaims {
+  /** The version the page's claim left on its rows, for the fence. */
+  claimVersion: string;
   toEmbed: EligibleMessage[];
   gone: string[];
-  blank: Handled[];
-  unchanged: Handled[];
+  blank: string[];
+  unchanged: string[];
 }
 
 function sortClaimed(page: ClaimedMessage[]): SortedClaims {
-  const sorted: SortedClaims = { toEmbed: [], gone: [], blank: [], unchanged: [] };
+  // One claim statement's rows: one version.
+  const claimVersion = page[0]?.version ?? '';
+  const sorted: SortedClaims = { claimVersion, toEmbed: [], gone: [], blank: [], unchanged: [] };
   for (const m of page) {
     if (!m.exists) sorted.gone.push(m.id);
-    else if (m.content === null || m.sha256Hex === null || !m.nonBlank) {
-      // A NULL text is blank: the settle's hash of it is '' as for a gone one.
-      sorted.blank.push({ id: m.id, sha256Hex: m.sha256Hex });
-    }
+    // A NULL text is blank.
+    else if (m.content === null || m.sha256Hex === null || !m.nonBlank) sorted.blank.push(m.id);
     // An update that left the text as it was costs no request.
-    else if (m.current && !m.force) sorted.unchanged.push({ id: m.id, sha256Hex: m.sha256Hex });
+    else if (m.current && !m.force) sorted.unchanged.push(m.id);
     else sorted.toEmbed.push({ id: m.id, content: m.content, sha256Hex: m.sha256Hex });
   }
   return sorted;
@@ -490,6 +491,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   const deferredKept = before(deferred);
   const handled = new Set([...kept, ...skipped, ...deferredKept].map((x) => x.message.id));
   const work: BatchWork = {
+    claimVersion: job.settled.claimVersion,
     embedded: kept.map(toRow),
     skipped: skipped.map(toSkip),
     gone: job.settled.gone,

@@ -192,8 +192,15 @@ export class EmbedRun {
     let display: ProgressDisplay | undefined;
     let progress: NodeJS.Timeout | undefined;
     let stopListening: (() => Promise<void>) | undefined;
-    // Messages this run has claimed to send, for the plan once a scan ends.
+    // What a one-shot run means to send: rows no one holds, up to --limit.
+    // While a scan runs beside it, what the scan has queued so far is added
+    // (rows it queued again are counted twice until it ends); once it ends,
+    // what the run has claimed to send and what no one holds, an estimate
+    // while claims go on, made exact as the run ends.
+    const plan = (queued: number) =>
+      watch ? 0 : Math.min(queued, config.limit ?? Number.POSITIVE_INFINITY);
     let claimedToSend = 0;
+    let scanning: string | undefined;
     let scanEnded: Promise<void> | undefined;
     try {
       const ready = { db, config, scope, log, dbRetry, going: () => !this.#stopSignal };
@@ -212,13 +219,8 @@ export class EmbedRun {
       // unchanged. So a forced scan runs before the first claim; any other
       // runs beside the claims (below).
       if (scanWhy && config.force) noteScan(await scanSource(ready, scanWhy));
-      const scanning = scanWhy && !config.force ? scanWhy : undefined;
+      scanning = scanWhy && !config.force ? scanWhy : undefined;
       const pending = await readyQueue(ready);
-      // What a one-shot run means to send: rows no one holds, up to --limit.
-      // While a scan runs beside it, what the scan has queued so far is
-      // added (rows it queued again are counted twice until it ends).
-      const plan = (queued: number) =>
-        watch ? 0 : Math.min(queued, config.limit ?? Number.POSITIVE_INFINITY);
       planned = plan(pending);
       await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
       log.info(
@@ -388,6 +390,7 @@ export class EmbedRun {
         () => undefined,
       );
       totals.deferred = Math.max(totals.deferred, left?.backingOff ?? 0);
+      if (scanning && left) planned = plan(claimedToSend + left.due);
     }
     const status = error
       ? error instanceof InterruptedError || error instanceof BudgetReachedError
@@ -430,7 +433,7 @@ export class EmbedRun {
     await dbRetry('finish the run', () =>
       finishRun(db, runId, status, { ...summary }, summary.error, {
         ...totals,
-        ...(watch ? { planned } : {}),
+        ...(watch || scanning ? { planned } : {}),
       }),
     ).catch((caught: unknown) =>
       log.error({ err: oneLine(caught) }, 'could not record the end of the run'),

@@ -264,7 +264,8 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
         settleClaims(
           trx,
           scope,
-          claimed.map((c) => ({ id: c.id, sha256Hex: c.sha256Hex })),
+          claimed.map((c) => c.id),
+          claimed[0]?.version ?? '',
         ),
       );
       expect(settled).toEqual(new Set([id(0x40), id(0xa0)]));
