@@ -917,6 +917,7 @@ async function explainScans(url: string) {
       model: MODEL,
       source: DEFAULT_SOURCE,
       idType: 'bigint',
+      oneSession: false,
     };
     let chunks = 0;
     await reconcile(db, scope, {

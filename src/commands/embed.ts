@@ -108,6 +108,9 @@ export async function embed(config: EmbedConfig, levelAsked: boolean): Promise<n
       db: database.db,
       committer: database.batchCommitter(columnType),
       idType,
+      // This process holds PGlite's one session; a client of one another
+      // process serves is connected as to a server.
+      oneSession: database.backend === 'pglite',
       provider,
       config,
       logger,

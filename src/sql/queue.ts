@@ -15,6 +15,13 @@ export interface ClaimScope {
   source: MessageSource;
   /** The embeddings' id type: id lists are cast to it, so the primary key serves the lookups. */
   idType: IdType;
+  /**
+   * The database is one session (PGlite, in this process): no transaction
+   * commits while one of this run's statements runs. A claim then reads the
+   * messages in its own statement, and a commit sets no lock timeout and
+   * checks for no redo (RunDeps.oneSession).
+   */
+  oneSession: boolean;
 }
 
 /** Ids (as text) as an array of the id type, for `= any(...)` on an indexed column. */
@@ -158,7 +165,10 @@ export async function claimOldest(
  * already the edit's, and the fence (which compares versions) would have
  * settled the old text. Read after, any edit either is in what was read or
  * changes the row's version after the claim (its capture trigger updates
- * the row), and the fence leaves the row to be embedded again.
+ * the row), and the fence leaves the row to be embedded again. With one
+ * session nothing commits during the claim, so it reads in the claim's own
+ * statement: on PGlite the second statement took ~1 ms more of the engine's
+ * thread a claim (BENCHMARKS.md, "fifth pass").
  *
  * Committed at once, so no transaction stays open across the HTTP request
  * (PGlite has one session; a pool would need a connection per batch in
@@ -171,19 +181,34 @@ async function claimAndRead(
   /** CTEs `picked` reads from, each followed by a comma. */
   before: RawBuilder<unknown> = sql``,
 ): Promise<ClaimedMessage[]> {
-  const { rows: claimed } = await sql<{ id: string; force: boolean; version: string }>`
+  const claim = sql`
     with ${before} picked as (${picked}),
     claimed as (
       update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id
-      returning q.message_id, q.force, q.xmin::text as version)
-    select message_id::text as id, force, version from claimed order by message_id`.execute(db);
-  if (claimed.length === 0) return [];
-  const read = await readClaimed(
-    db,
-    scope,
-    claimed.map((c) => c.id),
-  );
+      returning q.message_id, q.force, q.xmin::text as version)`;
+  type Claimed = { id: string; force: boolean; version: string };
+  let claimed: Claimed[];
+  let read: ReadClaim[];
+  if (scope.oneSession) {
+    ({ rows: read } = await sql<ReadClaim & Claimed>`${claim}
+      select c.message_id::text as id, c.force, c.version, ${readColumns(scope, sql`c.message_id`)}
+      from claimed c left join ${sourceRelation(scope.source)} m on m.id = c.message_id
+      order by c.message_id`.execute(db));
+    claimed = read as Array<ReadClaim & Claimed>;
+  } else {
+    ({ rows: claimed } = await sql<Claimed>`${claim}
+      select message_id::text as id, force, version from claimed
+      order by message_id`.execute(db));
+    if (claimed.length === 0) return [];
+    ({ rows: read } = await sql<ReadClaim>`
+      select c.id::text as id, ${readColumns(scope, sql`c.id`)}
+      from unnest(${idArray(
+        scope,
+        claimed.map((c) => c.id),
+      )}) as c(id) left join ${sourceRelation(scope.source)} m on m.id = c.id
+      order by c.id`.execute(db));
+  }
   // A view may return an id twice: refuse it by name before a batch holding
   // both copies fails its upsert.
   for (let i = 1; i < read.length; i++) {
@@ -197,16 +222,20 @@ async function claimAndRead(
   // busier thread; OpenSSL takes microseconds. UTF-8, as the scan's
   // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
   return claimed.map(({ id, force, version }, i): ClaimedMessage => {
-    const { embeddedSha256, ...row } = read[i] as ReadClaim;
+    const { exists, content, nonBlank, embeddedSha256, id: readId } = read[i] as ReadClaim;
+    // Both in id order, one row an id: a mismatch is a bug here, never a guess.
+    if (readId !== id) throw new Error(`claim read ${readId} for ${id}`);
     const sha256Hex =
-      row.content === null ? null : createHash('sha256').update(row.content, 'utf8').digest('hex');
+      content === null ? null : createHash('sha256').update(content, 'utf8').digest('hex');
     return {
-      ...row,
       id,
       version,
-      force,
+      exists,
+      content,
       sha256Hex,
+      nonBlank,
       current: sha256Hex !== null && embeddedSha256 === sha256Hex,
+      force,
     };
   });
 }
@@ -221,24 +250,19 @@ interface ReadClaim {
 }
 
 /**
- * Reads claimed messages as they are now, one row per id in id order.
- * Whether an embedding of this content exists is a correlated subquery, so
- * it stays one primary-key probe a row whatever the statistics say: as a
- * left join, on a table analyzed while empty, the planner merged against
- * every embedding of the target, sorted (9 ms a claim at 10,000 embeddings,
+ * What a claim reads of each message `m` it claimed (`id`). Whether an
+ * embedding of this content exists is a correlated subquery, so it stays
+ * one primary-key probe a row whatever the statistics say: as a left join,
+ * on a table analyzed while empty, the planner merged against every
+ * embedding of the target, sorted (9 ms a claim at 10,000 embeddings,
  * growing with the table).
  */
-async function readClaimed(db: Db, scope: ClaimScope, ids: string[]): Promise<ReadClaim[]> {
-  const { rows } = await sql<ReadClaim>`
-    select c.id::text as id, m.id is not null as exists, m.content,
+function readColumns(scope: ClaimScope, id: RawBuilder<unknown>) {
+  return sql`m.id is not null as exists, m.content,
       coalesce(m.content ~ '\\S', false) as "nonBlank",
       (select encode(e.content_sha256, 'hex') from message_embeddings e
         where e.provider = ${scope.provider} and e.model = ${scope.model}
-          and e.message_id = c.id) as "embeddedSha256"
-    from unnest(${idArray(scope, ids)}) as c(id)
-    left join ${sourceRelation(scope.source)} m on m.id = c.id
-    order by c.id`.execute(db);
-  return rows;
+          and e.message_id = ${id}) as "embeddedSha256"`;
 }
 
 /**

@@ -43,6 +43,8 @@ export interface RunDeps {
   committer: BatchCommitter;
   /** The source's id type; default bigint. */
   idType?: IdType | undefined;
+  /** The database is one session (Database.backend 'pglite'; see ClaimScope); default false. */
+  oneSession?: boolean | undefined;
   provider: EmbeddingProvider;
   config: EmbedConfig;
   logger: Logger;
@@ -148,6 +150,7 @@ export class EmbedRun {
       model: config.model,
       source: config.messageSource,
       idType: this.deps.idType ?? 'bigint',
+      oneSession: this.deps.oneSession ?? false,
     };
 
     const totals: RunTotals = {

@@ -44,7 +44,13 @@ describe.each(backends())('the change queue on %s', (backend) => {
   beforeAll(async () => {
     target = await createTestDatabase(backend);
     database = await openMigrated(target.url);
-    f = new QueueFixture(db(), await readEmbeddingColumnType(db()), DEFAULT_SOURCE, 'bigint');
+    f = new QueueFixture(
+      db(),
+      await readEmbeddingColumnType(db()),
+      DEFAULT_SOURCE,
+      'bigint',
+      backend === 'pglite',
+    );
   });
   afterAll(async () => {
     await database?.close();

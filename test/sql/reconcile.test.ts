@@ -45,6 +45,7 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
       await readEmbeddingColumnType(database.db),
       DEFAULT_SOURCE,
       'bigint',
+      backend === 'pglite',
     );
   });
   afterAll(async () => {
@@ -223,6 +224,7 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
         await readEmbeddingColumnType(uuidDb.db),
         source,
         'uuid',
+        backend === 'pglite',
       );
       const id = (n: number) => `00000000-0000-4000-8000-${n.toString(16).padStart(12, '0')}`;
       await u.messages([

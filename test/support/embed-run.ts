@@ -18,6 +18,8 @@ export interface RunHarnessContext {
   columnType: EmbeddingColumnType;
   /** How batches commit, as the CLI chooses it (Database.batchCommitter). */
   committer: BatchCommitter;
+  /** The database is one session, as the CLI tells it (RunDeps.oneSession). */
+  oneSession?: boolean;
   /** The fake server's base URL. */
   baseUrl: string;
 }
@@ -40,6 +42,7 @@ export function makeRun(
   const run = new EmbedRun({
     db: ctx.db,
     committer: ctx.committer,
+    oneSession: ctx.oneSession,
     provider,
     config,
     logger: extra.logger ?? createLogger('silent'),
@@ -134,6 +137,7 @@ export function useWorkerFixture(
         db: database.db,
         columnType,
         committer: database.batchCommitter(columnType),
+        oneSession: database.backend === 'pglite',
         baseUrl: fake.url,
       };
     },

@@ -1,4 +1,11 @@
-import type { KyselyPlugin, QueryResult, RootOperationNode, UnknownRow } from 'kysely';
+import type {
+  KyselyPlugin,
+  OperationNode,
+  QueryResult,
+  RawNode,
+  RootOperationNode,
+  UnknownRow,
+} from 'kysely';
 
 /**
  * A Kysely plugin that hands the result of each query `matches` picks to
@@ -22,8 +29,15 @@ export function queryHook(
   };
 }
 
-/** Matches a raw `sql` statement whose text includes `text`. */
+/** Matches a raw `sql` statement whose text includes `text`, in a nested `sql` part too. */
 export const rawSqlIncludes =
   (text: string) =>
   (node: RootOperationNode): boolean =>
-    node.kind === 'RawNode' && node.sqlFragments.join('').includes(text);
+    node.kind === 'RawNode' && rawText(node).includes(text);
+
+/** A raw statement's own text and that of the raw parts within it. */
+function rawText(node: OperationNode): string {
+  if (node.kind !== 'RawNode') return '';
+  const raw = node as RawNode;
+  return raw.sqlFragments.join('') + raw.parameters.map(rawText).join('');
+}

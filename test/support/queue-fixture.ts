@@ -69,6 +69,8 @@ export class QueueFixture {
     readonly columnType: EmbeddingColumnType,
     readonly source: MessageSource,
     readonly idType: IdType,
+    /** As the CLI sets it: true on PGlite (ClaimScope.oneSession). */
+    readonly oneSession: boolean,
   ) {}
 
   async messages(rows: Array<[string | number, string | null]>): Promise<void> {
@@ -120,6 +122,7 @@ export class QueueFixture {
       ...model,
       source: this.source,
       idType: this.idType,
+      oneSession: this.oneSession,
     };
   }
 

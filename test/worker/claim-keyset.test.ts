@@ -11,7 +11,13 @@ describe.each(backends())('the claim keyset over the queue on %s', (backend) => 
 
   it('finds a lower id that appears behind it while a stream of new ids goes on', async () => {
     const db = database().db;
-    const f = new QueueFixture(db, await readEmbeddingColumnType(db), DEFAULT_SOURCE, 'bigint');
+    const f = new QueueFixture(
+      db,
+      await readEmbeddingColumnType(db),
+      DEFAULT_SOURCE,
+      'bigint',
+      backend === 'pglite',
+    );
     const scope = await f.scope({ provider: 'openai', model: 'keyset' });
     const insert = (id: number) => f.messages([[id, `message ${id}`]]);
     const keyset = new ClaimKeyset();
