@@ -125,6 +125,8 @@ export interface WorkerResult {
   elapsedMs: number;
   messagesPerSecond: number;
   peakRssMiB: number;
+  /** The worker process's CPU time (all its threads), ms per message handled. */
+  cpuMsPerMessage: number;
 }
 
 /** Runs `npm run embed` as a real child process and reads its own figures. */
@@ -162,6 +164,7 @@ export async function runWorker(
     elapsedMs,
     messagesPerSecond: (embedded + skipped) / (elapsedMs / 1000),
     peakRssMiB: Number(finished.peak_rss_mib),
+    cpuMsPerMessage: Number(finished.cpu_ms) / Math.max(embedded + skipped, 1),
   };
 }
 

@@ -196,6 +196,7 @@ async function shortMessagesScenario(backend: Backend) {
     results[`short_${backend}`] = {
       messages: count,
       run_messages_per_s: run.messagesPerSecond,
+      worker_cpu_ms_per_message: run.cpuMsPerMessage,
       commit_ms: commit,
       peak_rss_mib: run.peakRssMiB,
       write_rows_per_s: write.rowsPerSecond,
@@ -217,6 +218,13 @@ async function shortMessagesScenario(backend: Backend) {
       '',
     );
     row('1b short', backend, 'ratio end-to-end / write path', fmt(ratio, 2), 'goal >= 0.5');
+    row(
+      '1b short',
+      backend,
+      'worker CPU per message, all its threads',
+      `${fmt(run.cpuMsPerMessage, 3)} ms`,
+      'steadier than the pace on shared cores',
+    );
     row(
       '1b short',
       backend,
@@ -294,6 +302,7 @@ async function latency(backend: Backend, template: Template) {
         steady_messages_per_s: timeline.steadyMessagesPerSecond,
         steady_share: steadyShare,
         request_ms_avg: timeline.requestMsAvg,
+        worker_cpu_ms_per_message: run.cpuMsPerMessage,
       });
       row(
         '2 latency 200 ms',
@@ -308,6 +317,13 @@ async function latency(backend: Backend, template: Template) {
         `  first commit; then, until the last`,
         `${fmt(timeline.firstCommitMs, 0)} ms; ${fmt(timeline.steadyMessagesPerSecond)}/s`,
         `${fmt(100 * steadyShare, 0)}% of ideal; requests ${fmt(timeline.requestMsAvg, 0)} ms`,
+      );
+      row(
+        '2 latency 200 ms',
+        backend,
+        '  worker CPU per message, all its threads',
+        `${fmt(run.cpuMsPerMessage, 3)} ms`,
+        '',
       );
     } finally {
       await target.drop();

@@ -452,6 +452,11 @@ export class EmbedRun {
         ...totals,
         elapsed_ms: elapsedMs,
         peak_rss_mib: summary.peakRssMiB,
+        // Every thread's (PGlite's own included), in ms: what the run cost
+        // the machine, steadier than its pace where other work shares the cores.
+        cpu_ms: Math.round(
+          (process.resourceUsage().userCPUTime + process.resourceUsage().systemCPUTime) / 1000,
+        ),
         commit: commitLatency.summary(),
       },
       'run finished',
