@@ -32,7 +32,7 @@ import { ClaimKeyset } from './claim-keyset.js';
 import type { BatchWork } from './commit.js';
 import { createFleetRateGate } from './fleet-gate.js';
 import type { LatencyHistogram } from './latency.js';
-import { unobserved } from './observer.js';
+import type { RunObserver } from './observer.js';
 import { createRateGate } from './rate-gate.js';
 import type { RunDeps } from './run.js';
 import type { RunTotals } from './summary.js';
@@ -69,6 +69,8 @@ export interface PipelineContext {
   waitForOthers: () => Promise<void>;
   /** A scan still filling the queue beside the run (a model's first), if one is. */
   filler: QueueFiller | undefined;
+  /** Told of commits, answers and retries (RunDeps.observer, or nobody). */
+  observer: RunObserver;
 }
 
 export interface PipelineResult {
@@ -92,7 +94,7 @@ const FIRST_IDLE_MS = 50;
 export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult> {
   const { log, scope } = ctx;
   const { db, config } = ctx.deps;
-  const observer = ctx.deps.observer ?? unobserved;
+  const { observer } = ctx;
   const limit = pLimit(config.concurrency);
   const adaptive = new AdaptiveConcurrency(limit, config.concurrency, log);
   // With a key, --max-rpm/--max-tpm hold for every worker of the provider,
@@ -522,7 +524,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   const commitMs = performance.now() - commitStart;
   ctx.commitLatency.record(commitMs);
   if (committed) {
-    (ctx.deps.observer ?? unobserved).committed(committed, commitMs / 1000);
+    ctx.observer.committed(committed, commitMs / 1000);
     if (committed.embedded + committed.skipped > 0) {
       totals.batches += 1;
       totals.requests += outcome.attempts;

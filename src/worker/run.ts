@@ -31,7 +31,7 @@ import {
 } from '../sql/runs.js';
 import type { BatchCommitter } from './commit.js';
 import { LatencyHistogram } from './latency.js';
-import type { RunObserver } from './observer.js';
+import { type RunObserver, unobserved } from './observer.js';
 import { runPipeline } from './pipeline.js';
 import { readyQueue, scanBeside, scanReason, scanSource } from './ready-queue.js';
 import { formatSummary, type RunSummary, type RunTotals, writeManifest } from './summary.js';
@@ -331,6 +331,7 @@ export class EmbedRun {
           if (watch) planned += n;
         },
         filler: scan,
+        observer: this.deps.observer ?? unobserved,
         pause: (ms) => sleep(ms, this.#abort.signal),
         waitForOthers: async () => {
           if ((await dbRetry('mark abandoned runs', () => markAbandonedRuns(db))) > 0) {
