@@ -70,8 +70,8 @@ export async function ensureTarget(
 export interface ClaimedMessage {
   id: string;
   /**
-   * The queue row's version (its xmin) as the claim left it, the same for
-   * every row of one claim: the fence settles the row only if it still is.
+   * The queue row's version (its xmin) as of the message read here: the
+   * fence settles the row only if it still is.
    */
   version: string;
   /** The message still exists. */
@@ -159,13 +159,17 @@ export async function claimOldest(
 
 /**
  * Marks the picked rows as this run's (`claimed_by`), then reads each
- * message as it is now, in a statement of its own: read in the claim's own
- * statement, a message whose edit committed while the claim waited for its
- * row came from the claim's older snapshot, while the row's version was
- * already the edit's, and the fence (which compares versions) would have
- * settled the old text. Read after, any edit either is in what was read or
- * changes the row's version after the claim (its capture trigger updates
- * the row), and the fence leaves the row to be embedded again. With one
+ * message, with its queue row's version, as they are now, in a statement of
+ * its own: read in the claim's own statement, a message whose edit
+ * committed while the claim waited for its row came from the claim's older
+ * snapshot, while the row's version was already the edit's, and the fence
+ * (which compares versions) would have settled the old text. Read after, in
+ * one snapshot, the text and the version agree (an edit and its capture
+ * trigger's update of the row commit together): an edit committed between
+ * the two statements is read, and settles (with the claim's version it was
+ * sent twice, 3 texts of ~400 in a watcher's test under a steady writer);
+ * one after the read changes the version, and the fence leaves the row to
+ * be embedded again. With one
  * session nothing commits during the claim, so it reads in the claim's own
  * statement: on PGlite the second statement took ~1 ms more of the engine's
  * thread a claim (BENCHMARKS.md, "fifth pass").
@@ -201,12 +205,16 @@ async function claimAndRead(
       select message_id::text as id, force, version from claimed
       order by message_id`.execute(db));
     if (claimed.length === 0) return [];
+    // A row gone since (its message deleted) has no version: '0' matches none.
     ({ rows: read } = await sql<ReadClaim>`
-      select c.id::text as id, ${readColumns(scope, sql`c.id`)}
+      select c.id::text as id, coalesce(q.xmin::text, '0') as version,
+        ${readColumns(scope, sql`c.id`)}
       from unnest(${idArray(
         scope,
         claimed.map((c) => c.id),
-      )}) as c(id) left join ${sourceRelation(scope.source)} m on m.id = c.id
+      )}) as c(id)
+      left join embedding_queue q on q.target_id = ${scope.targetId} and q.message_id = c.id
+      left join ${sourceRelation(scope.source)} m on m.id = c.id
       order by c.id`.execute(db));
   }
   // A view may return an id twice: refuse it by name before a batch holding
@@ -221,15 +229,15 @@ async function claimAndRead(
   // was 3.6 ms of a 64-message claim's engine time, and the engine is the
   // busier thread; OpenSSL takes microseconds. UTF-8, as the scan's
   // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
-  return claimed.map(({ id, force, version }, i): ClaimedMessage => {
-    const { exists, content, nonBlank, embeddedSha256, id: readId } = read[i] as ReadClaim;
+  return claimed.map(({ id, force, version: claimVersion }, i): ClaimedMessage => {
+    const { exists, content, nonBlank, embeddedSha256, id: readId, version } = read[i] as ReadClaim;
     // Both in id order, one row an id: a mismatch is a bug here, never a guess.
     if (readId !== id) throw new Error(`claim read ${readId} for ${id}`);
     const sha256Hex =
       content === null ? null : createHash('sha256').update(content, 'utf8').digest('hex');
     return {
       id,
-      version,
+      version: version ?? claimVersion,
       exists,
       content,
       sha256Hex,
@@ -243,6 +251,8 @@ async function claimAndRead(
 /** A claimed message as read, before its content is hashed. */
 interface ReadClaim {
   id: string;
+  /** The queue row's version as read, where read apart from the claim. */
+  version?: string;
   exists: boolean;
   content: string | null;
   nonBlank: boolean;
@@ -267,7 +277,7 @@ function readColumns(scope: ClaimScope, id: RawBuilder<unknown>) {
 
 /**
  * The fence. Deletes the queue rows of `ids` that this run still holds at
- * the version its claim left (`version`, ClaimedMessage.version), and
+ * the version each was read at (`versions`, ClaimedMessage.version), and
  * returns their ids: only those may be written. A row another worker took
  * over (this run stopped beating) or whose message changed since the claim
  * (the capture trigger updated the row: a new version) is left in the
@@ -286,14 +296,19 @@ export async function settleClaims(
   trx: Transaction<DB>,
   scope: ClaimScope,
   ids: string[],
-  version: string,
+  /** Message id → its row's version (ClaimedMessage.version); an id without one settles not. */
+  versions: Readonly<Record<string, string>>,
 ): Promise<Set<string>> {
   if (ids.length === 0) return new Set();
+  // `message_id = any(ids)` probes the batch's own rows; joined on h alone,
+  // the planner hashed every row the run held.
   const { rows } = await sql<{ id: string }>`
     delete from embedding_queue q
+    using unnest(${idArray(scope, ids)}, ${ids.map((id) => versions[id] ?? '0')}::text[]::xid[])
+      as h(id, version)
     where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
       and q.message_id = any(${idArray(scope, ids)})
-      and q.xmin = ${version}::xid
+      and q.message_id = h.id and q.xmin = h.version
     returning q.message_id::text as id`.execute(trx);
   return new Set(rows.map((r) => r.id));
 }
@@ -364,10 +379,15 @@ export async function queueState(db: Db, targetId: number, runId: string): Promi
   return rows[0] ?? { due: 0, claimedByOthers: 0, backingOff: 0 };
 }
 
-/** Makes the target's deferred rows due now: an explicit run retries them at once. */
+/**
+ * Makes the target's deferred rows due now: an explicit run retries them at
+ * once. Not the rows another run holds: any update gives a row a new
+ * version, and that run's fence would then leave it to be sent again.
+ */
 export async function clearBackoff(db: Db, targetId: number): Promise<void> {
   await sql`update embedding_queue set not_before = null
-            where target_id = ${targetId} and not_before is not null`.execute(db);
+            where target_id = ${targetId} and not_before is not null
+              and claimed_by is null`.execute(db);
 }
 
 /**

@@ -159,15 +159,21 @@ export async function reconcile(
                     and s.message_id = c.id
                     and s.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0) as skipped
         from chunk c),
-      enqueued as (
-        insert into embedding_queue as q (target_id, message_id, force)
-        select ${scope.targetId}, j.id, ${options.force} from judged j
+      wanted as (
+        select j.id from judged j
         where (j.non_blank and (${options.force} or not j.current)
                and (${options.force} or ${options.retrySkipped} or not j.skipped))
           -- blank now, with an embedding of an earlier text: the claim removes it
-          or (not j.non_blank and j.embedded)
-        on conflict (target_id, message_id) do update set force = q.force or excluded.force
-        returning 1),
+          or (not j.non_blank and j.embedded)),
+      -- A row already queued is left as it is, unless it is to be forced:
+      -- any update gives it a new version, and a run holding it (a second
+      -- worker's scan runs beside the first's claims) would find it changed
+      -- at its fence and send it again.
+      enqueued as (
+        insert into embedding_queue as q (target_id, message_id, force)
+        select ${scope.targetId}, w.id, ${options.force} from wanted w
+        on conflict (target_id, message_id) do update set force = true
+          where excluded.force and not q.force),
       orphans as (
         delete from message_embeddings e
         using unnest(${providers}::text[], ${modelNames}::text[]) as pm (provider, model)
@@ -180,7 +186,7 @@ export async function reconcile(
           and not exists (select 1 from ${source} m where m.id = e.message_id)
         returning 1)
       select (select count(*)::int from chunk) as scanned,
-        (select count(*)::int from enqueued) as enqueued,
+        (select count(*)::int from wanted) as enqueued,
         (select count(*)::int from judged where not non_blank) as blank,
         (select count(*)::int from judged where non_blank and current) as "upToDate",
         (select count(*)::int from judged where non_blank and not current and skipped) as "skippedBefore",

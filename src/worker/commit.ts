@@ -41,8 +41,8 @@ export interface CommitTarget {
 
 /** What one batch hands to its commit. */
 export interface BatchWork {
-  /** The version the batch's claim left on its queue rows (ClaimedMessage.version). */
-  claimVersion: string;
+  /** Each claimed message's queue row version, as read (ClaimedMessage.version). */
+  versions: Record<string, string>;
   embedded: EmbeddedRow[];
   skipped: SkippedRow[];
   /** Claimed, found gone: their embeddings (every model's) are orphans. */
@@ -108,7 +108,7 @@ export async function commitBatch(
       ...work.blank,
       ...work.unchanged,
     ];
-    const settled = await settleClaims(trx, scope, handledIds, work.claimVersion);
+    const settled = await settleClaims(trx, scope, handledIds, work.versions);
     const embedded = work.embedded.filter((e) => settled.has(e.messageId));
     const skipped = work.skipped.filter((s) => settled.has(s.messageId));
     const gone = work.gone.filter((id) => settled.has(id));

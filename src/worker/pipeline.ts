@@ -341,8 +341,8 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
 
 /** A claimed page sorted: what to send, and what settles without a request. */
 interface SortedClaims {
-  /** The version the page's claim left on its rows, for the fence. */
-  claimVersion: string;
+  /** Each message's queue row version as read, for the fence. */
+  versions: Record<string, string>;
   toEmbed: EligibleMessage[];
   gone: string[];
   blank: string[];
@@ -350,9 +350,8 @@ interface SortedClaims {
 }
 
 function sortClaimed(page: ClaimedMessage[]): SortedClaims {
-  // One claim statement's rows: one version.
-  const claimVersion = page[0]?.version ?? '';
-  const sorted: SortedClaims = { claimVersion, toEmbed: [], gone: [], blank: [], unchanged: [] };
+  const versions = Object.fromEntries(page.map((m) => [m.id, m.version]));
+  const sorted: SortedClaims = { versions, toEmbed: [], gone: [], blank: [], unchanged: [] };
   for (const m of page) {
     if (!m.exists) sorted.gone.push(m.id);
     // A NULL text is blank.
@@ -493,7 +492,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   const deferredKept = before(deferred);
   const handled = new Set([...kept, ...skipped, ...deferredKept].map((x) => x.message.id));
   const work: BatchWork = {
-    claimVersion: job.settled.claimVersion,
+    versions: job.settled.versions,
     embedded: kept.map(toRow),
     skipped: skipped.map(toSkip),
     gone: job.settled.gone,

@@ -173,14 +173,19 @@ function describeWorkers() {
     const args = ['--batch-size', '10', '--concurrency', '2', '--lease-ms', '600000'];
     const first = worker(args);
     await fx.fake.until((stats) => stats.held >= 2);
-    // Two batches at the server and one claimed ahead; then the reader waits.
+    // Two batches at the server and one claimed ahead; then the reader
+    // waits. The first scan, beside the claims, has queued every message.
     await waitFor(async () => {
       const n = await fx.database.db
         .selectFrom('embedding_queue')
         .select((eb) => eb.fn.countAll().as('n'))
         .where('claimed_by', 'is not', null)
         .executeTakeFirstOrThrow();
-      return Number(n.n) === 30;
+      const scanned = await fx.database.db
+        .selectFrom('embedding_targets')
+        .select('backfilled_at')
+        .executeTakeFirst();
+      return Number(n.n) === 30 && Boolean(scanned?.backfilled_at);
     });
     const progress = await sql<{ claimed: number; heartbeat_since_start: boolean }>`
       select claimed, heartbeat_age between interval '0' and now() - started_at as heartbeat_since_start

@@ -6,6 +6,7 @@ import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import {
   analyzeQueueIfStale,
+  type ClaimedMessage,
   claimBatch,
   claimOldest,
   clearBackoff,
@@ -18,6 +19,7 @@ import {
 } from '../../src/sql/queue.js';
 import { reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
 import { LARGE, QueueFixture, SMALL, sha256 } from '../support/queue-fixture.js';
 
 /**
@@ -34,6 +36,9 @@ async function waitFor(check: () => Promise<boolean>): Promise<void> {
 }
 
 const sha256Hex = (text: string) => sha256(text).toString('hex');
+/** Each claimed message's queue row version, as the fence takes them. */
+const versionsOf = (claimed: ClaimedMessage[]) =>
+  Object.fromEntries(claimed.map((c) => [c.id, c.version]));
 
 describe.each(backends())('the change queue on %s', (backend) => {
   let target: TestDatabase;
@@ -217,7 +222,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
             trx,
             scope,
             claimed.map((c) => c.id),
-            claimed[0]?.version ?? '',
+            versionsOf(claimed),
           ),
         );
       expect(settled.size).toBe(texts.length);
@@ -460,7 +465,8 @@ describe.each(backends())('the change queue on %s', (backend) => {
         ignoreBackoff: false,
       });
       expect(ids(claimed)).toEqual(['1', '2', '3', '4', '5', '6', '98', '99']);
-      const version = claimed[0]?.version ?? '';
+      // 3's version as claimed, for a second try after its edit.
+      const versionOf3 = versionsOf(claimed)['3'] ?? '';
 
       // After the claim: 3 is edited and 4 deleted (their capture triggers
       // update the rows), 5 is taken over by another run (this one stopped
@@ -476,7 +482,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       const settled = await db()
         .transaction()
         .execute((trx) =>
-          settleClaims(trx, scope, ['1', '2', '3', '4', '5', '6', '98', '99'], version),
+          settleClaims(trx, scope, ['1', '2', '3', '4', '5', '6', '98', '99'], versionsOf(claimed)),
         );
       // 6's update left its text as it was: its trigger queued nothing, so
       // it settles. 4's delete took its row (and embeddings) away.
@@ -486,15 +492,15 @@ describe.each(backends())('the change queue on %s', (backend) => {
         '5': other.runId,
         '98': scope.runId,
       });
-      // Another claim's version settles nothing; nothing handled, nothing settled.
+      // The version from before the edit settles nothing; nothing handled, nothing settled.
       const other3 = await db()
         .transaction()
-        .execute((trx) => settleClaims(trx, scope, ['3'], version));
+        .execute((trx) => settleClaims(trx, scope, ['3'], { '3': versionOf3 }));
       expect(other3).toEqual(new Set());
       expect(
         await db()
           .transaction()
-          .execute((trx) => settleClaims(trx, scope, [], version)),
+          .execute((trx) => settleClaims(trx, scope, [], {})),
       ).toEqual(new Set());
     });
 
@@ -524,7 +530,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
             trx,
             scope,
             claimed.slice(0, 8).map((c) => c.id),
-            claimed[0]?.version ?? '',
+            versionsOf(claimed),
           );
           expect(settled).toEqual(new Set(claimed.slice(0, 8).map((c) => c.id)));
           return (await messagesRead()) - before;
@@ -555,7 +561,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
             await sql`update messages set content = 'new' where id = 1`.execute(trx);
             settling = db()
               .transaction()
-              .execute((worker) => settleClaims(worker, scope, ['1'], version));
+              .execute((worker) => settleClaims(worker, scope, ['1'], { '1': version }));
             await waitFor(async () => {
               const { rows } = await sql<{ n: number }>`
                 select count(*)::int as n from pg_stat_activity
@@ -569,6 +575,39 @@ describe.each(backends())('the change queue on %s', (backend) => {
         } finally {
           await writer.close();
         }
+      },
+    );
+
+    // A server only: a hook runs inside the statement's connection, and
+    // PGlite's one session would wait for itself; nor can an edit land
+    // between the two there (one statement).
+    it.runIf(backend === 'postgres')(
+      'settles a message edited between the claim and its read, at the version read',
+      async () => {
+        const scope = await f.scope(SMALL);
+        await f.messages([
+          [1, 'one'],
+          [2, 'two'],
+        ]);
+        // The edit commits as the claim's answer arrives, before the read.
+        const editAfterClaim = queryHook(rawSqlIncludes('set claimed_by = '), async (result) => {
+          await sql`update messages set content = 'one, edited' where id = 1`.execute(db());
+          return result;
+        });
+        const claimed = await claimBatch(db().withPlugin(editAfterClaim), scope, {
+          after: null,
+          limit: 10,
+          ignoreBackoff: false,
+        });
+        // Read after the edit, with the version the edit gave its row: the
+        // text sent is the current one, and it settles, sent once. With the
+        // claim's own version it was sent twice: 3 texts of a watcher's ~400
+        // under a steady writer (test/e2e/watch.test.ts).
+        expect(claimed[0]?.content).toBe('one, edited');
+        const settled = await db()
+          .transaction()
+          .execute((trx) => settleClaims(trx, scope, ['1', '2'], versionsOf(claimed)));
+        expect([...settled].sort()).toEqual(['1', '2']);
       },
     );
 
@@ -591,7 +630,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
             trx,
             scope,
             claimed.map((c) => c.id),
-            claimed[0]?.version ?? '',
+            versionsOf(claimed),
           );
           expect(settled).toEqual(new Set(['1', '2']));
           throw failure;
@@ -615,7 +654,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         await db()
           .transaction()
           .execute(async (trx) => {
-            const settled = await settleClaims(trx, scope, ['1'], claimed[0]?.version ?? '');
+            const settled = await settleClaims(trx, scope, ['1'], versionsOf(claimed));
             expect(settled).toEqual(new Set(['1']));
             edit = sql`update messages set content = 'one, edited' where id = 1`.execute(db());
             // The edit's trigger waits for this transaction's lock on the row.

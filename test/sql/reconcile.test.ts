@@ -6,7 +6,7 @@ import { migrateToLatest } from '../../src/db/migrator.js';
 import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { type ClaimScope, claimBatch, settleClaims } from '../../src/sql/queue.js';
-import { type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
+import { ChunkSizer, type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
 import { LARGE, OTHER, QueueFixture, SMALL } from '../support/queue-fixture.js';
 
@@ -31,6 +31,20 @@ async function scan(
 
 const queued = (...ids: string[]) => Object.fromEntries(ids.map((id) => [id, false]));
 const forced = (...ids: string[]) => Object.fromEntries(ids.map((id) => [id, true]));
+
+describe('ChunkSizer', () => {
+  it('starts small, then sizes each chunk to take about 50 ms, within 500 and 5,000 ids', () => {
+    const sizer = new ChunkSizer();
+    const sizes = [sizer.size];
+    // ms each chunk took, as a scan beside busy claims might see them.
+    for (const ms of [25, 25, 25, 10, 400, 50, 1]) {
+      sizer.took(ms);
+      sizes.push(sizer.size);
+    }
+    // ×2 at half the target; at most ×4 at once; 5,000 at most; 500 at least.
+    expect(sizes).toEqual([500, 1000, 2000, 4000, 5000, 625, 625, 2500]);
+  });
+});
 
 describe.each(backends())('the reconciliation scan on %s', (backend) => {
   let target: TestDatabase;
@@ -267,7 +281,7 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
           trx,
           scope,
           claimed.map((c) => c.id),
-          claimed[0]?.version ?? '',
+          Object.fromEntries(claimed.map((c) => [c.id, c.version])),
         ),
       );
       expect(settled).toEqual(new Set([id(0x40), id(0xa0)]));
