@@ -286,13 +286,13 @@ export class EmbedRun {
             await waker.wait(waitMs, this.#abort.signal);
           }
         : undefined;
-      // The scan beside the run: the run claims what its chunks have queued
-      // while it queues the rest. Once it ends, the plan is what this run
-      // has claimed to send plus what no one holds.
-      // Never drawn again once stopped (see stop()).
+      // The bar's total follows the plan; never drawn again once stopped (see stop()).
       const showPlan = () => {
         if (display && !this.#displayStopped) display.setTotal(planned);
       };
+      // The scan beside the run: the run claims what its chunks have queued
+      // while it queues the rest. Once it ends, the plan is what this run
+      // has claimed to send plus what no one holds.
       const scan = scanning
         ? scanBeside(ready, scanning, pending, async (sofar) => {
             if (watch) return;
