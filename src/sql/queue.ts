@@ -191,7 +191,7 @@ async function claimAndRead(
       update embedding_queue q set claimed_by = ${scope.runId}, claimed_at = now()
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id
       returning q.message_id, q.force, q.xmin::text as version)`;
-  type Claimed = { id: string; force: boolean; version: string };
+  type Claimed = { id: string; force: boolean };
   let claimed: Claimed[];
   let read: ReadClaim[];
   if (scope.oneSession) {
@@ -202,7 +202,7 @@ async function claimAndRead(
     claimed = read as Array<ReadClaim & Claimed>;
   } else {
     ({ rows: claimed } = await sql<Claimed>`${claim}
-      select message_id::text as id, force, version from claimed
+      select message_id::text as id, force from claimed
       order by message_id`.execute(db));
     if (claimed.length === 0) return [];
     // A row gone since (its message deleted) has no version: '0' matches none.
@@ -229,7 +229,7 @@ async function claimAndRead(
   // was 3.6 ms of a 64-message claim's engine time, and the engine is the
   // busier thread; OpenSSL takes microseconds. UTF-8, as the scan's
   // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
-  return claimed.map(({ id, force, version: claimVersion }, i): ClaimedMessage => {
+  return claimed.map(({ id, force }, i): ClaimedMessage => {
     const { exists, content, nonBlank, embeddedSha256, id: readId, version } = read[i] as ReadClaim;
     // Both in id order, one row an id: a mismatch is a bug here, never a guess.
     if (readId !== id) throw new Error(`claim read ${readId} for ${id}`);
@@ -237,7 +237,7 @@ async function claimAndRead(
       content === null ? null : createHash('sha256').update(content, 'utf8').digest('hex');
     return {
       id,
-      version: version ?? claimVersion,
+      version,
       exists,
       content,
       sha256Hex,
@@ -251,8 +251,8 @@ async function claimAndRead(
 /** A claimed message as read, before its content is hashed. */
 interface ReadClaim {
   id: string;
-  /** The queue row's version as read, where read apart from the claim. */
-  version?: string;
+  /** The queue row's version, read with the message (ClaimedMessage.version). */
+  version: string;
   exists: boolean;
   content: string | null;
   nonBlank: boolean;

@@ -412,6 +412,7 @@ export class EmbedRun {
       },
     );
     const elapsedMs = Date.now() - startedAt;
+    const usage = process.resourceUsage();
     const summary: RunSummary = {
       runId,
       status,
@@ -431,7 +432,7 @@ export class EmbedRun {
       elapsedMs,
       messagesPerSecond: (totals.embedded + totals.skipped) / Math.max(elapsedMs / 1000, 0.001),
       // maxRSS is in KiB.
-      peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
+      peakRssMiB: Math.round(usage.maxRSS / 1024),
       error: error ? oneLine(error) : null,
     };
     await dbRetry('finish the run', () =>
@@ -455,9 +456,7 @@ export class EmbedRun {
         peak_rss_mib: summary.peakRssMiB,
         // Every thread's (PGlite's own included), in ms: what the run cost
         // the machine, steadier than its pace where other work shares the cores.
-        cpu_ms: Math.round(
-          (process.resourceUsage().userCPUTime + process.resourceUsage().systemCPUTime) / 1000,
-        ),
+        cpu_ms: Math.round((usage.userCPUTime + usage.systemCPUTime) / 1000),
         commit: commitLatency.summary(),
       },
       'run finished',
