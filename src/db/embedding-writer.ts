@@ -1,5 +1,6 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import {
+  type CopyBinary,
   type EmbeddedRow,
   upsertEmbeddings,
   upsertEmbeddingsViaCopy,
@@ -39,13 +40,13 @@ export function postgresEmbeddingWriter(columnType: EmbeddingColumnType): Embedd
 }
 
 /**
- * PGlite: the batch's rows deleted, then binary COPY from a blob. Its query
+ * PGlite: the batch's rows deleted, then binary COPY. Its query
  * parameters travel as text, so COPY is its binary path: ~0.14 ms a row
  * against ~2 ms for decimal text (BENCHMARKS.md). The encoder writes bigint
  * ids and no halfvec, so the rest goes as text.
  */
 export function pgliteEmbeddingWriter(
-  copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,
+  copyBinary: CopyBinary,
   columnType: EmbeddingColumnType,
   idType: IdType,
 ): EmbeddingWriter {
@@ -53,7 +54,7 @@ export function pgliteEmbeddingWriter(
   return {
     method: 'binary COPY',
     upsert: (trx, target, rows) =>
-      upsertEmbeddingsViaCopy(trx, copyFromBlob, { ...target, columnType }, rows),
+      upsertEmbeddingsViaCopy(trx, copyBinary, { ...target, columnType }, rows),
   };
 }
 

@@ -34,7 +34,7 @@ export function engineCommits(engine: PGliteEngine) {
       const key = `${columnType} ${scope.idType}`;
       let committer = committers.get(key);
       if (!committer) {
-        const copy = (copySql: string, data: Uint8Array) => engine.copyFrom(copySql, data);
+        const copy = (into: string, data: Uint8Array) => engine.copyFrom(into, data);
         committer = localCommitter(pgliteEmbeddingWriter(copy, columnType, scope.idType));
         committers.set(key, committer);
       }

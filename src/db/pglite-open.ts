@@ -70,11 +70,7 @@ export async function openPGlite(
     embeddingWriter(columnType, idType) {
       // PGlite has one session, so inside a Kysely transaction this COPY
       // runs in that transaction.
-      return pgliteEmbeddingWriter(
-        (copySql, data) => engine.copyFrom(copySql, data),
-        columnType,
-        idType,
-      );
+      return pgliteEmbeddingWriter((into, data) => engine.copyFrom(into, data), columnType, idType);
     },
     batchCommitter: (columnType) => engine.committer(columnType),
     // Once: openDatabase guards it.

@@ -79,8 +79,8 @@ export class PGliteThread implements PGliteEngine {
     };
   }
 
-  async copyFrom(copySql: string, data: Uint8Array): Promise<void> {
-    await this.#call({ op: 'copy', sql: copySql, data });
+  async copyFrom(into: string, data: Uint8Array): Promise<void> {
+    await this.#call({ op: 'copy', into, data });
   }
 
   /** Commits a run's batches in the engine's thread (see BatchCommitter). */

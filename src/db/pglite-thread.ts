@@ -37,7 +37,7 @@ export interface ThreadStart {
 export type ThreadRequest =
   | { op: 'acquire'; id: number }
   | { op: 'query'; id: number; connection: number; sql: string; parameters: readonly unknown[] }
-  | { op: 'copy'; id: number; sql: string; data: Uint8Array }
+  | { op: 'copy'; id: number; into: string; data: Uint8Array }
   /** A run is about to commit batches: load the commit code now, not at its first commit. */
   | { op: 'loadCommits'; id: number }
   | {
@@ -141,7 +141,7 @@ if (pglite) {
         return connection.query(request.sql, request.parameters);
       }
       case 'copy':
-        return engine.copyFrom(request.sql, request.data);
+        return engine.copyFrom(request.into, request.data);
       case 'loadCommits':
         await loadCommits();
         return undefined;

@@ -164,6 +164,9 @@ export async function recordBatch(
     from batch where r.id = batch.run_id`.execute(trx);
 }
 
+/** `COPY <into> FROM <data> WITH (FORMAT binary)`, in the caller's transaction (PGliteEngine.copyFrom). */
+export type CopyBinary = (into: string, data: Uint8Array) => Promise<void>;
+
 /**
  * The bulk path, for PGlite: the batch's rows of this model deleted, then
  * COPYed in, binary, in the caller's transaction: an upsert in two
@@ -177,7 +180,7 @@ export async function recordBatch(
  */
 export async function upsertEmbeddingsViaCopy(
   trx: Transaction<DB>,
-  copyFromBlob: (copySql: string, data: Uint8Array) => Promise<void>,
+  copyBinary: CopyBinary,
   target: WriteTarget & { columnType: 'vector' | 'real[]' },
   rows: EmbeddedRow[],
 ): Promise<void> {
@@ -185,8 +188,8 @@ export async function upsertEmbeddingsViaCopy(
   await sql`delete from message_embeddings
     where provider = ${target.provider} and model = ${target.model}
       and message_id = any(${rows.map((r) => r.messageId)}::bigint[])`.execute(trx);
-  await copyFromBlob(
-    `copy message_embeddings (${COPY_COLUMNS}) from '/dev/blob' with (format binary)`,
+  await copyBinary(
+    `message_embeddings (${COPY_COLUMNS})`,
     encodeEmbeddingRows(target, rows, target.columnType),
   );
 }
