@@ -97,7 +97,7 @@ export interface ClaimOptions {
 
 /**
  * Claims the next `limit` pending messages in id order and reads them: how
- * a one-shot run works through a backfill. FOR UPDATE SKIP LOCKED: workers
+ * a one-shot run works through a backfill. FOR UPDATE SKIP LOCKED (pickLock): workers
  * claiming at once each get other rows without waiting. The keyset
  * (`message_id > after`, see ClaimKeyset) seeks past the index entries of
  * the rows this run has claimed and settled since the last vacuum, so a
@@ -119,8 +119,20 @@ export async function claimBatch(
       where q.target_id = ${scope.targetId} and q.claimed_by is null ${due} ${after}
       order by q.message_id
       limit ${options.limit}
-      for update skip locked`,
+      ${pickLock(scope)}`,
   );
+}
+
+/**
+ * The row locks of a claim's pick: SKIP LOCKED passes over the rows that
+ * another run's claim or commit holds. With one session (PGlite) no other
+ * transaction is ever open while a statement runs (PGliteSession), so there
+ * is nothing to pass over, and each lock is a write of its own (a WAL
+ * record a row) before the claim's update: 0.6 ms of a 64-row claim's 3.0
+ * there (BENCHMARKS.md, "sixth pass").
+ */
+function pickLock(scope: ClaimScope) {
+  return scope.oneSession ? sql`` : sql`for update skip locked`;
 }
 
 /**
@@ -149,11 +161,11 @@ export async function claimOldest(
     sql`waiting as (
         select q.target_id, q.message_id, q.changed_at from embedding_queue q
         where q.target_id = ${scope.targetId} and q.claimed_by is null and q.not_before is null
-        order by q.changed_at limit ${limit} for update skip locked),
+        order by q.changed_at limit ${limit} ${pickLock(scope)}),
       due_again as (
         select q.target_id, q.message_id, q.changed_at from embedding_queue q
         where q.target_id = ${scope.targetId} and q.claimed_by is null and q.not_before <= now()
-        order by q.not_before limit ${limit} for update skip locked),`,
+        order by q.not_before limit ${limit} ${pickLock(scope)}),`,
   );
 }
 
