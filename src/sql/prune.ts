@@ -52,17 +52,20 @@ export async function pruneHistory(
   // worked out twice.
   const skipsKept = await count(sql<{ n: number }>`
     select count(*)::int as n from embedding_skips where created_at < ${cutoff}`);
-  const doomed = sql`(
-    select r.id from embedding_runs r
-    where r.status <> 'running' and coalesce(r.finished_at, r.heartbeat_at) < ${cutoff}
-      and r.id not in (select max(id) from embedding_runs group by provider, model)
-      and not exists (select 1 from embedding_skips s where s.run_id = r.id))`;
-  // Counted before the runs go: their batches go with them.
-  const batchesOfRuns = await count(sql<{ n: number }>`
-    select count(*)::int as n from embedding_batches where run_id in ${doomed}`);
-  const runs = await count(sql<{ n: number }>`
-    with gone as (delete from embedding_runs where id in ${doomed} returning 1)
-    select count(*)::int as n from gone`);
+  // The runs to go, found once: their batches are counted in the snapshot
+  // the delete starts from (they go with them, ON DELETE CASCADE).
+  const { rows } = await sql<{ runs: number; batches: number }>`
+    with doomed as (
+      select r.id from embedding_runs r
+      where r.status <> 'running' and coalesce(r.finished_at, r.heartbeat_at) < ${cutoff}
+        and r.id not in (select max(id) from embedding_runs group by provider, model)
+        and not exists (select 1 from embedding_skips s where s.run_id = r.id)),
+    gone as (delete from embedding_runs where id in (select id from doomed) returning 1)
+    select (select count(*)::int from gone) as runs,
+      (select count(*)::int from embedding_batches
+        where run_id in (select id from doomed)) as batches`.execute(db);
+  const runs = rows[0]?.runs ?? 0;
+  const batchesOfRuns = rows[0]?.batches ?? 0;
   const batches = await count(sql<{ n: number }>`
     with gone as (delete from embedding_batches where committed_at < ${cutoff} returning 1)
     select count(*)::int as n from gone`);
