@@ -134,7 +134,7 @@ export async function runWorker(
   url: string,
   baseUrl: string,
   args: string[],
-  options: { stopAfterMs?: number } = {},
+  options: { stopAfterMs?: number; nodeFlags?: string[] } = {},
 ): Promise<WorkerResult> {
   const running = startCli(
     'embed',
@@ -144,7 +144,7 @@ export async function runWorker(
       OPENAI_BASE_URL: baseUrl,
       LOG_LEVEL: 'info',
     },
-    { timeoutMs: 30 * 60_000 },
+    { timeoutMs: 30 * 60_000, nodeFlags: options.nodeFlags ?? [] },
   );
   if (options.stopAfterMs) {
     await running.waitForStdoutLine((line) => line.includes('"run started"'), 120_000);

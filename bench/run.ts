@@ -232,9 +232,38 @@ async function shortMessagesScenario(backend: Backend) {
       `${commit.p50_ms} / ${commit.p99_ms} / ${commit.max_ms} ms`,
       '',
     );
+    if (backend === 'pglite') await singleThreadedGc(template, count);
   } finally {
     await target.drop();
     await template.drop();
+  }
+}
+
+/**
+ * The same run under `node --single-threaded-gc`: on PGlite the worker's two
+ * busy threads, V8's collector threads and the test server share two
+ * cores, and the collectors' concurrent work took ~0.2 ms of CPU a message
+ * (BENCHMARKS.md, "sixth pass"). A flag for the operator, not a default.
+ */
+async function singleThreadedGc(template: Template, count: number) {
+  const target = await template.copy();
+  try {
+    log('pglite: short messages, node --single-threaded-gc');
+    const run = await runWorker(target.url, fake.url, [], { nodeFlags: ['--single-threaded-gc'] });
+    (results.short_pglite as Record<string, unknown>).single_threaded_gc = {
+      run_messages_per_s: run.messagesPerSecond,
+      worker_cpu_ms_per_message: run.cpuMsPerMessage,
+      peak_rss_mib: run.peakRssMiB,
+    };
+    row(
+      '1b short',
+      'pglite',
+      `end-to-end messages/s, node --single-threaded-gc (${count} messages)`,
+      fmt(run.messagesPerSecond),
+      `worker CPU ${fmt(run.cpuMsPerMessage, 3)} ms a message`,
+    );
+  } finally {
+    await target.drop();
   }
 }
 

@@ -28,6 +28,8 @@ export interface CliOptions {
   timeoutMs?: number;
   /** Working directory (default: the repository root). */
   cwd?: string;
+  /** Node's own flags, before the script (the bench's `--single-threaded-gc`). */
+  nodeFlags?: string[];
 }
 
 export interface RunningCli {
@@ -73,7 +75,7 @@ export function startCli(
 ): RunningCli {
   return startNode(
     `pgembed ${command} ${args.join(' ')}`,
-    [builtBinary, command, ...args],
+    [...(options.nodeFlags ?? []), builtBinary, command, ...args],
     env,
     options,
   );
