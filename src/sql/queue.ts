@@ -97,11 +97,12 @@ export interface ClaimOptions {
 
 /**
  * Claims the next `limit` pending messages in id order and reads them: how
- * a one-shot run works through a backfill. FOR UPDATE SKIP LOCKED (pickLock): workers
- * claiming at once each get other rows without waiting. The keyset
- * (`message_id > after`, see ClaimKeyset) seeks past the index entries of
- * the rows this run has claimed and settled since the last vacuum, so a
- * backfill of a million rows never walks them claim after claim.
+ * a one-shot run works through a backfill. FOR UPDATE SKIP LOCKED (see
+ * pickLock): workers claiming at once each get other rows without waiting.
+ * The keyset (`message_id > after`, see ClaimKeyset) seeks past the index
+ * entries of the rows this run has claimed and settled since the last
+ * vacuum, so a backfill of a million rows never walks them claim after
+ * claim.
  */
 export async function claimBatch(
   db: Db,
