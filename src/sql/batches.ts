@@ -108,25 +108,29 @@ export async function insertSkips(
 }
 
 /**
- * Starts a batch's commit: sets its lock_timeout (see commit.ts) and says
- * whether the batch's row exists already, since a COMMIT whose answer was
- * lost with the connection did commit, and redoing the batch must write
- * nothing twice. One statement, one round trip: a batch's transaction is
- * mostly round trips, and each waits on a busy event loop.
+ * The start of a batch's commit on a server, as two conditions for the
+ * fence's statement (settleClaims), so that it costs no round trip of its
+ * own: a batch's transaction is mostly round trips.
  */
-export async function beginBatchCommit(
-  trx: Transaction<DB>,
-  batch: BatchRecord | undefined,
-  lockTimeout: string,
-): Promise<{ committedBefore: boolean }> {
-  const exists = batch
-    ? sql`exists (select 1 from embedding_batches
-                  where run_id = ${batch.runId} and batch_no = ${batch.batchNo})`
-    : sql`false`;
-  const { rows } = await sql<{ committedBefore: boolean }>`
-    select set_config('lock_timeout', ${lockTimeout}, true) is not null and ${exists}
-      as "committedBefore"`.execute(trx);
-  return { committedBefore: rows[0]?.committedBefore === true };
+export interface CommitGuard {
+  /** True, and from then on the transaction's lock_timeout is in force (see commit.ts). */
+  lockTimeout: RawBuilder<unknown>;
+  /**
+   * Whether the batch's row exists already: a COMMIT whose answer was lost
+   * with the connection did commit, and redoing the batch must write
+   * nothing twice.
+   */
+  recorded: RawBuilder<unknown>;
+}
+
+export function commitGuard(batch: BatchRecord | undefined, lockTimeout: string): CommitGuard {
+  return {
+    lockTimeout: sql`(set_config('lock_timeout', ${lockTimeout}, true) is not null)`,
+    recorded: batch
+      ? sql`exists (select 1 from embedding_batches
+                    where run_id = ${batch.runId} and batch_no = ${batch.batchNo})`
+      : sql`false`,
+  };
 }
 
 /**
@@ -140,7 +144,7 @@ export async function recordBatch(
   batch: BatchRecord,
   counts: { embedded: number; skipped: number; truncated: number },
 ): Promise<void> {
-  // The batch's lock_timeout (beginBatchCommit) is for the queue rows an
+  // The batch's lock_timeout (commitGuard) is for the queue rows an
   // application's capture triggers may hold; the run's row is this run's
   // alone, and its batches queue on it by design. Giving way there at 200 ms
   // made 64 batches in flight redo their commits (300 retries for 750

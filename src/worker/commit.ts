@@ -3,7 +3,7 @@ import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import type { DB } from '../db/schema.js';
 import {
   type BatchRecord,
-  beginBatchCommit,
+  commitGuard,
   type EmbeddedRow,
   insertSkips,
   recordBatch,
@@ -90,16 +90,6 @@ export async function commitBatch(
 ): Promise<Committed | undefined> {
   const { scope } = to;
   return to.db.transaction().execute(async (trx) => {
-    // The capture triggers lock queue rows inside the application's own
-    // transactions, in their order; this commit locks them in id order. A
-    // deadlock between the two would pick a victim after deadlock_timeout
-    // (1 s), perhaps the application. Giving way first keeps it ours: the
-    // whole batch is redone (withDbRetry), and the application never fails.
-    // With one session no lock is ever waited for, and no answer lost.
-    if (!scope.oneSession) {
-      const { committedBefore } = await beginBatchCommit(trx, batch, '200ms');
-      if (committedBefore) return undefined;
-    }
     // What was handled, by whatever means; the rest goes back unsettled.
     const handledIds = [
       ...work.embedded.map((e) => e.messageId),
@@ -108,7 +98,18 @@ export async function commitBatch(
       ...work.blank,
       ...work.unchanged,
     ];
-    const settled = await settleClaims(trx, scope, handledIds, work.versions);
+    // The capture triggers lock queue rows inside the application's own
+    // transactions, in their order; this commit locks them in id order. A
+    // deadlock between the two would pick a victim after deadlock_timeout
+    // (1 s), perhaps the application. Giving way first keeps it ours: the
+    // whole batch is redone (withDbRetry), and the application never fails.
+    // So on a server the fence starts the commit (commitGuard): a 200 ms
+    // lock_timeout, and nothing settled when a lost COMMIT had landed. With
+    // one session no lock is ever waited for, and no answer lost.
+    const settled = scope.oneSession
+      ? await settleClaims(trx, scope, handledIds, work.versions)
+      : await settleClaims(trx, scope, handledIds, work.versions, commitGuard(batch, '200ms'));
+    if (!settled) return undefined;
     const embedded = work.embedded.filter((e) => settled.has(e.messageId));
     const skipped = work.skipped.filter((s) => settled.has(s.messageId));
     const gone = work.gone.filter((id) => settled.has(id));

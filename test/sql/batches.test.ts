@@ -1,6 +1,6 @@
 import { sql } from 'kysely';
 import { describe, expect, it } from 'vitest';
-import { beginBatchCommit, recordBatch } from '../../src/sql/batches.js';
+import { commitGuard, recordBatch } from '../../src/sql/batches.js';
 import { backends, useMigratedDatabase } from '../support/db.js';
 import { deferred } from '../support/deferred.js';
 
@@ -43,7 +43,7 @@ describe.skipIf(!serverOnly)('recording a batch on a Postgres server', () => {
       .db.transaction()
       .execute(async (trx) => {
         // 1 ms: were it still in force at the row, the wait would fail at once.
-        await beginBatchCommit(trx, batch, '1ms');
+        await sql`select ${commitGuard(batch, '1ms').lockTimeout}`.execute(trx);
         await recordBatch(trx, batch, { embedded: 7, skipped: 1, truncated: 0 });
       });
     // Seen waiting on the row (a counted condition), or failed: then it gave way.

@@ -4,6 +4,7 @@ import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { vectorLiteral } from '../../src/db/vector.js';
+import { commitGuard, recordBatch } from '../../src/sql/batches.js';
 import {
   analyzeQueueIfStale,
   type ClaimedMessage,
@@ -571,6 +572,113 @@ describe.each(backends())('the change queue on %s', (backend) => {
           });
           // The settle saw the edit's version of the row once it could lock it.
           expect(await settling).toEqual(new Set());
+          expect(await holders(scope.targetId)).toEqual({ '1': scope.runId });
+        } finally {
+          await writer.close();
+        }
+      },
+    );
+
+    it('with a commit guard: sets its lock_timeout, and settles nothing for a batch already recorded', async () => {
+      const scope = await f.scope(SMALL);
+      await f.messages(range(1, 4).map((id) => [id, `message ${id}`]));
+      const claimed = await claimBatch(db(), scope, {
+        after: null,
+        limit: 10,
+        ignoreBackoff: false,
+      });
+      const batch = {
+        runId: scope.runId,
+        provider: SMALL.provider,
+        model: SMALL.model,
+        batchNo: 1,
+        firstMessageId: '1',
+        lastMessageId: '2',
+        size: 2,
+        tokens: 4,
+        attempts: 1,
+        retries: 0,
+        latencyMs: 1,
+      };
+      const first = await db()
+        .transaction()
+        .execute(async (trx) => {
+          const settled = await settleClaims(
+            trx,
+            scope,
+            ['1', '2'],
+            versionsOf(claimed),
+            commitGuard(batch, '1234ms'),
+          );
+          const { rows } = await sql<{ timeout: string }>`
+            select current_setting('lock_timeout') as timeout`.execute(trx);
+          await recordBatch(trx, batch, { embedded: 2, skipped: 0, truncated: 0 });
+          return { settled, timeout: rows[0]?.timeout };
+        });
+      expect(first).toEqual({ settled: new Set(['1', '2']), timeout: '1234ms' });
+      // The same batch again, as after a COMMIT whose answer was lost: its
+      // row is there, so nothing settles, not even a row it still holds.
+      const again = await db()
+        .transaction()
+        .execute((trx) =>
+          settleClaims(trx, scope, ['3'], versionsOf(claimed), commitGuard(batch, '200ms')),
+        );
+      expect(again).toBeUndefined();
+      expect(await holders(scope.targetId)).toEqual({ '3': scope.runId, '4': scope.runId });
+      // Nothing handled: the guard still sets the timeout for the statements
+      // after, and there is nothing to settle.
+      const nothing = await db()
+        .transaction()
+        .execute(async (trx) => {
+          const settled = await settleClaims(
+            trx,
+            scope,
+            [],
+            {},
+            commitGuard({ ...batch, batchNo: 2 }, '4321ms'),
+          );
+          const { rows } = await sql<{ timeout: string }>`
+            select current_setting('lock_timeout') as timeout`.execute(trx);
+          return { settled, timeout: rows[0]?.timeout };
+        });
+      expect(nothing).toEqual({ settled: new Set(), timeout: '4321ms' });
+    });
+
+    it.runIf(backend === 'postgres')(
+      "with a commit guard, gives way at its lock_timeout to an application's lock on a row",
+      async () => {
+        const scope = await f.scope(SMALL);
+        await f.messages([[1, 'one']]);
+        const claimed = await claimBatch(db(), scope, {
+          after: null,
+          limit: 10,
+          ignoreBackoff: false,
+        });
+        const writer = await openMigrated(target.url);
+        try {
+          const error = await writer.db.transaction().execute(async (trx) => {
+            // As the capture trigger of an edit in flight holds it.
+            await sql`select 1 from embedding_queue where message_id = 1 for update`.execute(trx);
+            // Without the guard's lock_timeout in force at the row, this waits
+            // for the writer, which waits for it: the test would hang.
+            return db()
+              .transaction()
+              .execute((worker) =>
+                settleClaims(
+                  worker,
+                  scope,
+                  ['1'],
+                  versionsOf(claimed),
+                  commitGuard(undefined, '1ms'),
+                ),
+              )
+              .then(
+                () => undefined,
+                (e: unknown) => e as { code?: string },
+              );
+          });
+          // lock_not_available: withDbRetry redoes the batch.
+          expect(error?.code).toBe('55P03');
           expect(await holders(scope.targetId)).toEqual({ '1': scope.runId });
         } finally {
           await writer.close();
