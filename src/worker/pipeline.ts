@@ -284,6 +284,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         const state = await ctx.dbRetry('read the queue', () =>
           queueState(db, scope.targetId, scope.runId),
         );
+        // Rows queued since this claim looked are claimed before the run may
+        // end. Seen in CI: a run of 4 messages on a server claimed before the
+        // scan beside it had committed its one chunk; the scan ended while
+        // the run gave back lost claims, so it was no longer running, and
+        // the run ended with exit 0 and all 4 still queued.
+        if (state.due > 0) continue;
         if (state.claimedByOthers === 0) break;
         // One-shot runs end with the queue done, so exit 0 means nothing was
         // left: wait for the other workers, taking over from any that die.

@@ -3,6 +3,7 @@ import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sql } from 'kysely';
+import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
 import { parseVector } from '../../src/db/vector.js';
@@ -117,6 +118,44 @@ describe.each(backends())('the embed run on %s', (backend) => {
       select count(*)::int as n from embedding_queue`.execute(fx.database.db);
     expect(rows[0]?.n).toBe(0);
   });
+
+  it.runIf(backend === 'postgres')(
+    'claims what was queued after its last claim came back empty, before it may end',
+    async () => {
+      await seed(texts(4));
+      await embed();
+      // The rerun's first claim finds nothing; while it then gives back any
+      // claims whose answer was lost, an edit commits and is queued.
+      const writer = new pg.Client({ connectionString: fx.url });
+      await writer.connect();
+      let edited = false;
+      const editMeanwhile = queryHook(
+        rawSqlIncludes('update embedding_queue set claimed_by = null, claimed_at = null'),
+        async (result) => {
+          if (!edited) {
+            edited = true;
+            await writer.query(`update messages set content = 'edited meanwhile' where id = 2`);
+          }
+          return result;
+        },
+      );
+      try {
+        const outcome = await makeRunWith(
+          { ...ctx(), db: ctx().db.withPlugin(editMeanwhile) },
+          {},
+        ).run.run();
+        expect(edited).toBe(true);
+        // Exit 0 means nothing was left: the edit is embedded, not left queued.
+        expect(outcome.exitCode).toBe(0);
+        expect(outcome.summary.embedded).toBe(1);
+        const { rows } = await sql<{ n: number }>`
+          select count(*)::int as n from embedding_queue`.execute(fx.database.db);
+        expect(rows[0]?.n).toBe(0);
+      } finally {
+        await writer.end();
+      }
+    },
+  );
 
   it('makes no API call and changes no row on a rerun over unchanged messages', async () => {
     await seed(texts(12));
