@@ -8,6 +8,7 @@ import { commitGuard, recordBatch } from '../../src/sql/batches.js';
 import {
   analyzeQueueIfStale,
   type ClaimedMessage,
+  type ClaimScope,
   claimBatch,
   claimOldest,
   clearBackoff,
@@ -73,6 +74,9 @@ describe.each(backends())('the change queue on %s', (backend) => {
   }
 
   const ids = (rows: Array<{ id: string }>) => rows.map((r) => r.id);
+  /** The first 10 pending rows of the scope's queue, claimed as a one-shot run's first claim. */
+  const claimFirst = (scope: ClaimScope) =>
+    claimBatch(db(), scope, { after: null, limit: 10, ignoreBackoff: false });
   const range = (from: number, to: number) =>
     Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
@@ -99,11 +103,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       await sql`insert into embedding_queue (target_id, message_id)
                 values (${scope.targetId}, 99)`.execute(db());
 
-      const claimed = await claimBatch(db(), scope, {
-        after: null,
-        limit: 10,
-        ignoreBackoff: false,
-      });
+      const claimed = await claimFirst(scope);
       // One claim statement: one version, the claim's own, on every row.
       expect(new Set(claimed.map((c) => c.version)).size).toBe(1);
       expect(claimed.map(({ version: _version, ...read }) => read)).toEqual([
@@ -205,11 +205,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         `${'long '.repeat(20_000)}end`,
       ];
       await f.messages(texts.map((text, i) => [i + 1, text]));
-      const claimed = await claimBatch(db(), scope, {
-        after: null,
-        limit: 10,
-        ignoreBackoff: false,
-      });
+      const claimed = await claimFirst(scope);
       const { rows } = await sql<{ id: string; sha: string }>`
         select id::text as id, encode(sha256(convert_to(content, 'UTF8')), 'hex') as sha
         from messages order by id`.execute(db());
@@ -460,11 +456,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       await f.messages(range(1, 6).map((id) => [id, `message ${id}`]));
       await sql`insert into embedding_queue (target_id, message_id)
                 values (${scope.targetId}, 98), (${scope.targetId}, 99)`.execute(db());
-      const claimed = await claimBatch(db(), scope, {
-        after: null,
-        limit: 10,
-        ignoreBackoff: false,
-      });
+      const claimed = await claimFirst(scope);
       expect(ids(claimed)).toEqual(['1', '2', '3', '4', '5', '6', '98', '99']);
       // 3's version as claimed, for a second try after its edit.
       const versionOf3 = versionsOf(claimed)['3'] ?? '';
@@ -548,11 +540,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       async () => {
         const scope = await f.scope(SMALL);
         await f.messages([[1, 'old']]);
-        const [claim] = await claimBatch(db(), scope, {
-          after: null,
-          limit: 10,
-          ignoreBackoff: false,
-        });
+        const [claim] = await claimFirst(scope);
         const version = claim?.version ?? '';
         const writer = await openMigrated(target.url);
         try {
@@ -582,11 +570,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
     it('with a commit guard: sets its lock_timeout, and settles nothing for a batch already recorded', async () => {
       const scope = await f.scope(SMALL);
       await f.messages(range(1, 4).map((id) => [id, `message ${id}`]));
-      const claimed = await claimBatch(db(), scope, {
-        after: null,
-        limit: 10,
-        ignoreBackoff: false,
-      });
+      const claimed = await claimFirst(scope);
       const batch = {
         runId: scope.runId,
         provider: SMALL.provider,
@@ -649,11 +633,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       async () => {
         const scope = await f.scope(SMALL);
         await f.messages([[1, 'one']]);
-        const claimed = await claimBatch(db(), scope, {
-          after: null,
-          limit: 10,
-          ignoreBackoff: false,
-        });
+        const claimed = await claimFirst(scope);
         const writer = await openMigrated(target.url);
         try {
           const error = await writer.db.transaction().execute(async (trx) => {
@@ -725,11 +705,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
         [1, 'one'],
         [2, 'two'],
       ]);
-      const claimed = await claimBatch(db(), scope, {
-        after: null,
-        limit: 10,
-        ignoreBackoff: false,
-      });
+      const claimed = await claimFirst(scope);
       const failure = new Error('the batch failed after the fence');
       const outcome = await db()
         .transaction()
@@ -753,11 +729,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
       async () => {
         const scope = await f.scope(SMALL);
         await f.messages([[1, 'one']]);
-        const claimed = await claimBatch(db(), scope, {
-          after: null,
-          limit: 10,
-          ignoreBackoff: false,
-        });
+        const claimed = await claimFirst(scope);
         let edit: Promise<unknown> | undefined;
         await db()
           .transaction()
