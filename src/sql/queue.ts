@@ -317,8 +317,8 @@ export async function settleClaims(
  * batch's commit on a server: its lock_timeout is set before any row is
  * locked, and for a batch already recorded nothing is settled and the
  * answer is undefined. One round trip fewer a batch: through a socket
- * client of PGlite, 10% more messages a second (BENCHMARKS.md, "sixth
- * pass").
+ * client of PGlite, 540-579 messages a second against 507-523 (skipping
+ * that statement altogether gave 10% more; BENCHMARKS.md, "sixth pass").
  */
 export async function settleClaims(
   trx: Transaction<DB>,
