@@ -1,5 +1,6 @@
 /**
  * npm run bench [-- --only startup,overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
+ * npm run bench -- --only latency [--latency-concurrency 1,4,16,64]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
@@ -7,9 +8,11 @@
  * Postgres: BENCH_DATABASE_URL, else TEST_DATABASE_URL, else the local server.
  * Figures, not assertions: nothing here passes or fails.
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { cpus, totalmem } from 'node:os';
-import { parseArgs } from 'node:util';
+import { execFile } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir, totalmem } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs, promisify } from 'node:util';
 import { openDatabase } from '../src/db/connect.js';
 import { readEmbeddingColumnType } from '../src/db/embedding-column.js';
 import { type SeedMessage, spamAssassin } from '../src/seed/sources.js';
@@ -32,6 +35,8 @@ const { values } = parseArgs({
     backends: { type: 'string', default: 'pglite,postgres' },
     'rate-seconds': { type: 'string', default: '120' },
     'rate-tpm': { type: 'string', default: '1000000' },
+    // --only latency: which --concurrency values to run.
+    'latency-concurrency': { type: 'string', default: '1,4,16,64' },
     // --only sync: not in the default list (it bulk-loads 1 M rows).
     'sync-parts': { type: 'string', default: 'size,latency,triggers,rerun' },
     'sync-seconds': { type: 'string', default: '20' },
@@ -193,7 +198,9 @@ async function shortMessagesScenario(backend: Backend) {
     const commit = run.finished.commit as { p50_ms: number; p99_ms: number; max_ms: number };
     const write = await writeLimit(target.url, count, [64, 500]);
     const ratio = run.messagesPerSecond / write.rowsPerSecond;
+    const alone = await providerAlone(shortMessages(count));
     results[`short_${backend}`] = {
+      provider_alone: alone,
       messages: count,
       run_messages_per_s: run.messagesPerSecond,
       worker_cpu_ms_per_message: run.cpuMsPerMessage,
@@ -218,6 +225,13 @@ async function shortMessagesScenario(backend: Backend) {
       '',
     );
     row('1b short', backend, 'ratio end-to-end / write path', fmt(ratio, 2), 'goal >= 0.5');
+    row(
+      '1b short',
+      backend,
+      'provider path alone messages/s (the SDK, no database)',
+      fmt(alone.messages_per_s),
+      `ratio ${fmt(alone.messages_per_s / write.rowsPerSecond, 2)} of the write path; client CPU ${fmt(alone.cpu_ms / count, 3)} ms a message`,
+    );
     row(
       '1b short',
       backend,
@@ -267,6 +281,36 @@ async function singleThreadedGc(template: Template, count: number) {
   }
 }
 
+/**
+ * The same texts sent through pgembed's own client (the real SDK, vectors
+ * decoded), as the run sends them (64 a request, 4 at a time), with no
+ * database: a ceiling for the run, beside the write path alone. In a child
+ * process, as the worker is, against the same test server in this one.
+ */
+async function providerAlone(messages: Iterable<SeedMessage>) {
+  const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-texts-'));
+  try {
+    const file = join(dir, 'texts.json');
+    writeFileSync(file, JSON.stringify(Array.from(messages, (m) => m.content)));
+    const { stdout } = await promisify(execFile)(
+      process.execPath,
+      [new URL('./provider-alone.mjs', import.meta.url).pathname],
+      {
+        env: {
+          ...process.env,
+          PGEMBED_TEXTS_FILE: file,
+          PGEMBED_BASE_URL: fake.url,
+          PGEMBED_BATCH: '64',
+          PGEMBED_CONCURRENCY: '4',
+        },
+      },
+    );
+    return JSON.parse(stdout) as { messages_per_s: number; cpu_ms: number; elapsed_ms: number };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 /** The same number of 1,536-dimension vectors, written by the fastest bulk path alone. */
 async function writeLimit(url: string, rows: number, perTransaction = [8, 500]) {
   const database = await openDatabase(url);
@@ -304,7 +348,7 @@ async function writeLimit(url: string, rows: number, perTransaction = [8, 500]) 
 async function latency(backend: Backend, template: Template) {
   Object.assign(fake.options, { latencyMs: 200, maxTpm: undefined });
   const rows: unknown[] = [];
-  for (const concurrency of [1, 4, 16, 64]) {
+  for (const concurrency of values['latency-concurrency'].split(',').map(Number)) {
     const limit = Math.min(6000, Math.max(400, concurrency * 8 * 30));
     const target = await template.copy();
     try {
