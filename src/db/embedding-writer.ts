@@ -6,6 +6,8 @@ import {
   upsertEmbeddingsViaCopy,
   type WriteTarget,
 } from '../sql/batches.js';
+import type { ClaimScope } from '../sql/queue.js';
+import { COPY_COLUMNS, encodeEmbeddingRows } from './copy-binary.js';
 import type { EmbeddingColumnType, IdType } from './names.js';
 import type { DB } from './schema.js';
 import { float4ArraySend, vectorLiteral, vectorSend } from './vector.js';
@@ -19,6 +21,49 @@ export interface EmbeddingWriter {
   /** How vectors travel, for the start log and the bench. */
   readonly method: 'binary COPY' | 'binary parameters' | 'text';
   upsert(trx: Transaction<DB>, target: WriteTarget, rows: EmbeddedRow[]): Promise<void>;
+  /**
+   * In a batch's commit statement (settleBatch): a CTE body that writes
+   * those of `rows` whose ids the CTE `settled (id)` returns, or clears
+   * their way; undefined when there is nothing to do there.
+   */
+  inSettle(scope: ClaimScope, rows: EmbeddedRow[]): RawBuilder<unknown> | undefined;
+  /**
+   * What follows that statement in its transaction, given the rows that
+   * settled: the COPY. Undefined when the statement wrote them: then it is
+   * the whole commit, with no transaction around it.
+   */
+  afterSettle?: (trx: Transaction<DB>, scope: ClaimScope, rows: EmbeddedRow[]) => Promise<void>;
+}
+
+/**
+ * The upsert as a part of the commit statement: VALUES with every column
+ * cast (in a SELECT nothing else types them), filtered by `settled`.
+ */
+function upsertInSettle(
+  scope: ClaimScope,
+  rows: EmbeddedRow[],
+  embedding: (vector: Float32Array) => RawBuilder<unknown>,
+): RawBuilder<unknown> | undefined {
+  if (rows.length === 0) return undefined;
+  const idType = sql.raw(scope.idType);
+  const values = sql.join(
+    rows.map(
+      (r) =>
+        sql`(${r.messageId}::${idType}, ${embedding(r.vector)}, ${r.vector.length}::int,
+          ${Buffer.from(r.sha256Hex, 'hex')}::bytea, ${r.inputTokens}::int, ${r.truncated}::bool)`,
+    ),
+  );
+  return sql`insert into message_embeddings as e (provider, model, message_id, embedding,
+      dimensions, content_sha256, input_tokens, truncated, run_id)
+    select ${scope.provider}, ${scope.model}, v.id, v.embedding, v.dimensions, v.sha, v.tokens,
+      v.truncated, ${scope.runId}
+    from (values ${values}) as v(id, embedding, dimensions, sha, tokens, truncated)
+    where v.id in (select id from settled)
+    on conflict (provider, model, message_id) do update set
+      embedding = excluded.embedding, dimensions = excluded.dimensions,
+      content_sha256 = excluded.content_sha256, input_tokens = excluded.input_tokens,
+      truncated = excluded.truncated, run_id = excluded.run_id, embedded_at = now()
+    returning 1`;
 }
 
 /**
@@ -32,10 +77,11 @@ export function postgresEmbeddingWriter(columnType: EmbeddingColumnType): Embedd
   if (columnType === 'halfvec') return textEmbeddingWriter(columnType);
   const encode = columnType === 'vector' ? vectorSend : float4ArraySend;
   const type = sql.raw(columnType);
+  const embedding = (vector: Float32Array) => sql`${encode(vector)}::${type}`;
   return {
     method: 'binary parameters',
-    upsert: (trx, target, rows) =>
-      upsertEmbeddings(trx, target, rows, (vector) => sql`${encode(vector)}::${type}`),
+    upsert: (trx, target, rows) => upsertEmbeddings(trx, target, rows, embedding),
+    inSettle: (scope, rows) => upsertInSettle(scope, rows, embedding),
   };
 }
 
@@ -55,6 +101,22 @@ export function pgliteEmbeddingWriter(
     method: 'binary COPY',
     upsert: (trx, target, rows) =>
       upsertEmbeddingsViaCopy(trx, copyBinary, { ...target, columnType }, rows),
+    // The old rows go in the statement, the settled rows are COPYed after it.
+    inSettle: (scope, rows) =>
+      rows.length === 0
+        ? undefined
+        : sql`delete from message_embeddings
+            where provider = ${scope.provider} and model = ${scope.model}
+              and message_id = any(${rows.map((r) => r.messageId)}::bigint[])
+              and message_id in (select id from settled)
+            returning 1`,
+    afterSettle: (_trx, scope, rows) =>
+      rows.length === 0
+        ? Promise.resolve()
+        : copyBinary(
+            `message_embeddings (${COPY_COLUMNS})`,
+            encodeEmbeddingRows(scope, rows, columnType),
+          ),
   };
 }
 
@@ -65,5 +127,6 @@ function textEmbeddingWriter(columnType: EmbeddingColumnType): EmbeddingWriter {
   return {
     method: 'text',
     upsert: (trx, target, rows) => upsertEmbeddings(trx, target, rows, literal),
+    inSettle: (scope, rows) => upsertInSettle(scope, rows, literal),
   };
 }

@@ -1,12 +1,8 @@
 import { Kysely } from 'kysely';
 import type { BatchRecord } from '../sql/batches.js';
 import type { ClaimScope } from '../sql/queue.js';
-import {
-  type BatchCommitter,
-  type BatchWork,
-  type Committed,
-  localCommitter,
-} from '../worker/commit.js';
+import type { Settlement } from '../sql/settle.js';
+import { type BatchCommitter, type Committed, localCommitter } from '../worker/commit.js';
 import { pgliteEmbeddingWriter } from './embedding-writer.js';
 import type { EmbeddingColumnType } from './names.js';
 import { PGliteDialect } from './pglite-dialect.js';
@@ -29,7 +25,7 @@ export function engineCommits(engine: PGliteEngine) {
       columnType: EmbeddingColumnType,
       scope: ClaimScope,
       batch: BatchRecord | undefined,
-      work: BatchWork,
+      work: Settlement,
     ): Promise<Committed | undefined> {
       const key = `${columnType} ${scope.idType}`;
       let committer = committers.get(key);

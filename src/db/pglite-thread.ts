@@ -3,7 +3,7 @@ import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
 import type { BatchRecord } from '../sql/batches.js';
 import type { ClaimScope } from '../sql/queue.js';
-import type { BatchWork } from '../worker/commit.js';
+import type { Settlement } from '../sql/settle.js';
 import type { EmbeddingColumnType } from './names.js';
 import type { engineCommits } from './pglite-commits.js';
 import { type EngineConnection, localEngine } from './pglite-engine.js';
@@ -46,7 +46,7 @@ export type ThreadRequest =
       columnType: EmbeddingColumnType;
       scope: ClaimScope;
       batch: BatchRecord | undefined;
-      work: BatchWork;
+      work: Settlement;
     }
   | { op: 'release'; connection: number }
   | { op: 'serve'; id: number; dir: string }

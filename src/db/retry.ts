@@ -39,7 +39,7 @@ export interface DbRetryOptions {
 
 /**
  * Runs `fn` again while it fails with a lost connection or lost a lock wait
- * (see commitBatch's lock_timeout), with exponential
+ * (see settleBatch's lock_timeout), with exponential
  * backoff (250 ms doubling to 5 s) for at most `retryMs`; then fails with a
  * DatabaseConnectionError (exit 1). `fn` must be safe to redo: a whole
  * transaction, or a read. Any other error is thrown at once.

@@ -3,7 +3,6 @@ import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { IdType, MessageSource } from '../db/names.js';
 import type { DB } from '../db/schema.js';
 import { duplicateIdError, quotedSource, sourceRelation } from '../db/source.js';
-import type { CommitGuard } from './batches.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 
@@ -289,104 +288,6 @@ function readColumns(scope: ClaimScope, id: RawBuilder<unknown>) {
           and e.message_id = ${id}) as "embeddedSha256"`;
 }
 
-/**
- * The fence. Deletes the queue rows of `ids` that this run still holds at
- * the version each was read at (`versions`, ClaimedMessage.version), and
- * returns their ids: only those may be written. A row another worker took
- * over (this run stopped beating) or whose message changed since the claim
- * (the capture trigger updated the row: a new version) is left in the
- * queue, to be claimed and embedded again. On a source without triggers a
- * change is found by the next scan, as every change there is.
- *
- * One statement, and no message read: the condition is on the queue row
- * alone, so a row a writer's trigger holds is waited for, then rechecked at
- * its new version (and left). The delete locks the rows, so a trigger
- * re-enqueueing one of them waits for this transaction and then inserts it
- * afresh. Before, the fence compared each message's content hash, in SQL,
- * after a separate lock statement: on PGlite 3 ms of a 8-email batch's 11
- * ms of engine time (BENCHMARKS.md, "fifth pass").
- */
-export async function settleClaims(
-  trx: Transaction<DB>,
-  scope: ClaimScope,
-  ids: string[],
-  versions: Readonly<Record<string, string>>,
-): Promise<Set<string>>;
-/**
- * With `guard` (commitGuard), the fence is also the first statement of a
- * batch's commit on a server: its lock_timeout is set before any row is
- * locked, and for a batch already recorded nothing is settled and the
- * answer is undefined. One round trip fewer a batch: through a socket
- * client of PGlite, 540-579 messages a second against 507-523 (skipping
- * that statement altogether gave 10% more; BENCHMARKS.md, "sixth pass").
- */
-export async function settleClaims(
-  trx: Transaction<DB>,
-  scope: ClaimScope,
-  ids: string[],
-  versions: Readonly<Record<string, string>>,
-  guard: CommitGuard,
-): Promise<Set<string> | undefined>;
-export async function settleClaims(
-  trx: Transaction<DB>,
-  scope: ClaimScope,
-  ids: string[],
-  /** Message id → its row's version (ClaimedMessage.version); an id without one settles not. */
-  versions: Readonly<Record<string, string>>,
-  guard?: CommitGuard,
-): Promise<Set<string> | undefined> {
-  if (ids.length === 0 && !guard) return new Set();
-  // `message_id = any(ids)` probes the batch's own rows; joined on h alone,
-  // the planner hashed every row the run held.
-  const fence = sql`
-    delete from embedding_queue q
-    using unnest(${idArray(scope, ids)}, ${ids.map((id) => versions[id] ?? '0')}::text[]::xid[])
-      as h(id, version)
-    where ${guard ? sql`${guard.lockTimeout} and not ${guard.recorded} and` : sql``}
-      q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
-      and q.message_id = any(${idArray(scope, ids)})
-      and q.message_id = h.id and q.xmin = h.version
-    returning q.message_id::text as id`;
-  if (!guard) {
-    const { rows } = await sql<{ id: string }>`${fence}`.execute(trx);
-    return new Set(rows.map((r) => r.id));
-  }
-  // The lock_timeout is set in the delete's own condition, which is met
-  // before any of its rows is locked: set in a CTE the delete joined, it was
-  // not yet in force when the delete waited for a row (a test here hung on
-  // it). Set again in the answer, for the statements after, when no row
-  // came to the condition.
-  const { rows } = await sql<{ recorded: boolean; id: string | null }>`
-    with settled as (${fence})
-    select ${guard.lockTimeout} and ${guard.recorded} as recorded, s.id
-    from (values (true)) one (x) left join settled s on true`.execute(trx);
-  if (rows[0]?.recorded === true) return undefined;
-  return new Set(rows.flatMap((r) => (r.id === null ? [] : [r.id])));
-}
-
-/**
- * Gives claimed rows back: claimable at once, or, with `deferral` (a
- * transient failure), with the attempt counted and a per-row backoff of
- * 2^attempts seconds, at most 5 minutes, before it is claimed again.
- */
-export async function releaseClaims(
-  db: Db,
-  scope: ClaimScope,
-  ids: string[],
-  deferral?: { error: string },
-): Promise<void> {
-  if (ids.length === 0) return;
-  const retry = deferral
-    ? sql`, attempts = q.attempts + 1, last_error = ${deferral.error},
-          not_before = now() + least(power(2, least(q.attempts, 9)) * interval '1 second',
-                                     interval '5 minutes')`
-    : sql``;
-  await sql`
-    update embedding_queue q set claimed_by = null, claimed_at = null ${retry}
-    where q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
-      and q.message_id = any(${idArray(scope, ids)})`.execute(db);
-}
-
 /** Everything the run still holds, given back as it ends. */
 export async function releaseRunClaims(db: Db, runId: string): Promise<number> {
   const result = await sql`
@@ -490,23 +391,6 @@ export async function analyzeQueueIfStale(
   if ((rows[0]?.estimate ?? 0) >= pending / 2) return false;
   await sql`analyze embedding_queue`.execute(db);
   return true;
-}
-
-/**
- * Removes embeddings of messages that are gone (every model's: they are
- * orphans) or blank (`only` the target's: its content will never be embedded).
- */
-export async function deleteEmbeddingsOf(
-  trx: Db,
-  scope: ClaimScope,
-  ids: string[],
-  only?: 'target',
-): Promise<void> {
-  if (ids.length === 0) return;
-  const which =
-    only === 'target' ? sql`and provider = ${scope.provider} and model = ${scope.model}` : sql``;
-  await sql`delete from message_embeddings
-            where message_id = any(${idArray(scope, ids)}) ${which}`.execute(trx);
 }
 
 /**

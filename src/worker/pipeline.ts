@@ -13,6 +13,7 @@ import {
   releaseRunClaims,
 } from '../sql/queue.js';
 import { billedTodayByOthers } from '../sql/runs.js';
+import type { Settlement } from '../sql/settle.js';
 import { AdaptiveConcurrency } from './adaptive-concurrency.js';
 import type { QueueFiller } from './background-scan.js';
 import {
@@ -29,7 +30,6 @@ import {
 import { CircuitBreaker } from './breaker.js';
 import { SpendBudget } from './budget.js';
 import { ClaimKeyset } from './claim-keyset.js';
-import type { BatchWork } from './commit.js';
 import { createFleetRateGate } from './fleet-gate.js';
 import type { LatencyHistogram } from './latency.js';
 import type { RunObserver } from './observer.js';
@@ -89,7 +89,7 @@ const FIRST_IDLE_MS = 50;
  * The batch pipeline, claim → prepare → send → commit: a reader claims
  * pending messages from the queue in id order and prepares them one batch
  * ahead; up to --concurrency batches are sent at once; each commits in its
- * own transaction as it finishes, fenced by its claims.
+ * own statement as it finishes, fenced by its claims.
  */
 export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult> {
   const { log, scope } = ctx;
@@ -428,8 +428,8 @@ function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Inp
 }
 
 /**
- * Sends one batch when a send slot is free, then commits what it got in its
- * own transaction, outside the slot, so the next request need not wait for
+ * Sends one batch when a send slot is free, then commits what it got
+ * (commitBatch), outside the slot, so the next request need not wait for
  * this commit.
  */
 async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> {
@@ -497,7 +497,7 @@ async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> 
   const skipped = firstFailure ? [] : before(failures);
   const deferredKept = before(deferred);
   const handled = new Set([...kept, ...skipped, ...deferredKept].map((x) => x.message.id));
-  const work: BatchWork = {
+  const work: Settlement = {
     versions: job.settled.versions,
     embedded: kept.map(toRow),
     skipped: skipped.map(toSkip),

@@ -231,8 +231,9 @@ function describeWorkers() {
     const serverUrl = inject('postgresServerUrl') as string;
     const dbName = new URL(fx.url).pathname.slice(1);
 
-    // Hold the run row locked: the next batch blocks on its last statement,
-    // with its vectors written but not committed. Then cut its connection.
+    // Hold the run row locked: the next batch's commit statement blocks at
+    // its last part, with its vectors written but not committed. Then cut
+    // its connection.
     await waitFor(async () => {
       const n = await fx.database.db
         .selectFrom('embedding_batches')
@@ -253,7 +254,7 @@ function describeWorkers() {
           const { rows } = await admin.query(
             `select count(*)::int as n from pg_stat_activity
              where datname = $1 and application_name = 'pgembed' and wait_event_type = 'Lock'
-               and query like '%insert into embedding_batches%'`,
+               and query like '%with "settled" as (%'`,
             [dbName],
           );
           return rows[0].n as number;

@@ -5,10 +5,10 @@ import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
 import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
-import { type ClaimScope, claimBatch, settleClaims } from '../../src/sql/queue.js';
+import { type ClaimScope, claimBatch } from '../../src/sql/queue.js';
 import { ChunkSizer, type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
-import { LARGE, OTHER, QueueFixture, SMALL } from '../support/queue-fixture.js';
+import { LARGE, OTHER, QueueFixture, SMALL, settle, versionsOf } from '../support/queue-fixture.js';
 
 /** Runs a scan, keeping the running totals it reports after each chunk. */
 async function scan(
@@ -276,15 +276,11 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
         ignoreBackoff: false,
       });
       expect(claimed.map((c) => c.id)).toEqual([id(0x40), id(0xa0)]);
-      const settled = await uuidDb.db.transaction().execute((trx) =>
-        settleClaims(
-          trx,
-          scope,
-          claimed.map((c) => c.id),
-          Object.fromEntries(claimed.map((c) => [c.id, c.version])),
-        ),
-      );
-      expect(settled).toEqual(new Set([id(0x40), id(0xa0)]));
+      const settled = await settle(uuidDb.db, scope, {
+        unchanged: claimed.map((c) => c.id),
+        versions: versionsOf(claimed),
+      });
+      expect(settled.ids).toEqual(new Set([id(0x40), id(0xa0)]));
       expect(await u.queue(scope.targetId)).toEqual(queued(id(0x10), id(0xb0)));
     } finally {
       await uuidDb?.close();

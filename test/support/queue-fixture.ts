@@ -3,7 +3,13 @@ import { type Kysely, sql } from 'kysely';
 import type { EmbeddingColumnType, IdType, MessageSource } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { vectorLiteral } from '../../src/db/vector.js';
-import { type ClaimScope, ensureTarget } from '../../src/sql/queue.js';
+import {
+  type ClaimedMessage,
+  type ClaimScope,
+  claimBatch,
+  ensureTarget,
+} from '../../src/sql/queue.js';
+import { type Settled, type Settlement, settleBatch } from '../../src/sql/settle.js';
 
 export const SMALL = { provider: 'openai', model: 'small' };
 export const LARGE = { provider: 'openai', model: 'large' };
@@ -12,6 +18,54 @@ export const OTHER = { provider: 'local', model: 'minilm' };
 export type Model = typeof SMALL;
 
 export const sha256 = (text: string) => createHash('sha256').update(text, 'utf8').digest();
+
+/**
+ * Polls a database condition until it holds. The deadline is no timing
+ * assertion, only a bound past the test's own timeout, so that a test that
+ * timed out does not go on polling (and holding its transaction) forever.
+ */
+export async function waitFor(check: () => Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + 90_000;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition never held');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** Each claimed message's queue row version, as the fence takes them. */
+export const versionsOf = (claimed: ClaimedMessage[]) =>
+  Object.fromEntries(claimed.map((c) => [c.id, c.version]));
+
+/** from..to, both included. */
+export const range = (from: number, to: number) =>
+  Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+/** A batch's commit statement with no vectors to write; `work` says the rest. */
+export async function settle(
+  db: Kysely<DB>,
+  scope: ClaimScope,
+  work: Partial<Settlement>,
+  options: { lockTimeout?: string; batch?: Parameters<typeof settleBatch>[2] } = {},
+): Promise<Settled> {
+  const { lockTimeout, batch } = options;
+  return settleBatch(
+    db,
+    scope,
+    batch,
+    {
+      versions: {},
+      embedded: [],
+      skipped: [],
+      gone: [],
+      blank: [],
+      unchanged: [],
+      deferred: [],
+      released: [],
+      ...work,
+    },
+    { vectors: () => undefined, ...(lockTimeout ? { lockTimeout } : {}) },
+  );
+}
 
 /** A target row made directly, without ensureTarget's lock and scan bookkeeping. */
 export async function addTarget(db: Kysely<DB>, model: Model): Promise<number> {
@@ -124,6 +178,19 @@ export class QueueFixture {
       idType: this.idType,
       oneSession: this.oneSession,
     };
+  }
+
+  /** The target's queue rows: id → who holds it ('' for no one). */
+  async holders(targetId: number): Promise<Record<string, string>> {
+    const { rows } = await sql<{ id: string; by: string | null }>`
+      select message_id::text as id, claimed_by::text as by from embedding_queue
+      where target_id = ${targetId} order by message_id`.execute(this.db);
+    return Object.fromEntries(rows.map((r) => [r.id, r.by ?? '']));
+  }
+
+  /** The first 10 pending rows of the scope's queue, claimed as a one-shot run's first claim. */
+  claimFirst(scope: ClaimScope): Promise<ClaimedMessage[]> {
+    return claimBatch(this.db, scope, { after: null, limit: 10, ignoreBackoff: false });
   }
 
   /** The target's queue: id → forced. */
