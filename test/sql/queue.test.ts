@@ -1,7 +1,5 @@
 import { sql } from 'kysely';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import type { Database } from '../../src/db/connect.js';
-import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import {
@@ -16,14 +14,15 @@ import {
   releaseRunClaims,
 } from '../../src/sql/queue.js';
 import { reconcile } from '../../src/sql/reconcile.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends, openMigrated } from '../support/db.js';
 import {
   LARGE,
-  QueueFixture,
+  type QueueFixture,
   range,
   SMALL,
   settle,
   sha256,
+  useQueueFixture,
   versionsOf,
   waitFor,
 } from '../support/queue-fixture.js';
@@ -31,27 +30,12 @@ import {
 const sha256Hex = (text: string) => sha256(text).toString('hex');
 
 describe.each(backends())('the change queue on %s', (backend) => {
-  let target: TestDatabase;
-  let database: Database;
+  const queue = useQueueFixture(backend);
+  const db = () => queue.database().db;
   let f: QueueFixture;
-  const db = () => database.db;
-
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-    f = new QueueFixture(
-      db(),
-      await readEmbeddingColumnType(db()),
-      DEFAULT_SOURCE,
-      'bigint',
-      backend === 'pglite',
-    );
+  beforeAll(() => {
+    f = queue.fixture();
   });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
-  beforeEach(() => f.reset());
 
   const holders = (targetId: number) => f.holders(targetId);
   const ids = (rows: Array<{ id: string }>) => rows.map((r) => r.id);
@@ -386,7 +370,7 @@ describe.each(backends())('the change queue on %s', (backend) => {
     it.runIf(backend === 'postgres')(
       'makes a new target only once writers already in flight have committed, so its first scan sees their rows',
       async () => {
-        const writer = await openMigrated(target.url);
+        const writer = await openMigrated(queue.url());
         try {
           let made: Promise<unknown> | undefined;
           let madeEarly = false;

@@ -1,14 +1,22 @@
 import { type Kysely, sql } from 'kysely';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
 import { migrateToLatest } from '../../src/db/migrator.js';
-import { DEFAULT_SOURCE, type MessageSource } from '../../src/db/names.js';
+import type { MessageSource } from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { type ClaimScope, claimBatch } from '../../src/sql/queue.js';
 import { ChunkSizer, type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
-import { LARGE, OTHER, QueueFixture, SMALL, settle, versionsOf } from '../support/queue-fixture.js';
+import { backends, createTestDatabase } from '../support/db.js';
+import {
+  LARGE,
+  OTHER,
+  QueueFixture,
+  SMALL,
+  settle,
+  useQueueFixture,
+  versionsOf,
+} from '../support/queue-fixture.js';
 
 /** Runs a scan, keeping the running totals it reports after each chunk. */
 async function scan(
@@ -47,26 +55,11 @@ describe('ChunkSizer', () => {
 });
 
 describe.each(backends())('the reconciliation scan on %s', (backend) => {
-  let target: TestDatabase;
-  let database: Database;
+  const queue = useQueueFixture(backend);
   let f: QueueFixture;
-
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-    f = new QueueFixture(
-      database.db,
-      await readEmbeddingColumnType(database.db),
-      DEFAULT_SOURCE,
-      'bigint',
-      backend === 'pglite',
-    );
+  beforeAll(() => {
+    f = queue.fixture();
   });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
-  beforeEach(() => f.reset());
 
   /**
    * Ten messages, ids 10..100, and what is known of each; chunks of 3 end at

@@ -1,47 +1,34 @@
 import { sql } from 'kysely';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
-import { DEFAULT_SOURCE } from '../../src/db/names.js';
 import type { BatchRecord } from '../../src/sql/batches.js';
 import { claimBatch, queueState } from '../../src/sql/queue.js';
 import { commitBatch } from '../../src/worker/commit.js';
-import { backends, createTestDatabase, openMigrated, type TestDatabase } from '../support/db.js';
+import { backends, openMigrated } from '../support/db.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
 import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
 import {
   OTHER,
-  QueueFixture,
+  type QueueFixture,
   range,
   SMALL,
   settle,
   sha256,
+  useQueueFixture,
   versionsOf,
   waitFor,
 } from '../support/queue-fixture.js';
 
 describe.each(backends())("a batch's commit statement on %s", (backend) => {
-  let target: TestDatabase;
-  let database: Database;
+  const queue = useQueueFixture(backend);
+  const db = () => queue.database().db;
   let f: QueueFixture;
-  const db = () => database.db;
-
-  beforeAll(async () => {
-    target = await createTestDatabase(backend);
-    database = await openMigrated(target.url);
-    f = new QueueFixture(
-      db(),
-      await readEmbeddingColumnType(db()),
-      DEFAULT_SOURCE,
-      'bigint',
-      backend === 'pglite',
-    );
+  let database: Database;
+  beforeAll(() => {
+    f = queue.fixture();
+    database = queue.database();
   });
-  afterAll(async () => {
-    await database?.close();
-    await target?.drop();
-  });
-  beforeEach(() => f.reset());
 
   const batchOf = (runId: string, batchNo = 1): BatchRecord => ({
     runId,
@@ -152,7 +139,7 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
         await f.messages([[1, 'old']]);
         const [claim] = await f.claimFirst(scope);
         const version = claim?.version ?? '';
-        const writer = await openMigrated(target.url);
+        const writer = await openMigrated(queue.url());
         try {
           let settling: ReturnType<typeof settle> | undefined;
           await writer.db.transaction().execute(async (trx) => {
@@ -335,7 +322,7 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
           [2, 'two'],
         ]);
         const claimed = await f.claimFirst(scope);
-        const writer = await openMigrated(target.url);
+        const writer = await openMigrated(queue.url());
         try {
           // As the capture trigger of an edit in flight holds a row: one
           // the fence settles, then one the statement gives back.
@@ -376,7 +363,7 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
         const scope = await f.scope(SMALL);
         await f.messages([[1, 'one']]);
         const claimed = await f.claimFirst(scope);
-        const writer = await openMigrated(target.url);
+        const writer = await openMigrated(queue.url());
         let release = () => {};
         const released = new Promise<void>((resolve) => {
           release = resolve;

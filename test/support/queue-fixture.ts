@@ -1,6 +1,14 @@
 import { createHash } from 'node:crypto';
 import { type Kysely, sql } from 'kysely';
-import type { EmbeddingColumnType, IdType, MessageSource } from '../../src/db/names.js';
+import { afterAll, beforeAll, beforeEach } from 'vitest';
+import type { Database } from '../../src/db/connect.js';
+import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
+import {
+  DEFAULT_SOURCE,
+  type EmbeddingColumnType,
+  type IdType,
+  type MessageSource,
+} from '../../src/db/names.js';
 import type { DB } from '../../src/db/schema.js';
 import { vectorLiteral } from '../../src/db/vector.js';
 import {
@@ -10,6 +18,12 @@ import {
   ensureTarget,
 } from '../../src/sql/queue.js';
 import { type Settled, type Settlement, settleBatch } from '../../src/sql/settle.js';
+import {
+  type BackendName,
+  createTestDatabase,
+  openMigrated,
+  type TestDatabase,
+} from './db.js';
 
 export const SMALL = { provider: 'openai', model: 'small' };
 export const LARGE = { provider: 'openai', model: 'large' };
@@ -18,6 +32,43 @@ export const OTHER = { provider: 'local', model: 'minilm' };
 export type Model = typeof SMALL;
 
 export const sha256 = (text: string) => createHash('sha256').update(text, 'utf8').digest();
+
+/**
+ * A migrated database of `backend` for one file's tests, and a QueueFixture
+ * on it (the default source, bigint ids), reset before each test. `url`
+ * opens more connections to it (a writer beside the worker).
+ */
+export function useQueueFixture(backend: BackendName): {
+  url: () => string;
+  database: () => Database;
+  fixture: () => QueueFixture;
+} {
+  let target: TestDatabase | undefined;
+  let database: Database | undefined;
+  let fixture: QueueFixture | undefined;
+  beforeAll(async () => {
+    target = await createTestDatabase(backend);
+    database = await openMigrated(target.url);
+    const db = database.db;
+    fixture = new QueueFixture(
+      db,
+      await readEmbeddingColumnType(db),
+      DEFAULT_SOURCE,
+      'bigint',
+      backend === 'pglite',
+    );
+  });
+  afterAll(async () => {
+    await database?.close();
+    await target?.drop();
+  });
+  beforeEach(() => fixture?.reset());
+  const set = <T>(value: T | undefined): T => {
+    if (value === undefined) throw new Error('useQueueFixture: used outside its tests');
+    return value;
+  };
+  return { url: () => set(target).url, database: () => set(database), fixture: () => set(fixture) };
+}
 
 /**
  * Polls a database condition until it holds. The deadline is no timing
