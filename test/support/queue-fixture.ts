@@ -18,12 +18,7 @@ import {
   ensureTarget,
 } from '../../src/sql/queue.js';
 import { type Settled, type Settlement, settleBatch } from '../../src/sql/settle.js';
-import {
-  type BackendName,
-  createTestDatabase,
-  openMigrated,
-  type TestDatabase,
-} from './db.js';
+import { type BackendName, createTestDatabase, openMigrated, type TestDatabase } from './db.js';
 
 export const SMALL = { provider: 'openai', model: 'small' };
 export const LARGE = { provider: 'openai', model: 'large' };
