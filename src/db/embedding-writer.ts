@@ -1,13 +1,13 @@
 import { type RawBuilder, sql, type Transaction } from 'kysely';
 import {
   type CopyBinary,
+  copyEmbeddings,
   type EmbeddedRow,
   upsertEmbeddings,
   upsertEmbeddingsViaCopy,
   type WriteTarget,
 } from '../sql/batches.js';
 import type { ClaimScope } from '../sql/queue.js';
-import { COPY_COLUMNS, encodeEmbeddingRows } from './copy-binary.js';
 import type { EmbeddingColumnType, IdType } from './names.js';
 import type { DB } from './schema.js';
 import { float4ArraySend, vectorLiteral, vectorSend } from './vector.js';
@@ -113,10 +113,7 @@ export function pgliteEmbeddingWriter(
     afterSettle: (_trx, scope, rows) =>
       rows.length === 0
         ? Promise.resolve()
-        : copyBinary(
-            `message_embeddings (${COPY_COLUMNS})`,
-            encodeEmbeddingRows(scope, rows, columnType),
-          ),
+        : copyEmbeddings(copyBinary, { ...scope, columnType }, rows),
   };
 }
 

@@ -106,7 +106,16 @@ export async function upsertEmbeddingsViaCopy(
   await sql`delete from message_embeddings
     where provider = ${target.provider} and model = ${target.model}
       and message_id = any(${rows.map((r) => r.messageId)}::bigint[])`.execute(trx);
-  await copyBinary(
+  await copyEmbeddings(copyBinary, target, rows);
+}
+
+/** `rows` COPYed into message_embeddings, binary, in the caller's transaction. */
+export function copyEmbeddings(
+  copyBinary: CopyBinary,
+  target: WriteTarget & { columnType: 'vector' | 'real[]' },
+  rows: EmbeddedRow[],
+): Promise<void> {
+  return copyBinary(
     `message_embeddings (${COPY_COLUMNS})`,
     encodeEmbeddingRows(target, rows, target.columnType),
   );

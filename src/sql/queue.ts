@@ -25,7 +25,7 @@ export interface ClaimScope {
 }
 
 /** Ids (as text) as an array of the id type, for `= any(...)` on an indexed column. */
-function idArray(scope: Pick<ClaimScope, 'idType'>, ids: string[]) {
+export function idArray(scope: Pick<ClaimScope, 'idType'>, ids: string[]) {
   return sql`${ids}::text[]::${sql.raw(scope.idType)}[]`;
 }
 

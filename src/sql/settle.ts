@@ -1,7 +1,7 @@
 import { type Kysely, type RawBuilder, sql, type Transaction } from 'kysely';
 import type { DB } from '../db/schema.js';
 import type { BatchRecord, EmbeddedRow, SkippedRow } from './batches.js';
-import type { ClaimScope } from './queue.js';
+import { type ClaimScope, idArray } from './queue.js';
 
 type Db = Kysely<DB> | Transaction<DB>;
 
@@ -73,7 +73,12 @@ export interface Settled {
  * still holds at the version each was read at: only those may be written.
  * A row another worker took over, or whose message changed since the claim
  * (the capture trigger updated it: a new version), stays in the queue, to be
- * claimed and embedded again. Every other part reads `settled`, so it runs
+ * claimed and embedded again; on a source without triggers a change is
+ * found by the next scan, as every change there is. The condition is on the
+ * queue row alone, so a row a writer's trigger holds is waited for, then
+ * rechecked at its new version, and no message is read. The delete locks
+ * the rows, so a trigger re-enqueueing one of them waits for this commit and
+ * then inserts it afresh. Every other part reads `settled`, so it runs
  * after the fence; data-modifying CTEs all see the statement's snapshot, so
  * the queue rows given back are picked among those the fence did not
  * delete, never read as deleted.
@@ -96,7 +101,7 @@ export async function settleBatch(
   work: Settlement,
   options: SettleOptions,
 ): Promise<Settled> {
-  const ids = (list: string[]) => sql`${list}::text[]::${sql.raw(scope.idType)}[]`;
+  const ids = (list: string[]) => idArray(scope, list);
   const handled = handledIds(work);
   const guarded = options.lockTimeout !== undefined;
   const waitAtMost = guarded
