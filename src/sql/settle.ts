@@ -167,13 +167,19 @@ export async function settleBatch(
     ]);
   }
   // Handled from a message that changed since (not settled), or not handled
-  // at all: back in the queue at once.
+  // at all: back in the queue at once. `message_id = any(ids)`, as in the
+  // fence, probes the batch's own rows: without it, on statistics of a
+  // queue filled by the run's own scan, PGlite ANDed the `claimed_by` index
+  // (1,760 entries, live and dead) with the primary key's target prefix
+  // (5,974), 2.6 of an 8-email commit's 3.9 ms at 16 in flight, to give
+  // back nothing (BENCHMARKS.md, "eighth pass").
   if (handled.length + work.released.length > 0) {
     parts.push([
       'returned',
       sql`update embedding_queue q set claimed_by = null, claimed_at = null
         where ${waitAtMost} not ${recorded}
           and q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+          and q.message_id = any(${ids([...handled, ...work.released])})
           and q.message_id in (
             select h.id from unnest(${ids(handled)}) as h(id)
             where h.id not in (select id from settled)
