@@ -211,3 +211,68 @@ export async function commitTimeline(url: string): Promise<CommitTimeline> {
     await database.close();
   }
 }
+
+/** How busy the provider's slots were over a run (`slotProfile`). */
+export interface SlotProfile {
+  /** From the first request until `concurrency` × 0.9 of them were waiting at once; null: never. */
+  rampMs: number | null;
+  /** Mean share of the slots busy from then until they fell below 0.9 for good (the tail). */
+  steadyShare: number | null;
+  /** Mean share busy from the first request to the last answer. */
+  overallShare: number;
+}
+
+/**
+ * Follows the test server's requests in their latency wait (`stats.delayed`)
+ * through a run, at every change (no sampling), and says where the run lost
+ * its share of ideal: the start, the middle or the end. In a 6 s run at 16
+ * in flight, a start of ~1 s until the slots fill costs ~8% of ideal while
+ * the middle keeps 98% of them busy (BENCHMARKS.md, "eighth pass").
+ */
+export function slotProfile(
+  fake: { until(check: (stats: { delayed: number }) => boolean): Promise<void> },
+  concurrency: number,
+): { stop(): SlotProfile } {
+  const changes: Array<[number, number]> = [];
+  let stopped = false;
+  let last = -1;
+  fake
+    .until((stats) => {
+      if (stopped) return true;
+      if (stats.delayed !== last) {
+        last = stats.delayed;
+        changes.push([performance.now(), last]);
+      }
+      return false;
+    })
+    .catch(() => {});
+  return {
+    stop() {
+      stopped = true;
+      const first = changes.findIndex(([, n]) => n > 0);
+      const end = changes.findLastIndex(([, n]) => n > 0) + 1;
+      const full = Math.ceil(0.9 * concurrency);
+      const filled = changes.findIndex(([, n]) => n >= full);
+      const tail = changes.findLastIndex(([, n]) => n >= full) + 1;
+      // The time-weighted mean of the slots busy over changes [from, to).
+      const mean = (from: number, to: number) => {
+        let area = 0;
+        for (let i = from; i < to; i++) {
+          const [t, n] = changes[i] as [number, number];
+          area += n * ((changes[i + 1]?.[0] ?? t) - t);
+        }
+        const span = (changes[to]?.[0] ?? 0) - (changes[from]?.[0] ?? 0);
+        return span > 0 ? area / span / concurrency : 0;
+      };
+      if (first < 0) {
+        return { rampMs: null, steadyShare: null, overallShare: 0 };
+      }
+      const start = (changes[first] as [number, number])[0];
+      return {
+        rampMs: filled < 0 ? null : (changes[filled] as [number, number])[0] - start,
+        steadyShare: filled < 0 || tail <= filled ? null : mean(filled, tail),
+        overallShare: mean(first, end),
+      };
+    },
+  };
+}

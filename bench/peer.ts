@@ -1,5 +1,5 @@
 import { execFileSync, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { isWithinTokenLimit } from 'gpt-tokenizer/encoding/cl100k_base';
 import { openDatabase } from '../src/db/connect.js';
@@ -18,8 +18,43 @@ export type PeerOutcome =
       langchain_messages_per_s: number;
       pgembed_messages_per_s: number;
       ratio: number;
+      /**
+       * The socket server's CPU over each tool's run, in cores (1 = one core
+       * busy throughout): near 1, the one PGlite session behind the socket
+       * binds that run. Null where /proc cannot tell.
+       */
+      server_cores: { langchain: number | null; pgembed: number | null };
       langchain: Record<string, unknown>;
     };
+
+/** A process's CPU time so far (user + system), ms; undefined without Linux's /proc. */
+function cpuMsOf(pid: number | undefined): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th,
+    // in clock ticks (100 a second on Linux).
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Runs `work` and says how many cores process `pid` kept busy meanwhile. */
+async function coresDuring<T>(
+  pid: number | undefined,
+  work: () => Promise<T>,
+): Promise<[T, number | null]> {
+  const cpuBefore = cpuMsOf(pid);
+  const startedAt = performance.now();
+  const result = await work();
+  const cpuAfter = cpuMsOf(pid);
+  const wallMs = performance.now() - startedAt;
+  return [
+    result,
+    cpuBefore === undefined || cpuAfter === undefined ? null : (cpuAfter - cpuBefore) / wallMs,
+  ];
+}
 
 /**
  * LangChain.js's index() and pgembed on the same messages, the same test
@@ -96,25 +131,30 @@ export async function runPeer(
     const url = `postgres://postgres@127.0.0.1:${port}/postgres`;
     log(`peer: LangChain index() on ${MESSAGES} messages`);
     // Asynchronous: the test server answering LangChain lives in this process.
-    const out = await runNode(['index.mjs', url, baseUrl, '8', String(MESSAGES)]);
+    const [out, langchainCores] = await coresDuring(server.pid, () =>
+      runNode(['index.mjs', url, baseUrl, '8', String(MESSAGES)]),
+    );
     const langchain = JSON.parse(out.trim().split('\n').at(-1) as string) as Record<string, number>;
     const langchainRate = Number(langchain.messages) / (Number(langchain.elapsedMs) / 1000);
     log(`peer: pgembed on the same ${MESSAGES} messages through the same socket`);
     // One connection, as for LangChain: the socket serves one session at a time.
-    const ours = await runWorker(url, baseUrl, [
-      '--limit',
-      String(MESSAGES),
-      '--batch-size',
-      '8',
-      '--db-pool-size',
-      '1',
-      ...pgembedArgs,
-    ]);
+    const [ours, pgembedCores] = await coresDuring(server.pid, () =>
+      runWorker(url, baseUrl, [
+        '--limit',
+        String(MESSAGES),
+        '--batch-size',
+        '8',
+        '--db-pool-size',
+        '1',
+        ...pgembedArgs,
+      ]),
+    );
     return {
       messages: MESSAGES,
       langchain_messages_per_s: langchainRate,
       pgembed_messages_per_s: ours.messagesPerSecond,
       ratio: ours.messagesPerSecond / langchainRate,
+      server_cores: { langchain: langchainCores, pgembed: pgembedCores },
       langchain,
     };
   } finally {

@@ -23,6 +23,7 @@ import {
   runWorker,
   seedTemplate,
   shortMessages,
+  slotProfile,
   type Template,
 } from './lib.js';
 import { runPeer } from './peer.js';
@@ -353,6 +354,7 @@ async function latency(backend: Backend, template: Template) {
     const target = await template.copy();
     try {
       log(`${backend}: latency 200 ms, --concurrency ${concurrency}, ${limit} messages`);
+      const slots = slotProfile(fake, concurrency);
       const run = await runWorker(target.url, fake.url, [
         '--limit',
         String(limit),
@@ -361,6 +363,7 @@ async function latency(backend: Backend, template: Template) {
         '--concurrency',
         String(concurrency),
       ]);
+      const busy = slots.stop();
       const ideal = (concurrency * 8) / 0.2;
       const share = run.messagesPerSecond / ideal;
       const timeline = await commitTimeline(target.url);
@@ -376,6 +379,7 @@ async function latency(backend: Backend, template: Template) {
         steady_share: steadyShare,
         request_ms_avg: timeline.requestMsAvg,
         worker_cpu_ms_per_message: run.cpuMsPerMessage,
+        slots: busy,
       });
       row(
         '2 latency 200 ms',
@@ -390,6 +394,14 @@ async function latency(backend: Backend, template: Template) {
         `  first commit; then, until the last`,
         `${fmt(timeline.firstCommitMs, 0)} ms; ${fmt(timeline.steadyMessagesPerSecond)}/s`,
         `${fmt(100 * steadyShare, 0)}% of ideal; requests ${fmt(timeline.requestMsAvg, 0)} ms`,
+      );
+      const pct = (share: number | null) => (share === null ? 'never' : `${fmt(100 * share, 0)}%`);
+      row(
+        '2 latency 200 ms',
+        backend,
+        '  provider slots busy: until 90% of them; then; overall',
+        `${busy.rampMs === null ? 'never' : `${fmt(busy.rampMs, 0)} ms`}; ${pct(busy.steadyShare)}`,
+        `${pct(busy.overallShare)} from the first request to the last answer`,
       );
       row(
         '2 latency 200 ms',
@@ -554,6 +566,14 @@ async function peer(template: Template) {
       `pgembed${args.length ? ` ${args.join(' ')}` : ''}, same messages`,
       fmt(outcome.pgembed_messages_per_s),
       `${fmt(outcome.ratio, 2)}x LangChain (goal >= 3)`,
+    );
+    const cores = (n: number | null) => (n === null ? 'n/a' : fmt(n, 2));
+    row(
+      '4 peer',
+      where,
+      '  socket server CPU, cores: LangChain / pgembed',
+      `${cores(outcome.server_cores.langchain)} / ${cores(outcome.server_cores.pgembed)}`,
+      'near 1: the one PGlite session binds the run',
     );
   }
   fake.options.latencyMs = 0;
