@@ -369,14 +369,28 @@ export async function pendingCount(db: Db, targetId: number): Promise<number> {
 }
 
 /**
+ * The queue's rows as the statistics system counts them (`n_live_tup`): a
+ * catalog read, where count(*) reads the queue. A backend's counts reach
+ * it within 1-10 s of its commit, soon enough to notice an application's
+ * bulk load through the triggers.
+ */
+export async function queueRowsLive(db: Db): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    select n_live_tup::float8 as n from pg_stat_user_tables
+    where relid = to_regclass('embedding_queue')`.execute(db);
+  return rows[0]?.n ?? 0;
+}
+
+/**
  * ANALYZEs the queue when its statistics are far behind what it holds: right
  * after a bulk load (a first scan, or an application's million inserts
  * through the triggers) the planner believes the queue nearly empty, and
  * plans the id-order claim as a bitmap scan of every pending row and a sort:
  * 88 ms a claim over 500,000 queued rows, against 0.2 ms by the index once
  * analyzed (PostgreSQL 15). Autovacuum would catch up within a minute or so;
- * a backfill's first claims need it now. A sample of 30,000 rows, once a run.
- * True when it analyzed.
+ * a backfill's first claims need it now. A sample of 30,000 rows: before a
+ * run's first claims, after its scan's chunks, and at a heartbeat that finds
+ * the queue grown that far since (queueRowsLive). True when it analyzed.
  */
 export async function analyzeQueueIfStale(
   db: Db,

@@ -11,10 +11,12 @@ import { redactUrl } from '../redact.js';
 import type { ProgressDisplay } from '../report/progress-bar.js';
 import { captureMode } from '../sql/capture.js';
 import {
+  analyzeQueueIfStale,
   type ClaimScope,
   countOutstandingSkips,
   ensureTarget,
   pendingCount,
+  queueRowsLive,
   queueState,
   releaseDeadClaims,
   releaseRunClaims,
@@ -176,9 +178,26 @@ export class EmbedRun {
     // dead run (--lease-ms without one) and take its claims: a third of the
     // lease, so two beats can fail in a blip. It carries the spend billed so far.
     const heartbeatMs = Math.min(this.deps.progressIntervalMs ?? 5000, config.leaseMs / 3);
+    let analyzedAtRows = 0;
     const heartbeat = setInterval(() => {
       const beat = async () => {
         await touchRun(db, runId, { ...totals, ...(watch ? { planned } : {}) });
+        // An application's bulk load through the triggers leaves the queue's
+        // statistics far behind, and every commit statement planned on them
+        // ANDed two indexes over the whole queue: 35 ms against ~3 at 500,000
+        // rows (PostgreSQL 15; BENCHMARKS.md, "eighth pass"). Autovacuum may
+        // be late or off (PGlite has none): analyzed here once they are.
+        // Not again until the queue has doubled since: where the role may
+        // not ANALYZE (PostgreSQL warns, and the statistics stay), each beat
+        // would otherwise sample 30,000 rows again.
+        const live = await queueRowsLive(db);
+        if (live >= 2 * analyzedAtRows && (await analyzeQueueIfStale(db, live))) {
+          analyzedAtRows = live;
+          log.info(
+            { queued: live },
+            'analyzed the queue: its statistics were behind what it holds',
+          );
+        }
         if (await reviveRun(db, runId)) {
           log.warn(
             'this run stalled past --lease-ms and was marked abandoned; its claims went to others; running again',

@@ -31,7 +31,7 @@ export interface RunHarnessContext {
 export function makeRun(
   ctx: RunHarnessContext,
   flags: FlagValues = {},
-  extra: Partial<Pick<RunDeps, 'progressDisplay' | 'logger'>> = {},
+  extra: Partial<Pick<RunDeps, 'progressDisplay' | 'logger' | 'progressIntervalMs'>> = {},
 ) {
   const config = buildEmbedConfig(
     { 'batch-size': '4', 'max-retry-wait-ms': '20', ...flags },
@@ -48,6 +48,7 @@ export function makeRun(
     logger: extra.logger ?? createLogger('silent'),
     report: (text) => reports.push(text),
     progressDisplay: extra.progressDisplay,
+    progressIntervalMs: extra.progressIntervalMs,
   });
   return { run, reports };
 }

@@ -13,6 +13,7 @@ import {
   sampleTexts,
   seedMessages,
   useWorkerFixture,
+  waitFor,
 } from '../support/embed-run.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
 import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
@@ -478,6 +479,40 @@ describe.each(backends())('the embed run on %s', (backend) => {
       remaining: 0,
     });
     expect(Number(view.rows[0]?.percent)).toBe(100);
+  });
+
+  it("analyzes the queue at a heartbeat once an application's bulk load has left its statistics far behind", async () => {
+    const db = fx.database.db;
+    const estimate = async () =>
+      (
+        await sql<{ n: number }>`select reltuples::float8 as n from pg_class
+          where oid = to_regclass('embedding_queue')`.execute(db)
+      ).rows[0]?.n ?? 0;
+    // A watcher with nothing to do yet; the provider holds every request, so
+    // the queue keeps what the load puts there. Autovacuum is off on the
+    // test server and PGlite has none: only the run can analyze.
+    const held = fx.fake.hold();
+    const { run } = makeRunWith(ctx(), { watch: true }, { progressIntervalMs: 20 });
+    const finished = run.run();
+    await waitFor(async () => {
+      const target = await db
+        .selectFrom('embedding_targets')
+        .select('backfilled_at')
+        .executeTakeFirst();
+      return target?.backfilled_at != null;
+    });
+    expect(await estimate()).toBeLessThan(10_000);
+    // 12,000 messages in one transaction, each queued by the capture trigger.
+    // Their counts reach the statistics at its commit, not 1-10 s after.
+    await db.transaction().execute(async (trx) => {
+      await sql`select pg_stat_force_next_flush()`.execute(trx);
+      await sql`insert into messages (id, content)
+                select g, 'bulk ' || g from generate_series(1, 12000) g`.execute(trx);
+    });
+    await waitFor(async () => (await estimate()) >= 10_000);
+    run.stop('SIGTERM');
+    held.release();
+    expect((await finished).exitCode).toBe(143);
   });
 
   it('on stop commits the batches answered or in flight, sends nothing more, marks the run interrupted, and tolerates a second stop', async () => {
