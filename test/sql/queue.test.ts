@@ -404,6 +404,24 @@ describe.each(backends())('the change queue on %s', (backend) => {
     );
   });
 
+  describe('a target deleted by hand', () => {
+    it('takes its own queue rows with it, once per statement, and leaves the others’', async () => {
+      const small = await f.scope(SMALL);
+      const large = await f.scope(LARGE);
+      await f.messages(range(1, 3).map((id) => [id, `message ${id}`]));
+      expect(Object.keys(await f.queue(small.targetId))).toEqual(['1', '2', '3']);
+      // No key checks each queued row against its target (migration 0009):
+      // a trigger on the target's delete does what ON DELETE CASCADE did.
+      await sql`delete from embedding_targets where id = ${small.targetId}`.execute(db());
+      expect(await f.queue(small.targetId)).toEqual({});
+      expect(Object.keys(await f.queue(large.targetId))).toEqual(['1', '2', '3']);
+      const { rows } = await sql<{ n: number }>`
+        select count(*)::int as n from pg_constraint
+        where conrelid = 'embedding_queue'::regclass and contype = 'f'`.execute(db());
+      expect(rows[0]?.n).toBe(0);
+    });
+  });
+
   describe('releasing claims', () => {
     it('makes deferred rows due at once for an explicit run, and gives back all a run holds', async () => {
       const scope = await f.scope(SMALL);

@@ -117,7 +117,7 @@ export function useWorkerFixture(
       shuffle: false,
       ...fakeDefaults,
     });
-    await sql`truncate messages, message_embeddings, embedding_runs, embedding_targets cascade`.execute(
+    await sql`truncate messages, message_embeddings, embedding_runs, embedding_targets, embedding_queue cascade`.execute(
       database.db,
     );
   });

@@ -203,7 +203,7 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     await embed({ 'batch-size': '8', 'max-request-inputs': '3' });
     expect(fx.fake.stats.requestSizes).toEqual([3, 3, 2]);
 
-    await sql`truncate message_embeddings, embedding_runs, embedding_targets cascade`.execute(
+    await sql`truncate message_embeddings, embedding_runs, embedding_targets, embedding_queue cascade`.execute(
       fx.database.db,
     );
     fx.fake.reset();
@@ -228,7 +228,7 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
     expect(fx.fake.stats.rateLimited).toBeGreaterThan(0);
     expect(unpaced.summary.retries).toBe(fx.fake.stats.rateLimited);
 
-    await sql`truncate message_embeddings, embedding_runs, embedding_targets cascade`.execute(
+    await sql`truncate message_embeddings, embedding_runs, embedding_targets, embedding_queue cascade`.execute(
       fx.database.db,
     );
     fx.fake.reset();
