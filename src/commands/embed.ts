@@ -110,7 +110,7 @@ export async function embed(config: EmbedConfig, levelAsked: boolean): Promise<n
       idType,
       // This process holds PGlite's one session; a client of one another
       // process serves is connected as to a server.
-      oneSession: database.backend === 'pglite',
+      oneSession: database.oneSession,
       provider,
       config,
       logger,

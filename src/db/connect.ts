@@ -19,6 +19,12 @@ import type { DB } from './schema.js';
 export interface Database {
   readonly db: Kysely<DB>;
   readonly backend: DatabaseTarget['kind'];
+  /**
+   * One session serves every client, one statement or transaction at a
+   * time: PGlite, in this process or served over its socket. No
+   * transaction then commits while one of ours runs (ClaimScope.oneSession).
+   */
+  readonly oneSession: boolean;
   /** How this backend writes a batch's vectors into a column of this type, chosen once. */
   embeddingWriter(columnType: EmbeddingColumnType, idType: IdType): EmbeddingWriter;
   /** How a run commits its batches here, vectors written as embeddingWriter writes them. */
@@ -171,9 +177,16 @@ async function openPostgres(
   // failing its query); with no listener that would crash the process
   // instead of letting the query's caller retry on a new connection.
   pool.on('connect', (client) => client.on('error', () => {}));
+  let versionRow: { version: string } | undefined;
   try {
     const client = await pool.connect();
-    client.release();
+    try {
+      ({
+        rows: [versionRow],
+      } = await client.query<{ version: string }>('select version()'));
+    } finally {
+      client.release();
+    }
   } catch (error) {
     await pool.end().catch(() => {});
     throw new DatabaseConnectionError(describeError(error), { cause: error });
@@ -182,9 +195,13 @@ async function openPostgres(
   return {
     db,
     backend: 'postgres',
+    // PGlite served over its socket (by pgembed, or pglite-socket) runs one
+    // statement, or one client's transaction, at a time.
+    oneSession: /\(PGlite /.test(versionRow?.version ?? ''),
     describe,
     embeddingWriter: (columnType) => postgresEmbeddingWriter(columnType),
-    batchCommitter: (columnType) => localCommitter(postgresEmbeddingWriter(columnType)),
+    batchCommitter: (columnType) =>
+      localCommitter(postgresEmbeddingWriter(columnType), { overConnection: true }),
     watchChanges:
       options.listen === false ? undefined : (onChange) => listenForChanges(connection, onChange),
     // Once: openDatabase guards it.

@@ -31,7 +31,9 @@ export function engineCommits(engine: PGliteEngine) {
       let committer = committers.get(key);
       if (!committer) {
         const copy = (into: string, data: Uint8Array) => engine.copyFrom(into, data);
-        committer = localCommitter(pgliteEmbeddingWriter(copy, columnType, scope.idType));
+        committer = localCommitter(pgliteEmbeddingWriter(copy, columnType, scope.idType), {
+          overConnection: false,
+        });
         committers.set(key, committer);
       }
       return committer.commit(db, scope, batch, work);

@@ -59,6 +59,7 @@ export async function openPGlite(
   return {
     db,
     backend: 'pglite',
+    oneSession: true,
     describe: dataDir ? `pglite:${dataDir}` : 'pglite:memory',
     serving,
     async watchChanges(onChange) {

@@ -16,10 +16,10 @@ export interface ClaimScope {
   /** The embeddings' id type: id lists are cast to it, so the primary key serves the lookups. */
   idType: IdType;
   /**
-   * The database is one session (PGlite, in this process): no transaction
-   * commits while one of this run's statements runs. A claim then reads the
-   * messages in its own statement, and a commit sets no lock timeout and
-   * checks for no redo (RunDeps.oneSession).
+   * The database is one session (PGlite, in this process or served over its
+   * socket; Database.oneSession): no transaction commits while one of this
+   * run's statements runs. A claim then takes no row locks and reads the
+   * messages in its own statement (RunDeps.oneSession).
    */
   oneSession: boolean;
 }
@@ -126,8 +126,9 @@ export async function claimBatch(
 
 /**
  * The row locks of a claim's pick: SKIP LOCKED passes over the rows that
- * another run's claim or commit holds. With one session (PGlite) no other
- * transaction is ever open while a statement runs (PGliteSession), so there
+ * another run's claim or commit holds. With one session (PGlite, or PGlite
+ * served over its socket) no other transaction is ever open while a
+ * statement runs (PGliteSession; the socket's server), so there
  * is nothing to pass over, and each lock is a write of its own (a WAL
  * record a row) before the claim's update: 0.6 ms of a 64-row claim's 3.0
  * there (BENCHMARKS.md, "sixth pass").

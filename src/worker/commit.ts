@@ -22,15 +22,30 @@ export interface BatchCommitter {
   ): Promise<Committed | undefined>;
 }
 
-/** Commits in this process, writing vectors with `writer`. */
-export function localCommitter(writer: EmbeddingWriter): BatchCommitter {
-  return { commit: (db, scope, batch, work) => commitBatch({ db, scope, writer }, batch, work) };
+/**
+ * Commits in this process, writing vectors with `writer`. `overConnection`:
+ * the statements travel over a connection (a Postgres server, or PGlite
+ * served over its socket), whose answer can be lost after the commit landed
+ * and, on a server, whose locks can be waited for; false in PGlite's own
+ * thread, where neither can happen.
+ */
+export function localCommitter(
+  writer: EmbeddingWriter,
+  options: { overConnection: boolean },
+): BatchCommitter {
+  const { overConnection } = options;
+  return {
+    commit: (db, scope, batch, work) =>
+      commitBatch({ db, scope, writer, overConnection }, batch, work),
+  };
 }
 
 export interface CommitTarget {
   db: Kysely<DB>;
   scope: ClaimScope;
   writer: EmbeddingWriter;
+  /** See localCommitter. */
+  overConnection: boolean;
 }
 
 export interface Committed {
@@ -64,12 +79,12 @@ export async function commitBatch(
   work: Settlement,
 ): Promise<Committed | undefined> {
   const { scope, writer } = to;
-  // On a server the statement gives way to an application's locks after
-  // 200 ms (see settleBatch), and finds a batch already recorded. With one
-  // session no lock is ever waited for, and no answer lost.
+  // Over a connection the statement gives way to an application's locks
+  // after 200 ms (see settleBatch), and finds a batch already recorded. In
+  // PGlite's own thread no lock is ever waited for, and no answer lost.
   const options = {
     vectors: (rows: EmbeddedRow[]) => writer.inSettle(scope, rows),
-    ...(scope.oneSession ? {} : { lockTimeout: '200ms' }),
+    ...(to.overConnection ? { lockTimeout: '200ms' } : {}),
   };
   const after = writer.afterSettle;
   const result = after

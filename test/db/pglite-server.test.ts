@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { Kysely, sql } from 'kysely';
 import pg from 'pg';
-import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
+import { openDatabase } from '../../src/db/connect.js';
 import { PGliteDialect } from '../../src/db/pglite-dialect.js';
 import { localEngine } from '../../src/db/pglite-engine.js';
 import { pgConfig } from '../../src/db/pglite-lock.js';
@@ -66,6 +67,28 @@ describe('serving PGlite to other processes', () => {
     await db.destroy();
     await pglite.close();
     rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('is one session to a pgembed client, and a Postgres server is not', async () => {
+    const { socketDir, port } = server.address;
+    const served = await openDatabase(
+      `postgres://postgres@localhost:${port}/postgres?host=${encodeURIComponent(socketDir)}`,
+    );
+    try {
+      // So its claims take no row locks and read in their own statement.
+      expect(served.oneSession).toBe(true);
+    } finally {
+      await served.close();
+    }
+    const serverUrl = inject('postgresServerUrl');
+    if (serverUrl) {
+      const database = await openDatabase(serverUrl);
+      try {
+        expect(database.oneSession).toBe(false);
+      } finally {
+        await database.close();
+      }
+    }
   });
 
   it('listens on a unix socket in the data directory, where psql -h DIR looks', () => {

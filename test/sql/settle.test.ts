@@ -436,6 +436,7 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
           db: db(),
           scope,
           writer: database.embeddingWriter(await readEmbeddingColumnType(db()), 'bigint'),
+          overConnection: backend === 'postgres',
         },
         { ...batchOf(scope.runId), lastMessageId: '8', attempts: 2, retries: 1 },
         {

@@ -138,7 +138,7 @@ export function useWorkerFixture(
         db: database.db,
         columnType,
         committer: database.batchCommitter(columnType),
-        oneSession: database.backend === 'pglite',
+        oneSession: database.oneSession,
         baseUrl: fake.url,
       };
     },

@@ -50,7 +50,7 @@ export function useQueueFixture(backend: BackendName): {
       await readEmbeddingColumnType(db),
       DEFAULT_SOURCE,
       'bigint',
-      backend === 'pglite',
+      database.oneSession,
     );
   });
   afterAll(async () => {
