@@ -45,7 +45,7 @@ export interface RunDeps {
   committer: BatchCommitter;
   /** The source's id type; default bigint. */
   idType?: IdType | undefined;
-  /** The database is one session (Database.backend 'pglite'; see ClaimScope); default false. */
+  /** The database is one session (Database.oneSession; see ClaimScope); default false. */
   oneSession?: boolean | undefined;
   provider: EmbeddingProvider;
   config: EmbedConfig;
