@@ -206,33 +206,55 @@ async function claimAndRead(
       from picked p where q.target_id = p.target_id and q.message_id = p.message_id
       returning q.message_id, q.force, q.xmin::text as version)`;
   type Claimed = { id: string; force: boolean };
-  let claimed: Claimed[];
-  let read: ReadClaim[];
   if (scope.oneSession) {
-    ({ rows: read } = await sql<ReadClaim & Claimed>`${claim}
+    const { rows: read } = await sql<ReadClaim & Claimed>`${claim}
       select c.message_id::text as id, c.force, c.version, ${readColumns(scope, sql`c.message_id`)}
       from claimed c left join ${sourceRelation(scope.source)} m on m.id = c.message_id
-      order by c.message_id`.execute(db));
-    claimed = read as Array<ReadClaim & Claimed>;
-  } else {
-    ({ rows: claimed } = await sql<Claimed>`${claim}
-      select message_id::text as id, force from claimed
-      order by message_id`.execute(db));
-    if (claimed.length === 0) return [];
-    // A row gone since (its message deleted) has no version: '0' matches none.
-    ({ rows: read } = await sql<ReadClaim>`
-      select c.id::text as id, coalesce(q.xmin::text, '0') as version,
-        ${readColumns(scope, sql`c.id`)}
-      from unnest(${idArray(
-        scope,
-        claimed.map((c) => c.id),
-      )}) as c(id)
-      left join embedding_queue q on q.target_id = ${scope.targetId} and q.message_id = c.id
-      left join ${sourceRelation(scope.source)} m on m.id = c.id
-      order by c.id`.execute(db));
+      order by c.message_id`.execute(db);
+    return claimedFromRead(scope, read, read);
   }
-  // A view may return an id twice: refuse it by name before a batch holding
-  // both copies fails its upsert.
+  const { rows: claimed } = await sql<Claimed>`${claim}
+    select message_id::text as id, force from claimed
+    order by message_id`.execute(db);
+  return readClaims(db, scope, claimed);
+}
+
+/**
+ * Reads messages this run has claimed (`claims`, in id order), with their
+ * queue rows' versions, as they are now: in a statement of its own, after
+ * the claim's, so that the text and the version agree (see claimAndRead).
+ */
+export async function readClaims(
+  db: Db,
+  scope: ClaimScope,
+  claims: ReadonlyArray<{ id: string; force: boolean }>,
+): Promise<ClaimedMessage[]> {
+  if (claims.length === 0) return [];
+  // A row gone since (its message deleted) has no version: '0' matches none.
+  const { rows: read } = await sql<ReadClaim>`
+    select c.id::text as id, coalesce(q.xmin::text, '0') as version,
+      ${readColumns(scope, sql`c.id`)}
+    from unnest(${idArray(
+      scope,
+      claims.map((c) => c.id),
+    )}) as c(id)
+    left join embedding_queue q on q.target_id = ${scope.targetId} and q.message_id = c.id
+    left join ${sourceRelation(scope.source)} m on m.id = c.id
+    order by c.id`.execute(db);
+  return claimedFromRead(scope, read, claims);
+}
+
+/**
+ * Claimed messages as read, hashed and judged. `read` and `claims` (what was
+ * claimed, with its force mark) are both in id order, one row an id. A view
+ * may return an id twice: refused by name here, before a batch holding both
+ * copies fails its upsert.
+ */
+export function claimedFromRead(
+  scope: Pick<ClaimScope, 'source'>,
+  read: ReadClaim[],
+  claims: ReadonlyArray<{ id: string; force: boolean }>,
+): ClaimedMessage[] {
   for (let i = 1; i < read.length; i++) {
     const id = (read[i] as ReadClaim).id;
     if (id === read[i - 1]?.id) {
@@ -243,9 +265,9 @@ async function claimAndRead(
   // was 3.6 ms of a 64-message claim's engine time, and the engine is the
   // busier thread; OpenSSL takes microseconds. UTF-8, as the scan's
   // convert_to(content, 'UTF8') hashes it (test/sql/queue.test.ts pins that).
-  return claimed.map(({ id, force }, i): ClaimedMessage => {
+  return claims.map(({ id, force }, i): ClaimedMessage => {
     const { exists, content, nonBlank, embeddedSha256, id: readId, version } = read[i] as ReadClaim;
-    // Both in id order, one row an id: a mismatch is a bug here, never a guess.
+    // A mismatch is a bug here, never a guess.
     if (readId !== id) throw new Error(`claim read ${readId} for ${id}`);
     const sha256Hex =
       content === null ? null : createHash('sha256').update(content, 'utf8').digest('hex');
@@ -263,7 +285,7 @@ async function claimAndRead(
 }
 
 /** A claimed message as read, before its content is hashed. */
-interface ReadClaim {
+export interface ReadClaim {
   id: string;
   /** The queue row's version, read with the message (ClaimedMessage.version). */
   version: string;

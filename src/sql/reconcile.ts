@@ -1,7 +1,13 @@
 import { type Kysely, type QueryResult, type RawBuilder, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { sourceRelation } from '../db/source.js';
-import type { ClaimScope } from './queue.js';
+import {
+  type ClaimedMessage,
+  type ClaimScope,
+  claimedFromRead,
+  type ReadClaim,
+  readClaims,
+} from './queue.js';
 
 export interface ReconcileCounts {
   /** Messages read. */
@@ -28,6 +34,25 @@ export interface ReconcileOptions {
   chunkSize?: number;
   /** After each chunk has committed; false stops the scan early (a stop signal). */
   onChunk?: (counts: ReconcileCounts) => boolean | Promise<boolean>;
+  /** The run beside the scan takes what the scan finds to send (ClaimSink). */
+  claims?: ClaimSink;
+}
+
+/**
+ * A run that takes its scan's finds as they are found (ScanHandoff): each
+ * chunk queues what it wants already claimed by the run (scope.runId), and
+ * hands the messages over as the chunk read them. The run then neither
+ * claims nor reads them again: on PGlite that claim was 2.85 ms of the
+ * engine a 64-message batch, and the first claims of a run waited behind
+ * the scan's chunks (BENCHMARKS.md, "ninth pass"). A row already queued
+ * (by a trigger, an earlier scan, or another worker's scan) is left as it
+ * is, for the queue's claims.
+ */
+export interface ClaimSink {
+  /** How many messages the run takes now: the next chunk reads at most that many ids; 0 queues it unclaimed. */
+  room(): number;
+  /** A chunk's claims, in id order, once its statement has committed. */
+  put(claimed: ClaimedMessage[]): void;
 }
 
 /**
@@ -51,11 +76,11 @@ export class ChunkSizer {
     return this.#size;
   }
 
-  /** Takes in how long a chunk of the current size took. */
-  took(elapsedMs: number): void {
+  /** Takes in how long a chunk took: of the current size, or of `size` ids where fewer were read. */
+  took(elapsedMs: number, size = this.#size): void {
     // At most 4× bigger at a time: one quick chunk (a range of short or
     // blank messages) does not make the next one huge.
-    const scaled = (this.#size * ChunkSizer.TARGET_MS) / Math.max(elapsedMs, 1);
+    const scaled = (size * ChunkSizer.TARGET_MS) / Math.max(elapsedMs, 1);
     this.#size = Math.round(
       Math.min(ChunkSizer.MAX, Math.max(ChunkSizer.MIN, Math.min(scaled, 4 * this.#size))),
     );
@@ -112,8 +137,17 @@ export async function reconcile(
   const modelNames = models.map((m) => m.model);
 
   let after: string | null = null;
+  // Of the ids the last chunk read, the share it wanted: nearly all on a
+  // model's first run, few on a rerun. A claiming chunk reads about as many
+  // ids as fill the run's room, never more than the sizer's.
+  let wantedShare = 1;
   for (;;) {
-    const size = sizer?.size ?? (options.chunkSize as number);
+    const room = options.claims?.room() ?? 0;
+    const claiming = room > 0;
+    const size = Math.min(
+      sizer?.size ?? (options.chunkSize as number),
+      claiming ? Math.ceil(room / Math.max(wantedShare, 0.01)) : Infinity,
+    );
     const startedAt = performance.now();
     const afterId = (column: RawBuilder<unknown>) =>
       after === null ? sql`true` : sql`${column} > ${after}::${idType}`;
@@ -130,7 +164,13 @@ export async function reconcile(
     const upper = ends[0] && ends[0].n >= size ? ends[0].upper : null;
     const upTo = (column: RawBuilder<unknown>) =>
       upper === null ? sql`true` : sql`${column} <= ${upper}::${idType}`;
-    const judge = sql<ReconcileCounts>`
+    // The first `room` wanted ids are claimed; any past them (the share
+    // guessed low) are queued for the run's claims from the queue.
+    const mine = sql`w.n <= ${room}`;
+    const claimedBy = claiming
+      ? sql`case when ${mine} then ${scope.runId}::bigint end, case when ${mine} then now() end`
+      : sql`null, null`;
+    const judge = sql<ReconcileCounts & Partial<ReadClaim>>`
       -- Neither test reads a whole text that it need not: blank is decided on
       -- the first 64 characters unless they are all whitespace (a TOASTed
       -- text is decompressed only that far), and the hash is computed only
@@ -170,10 +210,12 @@ export async function reconcile(
       -- worker's scan runs beside the first's claims) would find it changed
       -- at its fence and send it again.
       enqueued as (
-        insert into embedding_queue as q (target_id, message_id, force)
-        select ${scope.targetId}, w.id, ${options.force} from wanted w
+        insert into embedding_queue as q (target_id, message_id, force, claimed_by, claimed_at)
+        select ${scope.targetId}, w.id, ${options.force}, ${claimedBy}
+        from (select id, row_number() over (order by id) as n from wanted) w
         on conflict (target_id, message_id) do update set force = true
-          where excluded.force and not q.force),
+          where excluded.force and not q.force
+        returning q.message_id, q.xmin::text as version, q.claimed_by),
       orphans as (
         delete from message_embeddings e
         using unnest(${providers}::text[], ${modelNames}::text[]) as pm (provider, model)
@@ -184,23 +226,57 @@ export async function reconcile(
           -- statistics (message_embeddings "1 row" after a bulk load), read
           -- the whole chunk per embedding: 86 s for 5,000 emails on PG15.
           and not exists (select 1 from ${source} m where m.id = e.message_id)
-        returning 1)
-      select (select count(*)::int from chunk) as scanned,
+        returning 1),
+      counts as (select (select count(*)::int from chunk) as scanned,
         (select count(*)::int from wanted) as enqueued,
         (select count(*)::int from judged where not non_blank) as blank,
         (select count(*)::int from judged where non_blank and current) as "upToDate",
         (select count(*)::int from judged where non_blank and not current and skipped) as "skippedBefore",
-        (select count(*)::int from orphans) as "orphansDeleted"`;
+        (select count(*)::int from orphans) as "orphansDeleted")
+      ${
+        !claiming
+          ? sql`select * from counts`
+          : // The counts on every row, and on one row of nulls when none was claimed.
+            scope.oneSession
+            ? sql`select n.*, e.message_id::text as id, e.version, true as exists, k.content,
+                    k.non_blank as "nonBlank", null as "embeddedSha256"
+                  from counts n left join (enqueued e join chunk k on k.id = e.message_id)
+                    on e.claimed_by = ${scope.runId}
+                  order by e.message_id`
+            : sql`select n.*, e.message_id::text as id
+                  from counts n left join enqueued e on e.claimed_by = ${scope.runId}
+                  order by e.message_id`
+      }`;
     // JIT off: on stale statistics the estimate passes jit_above_cost, and
     // compiling took ~9 of the 29 s EXPLAIN ANALYZE spent over 1 M messages,
     // for a statement that runs in ~0.1 s. Set for this statement alone.
-    const result: QueryResult<ReconcileCounts> = await db.transaction().execute(async (trx) => {
-      await sql`set local jit = off`.execute(trx);
-      return judge.execute(trx);
-    });
-    sizer?.took(performance.now() - startedAt);
+    const result: QueryResult<ReconcileCounts & Partial<ReadClaim>> = await db
+      .transaction()
+      .execute(async (trx) => {
+        await sql`set local jit = off`.execute(trx);
+        return judge.execute(trx);
+      });
+    sizer?.took(performance.now() - startedAt, size);
+    if (claiming && options.claims) {
+      // Whole reads on one session; ids alone on a server.
+      const rows = result.rows.filter((r): r is ReconcileCounts & ReadClaim => r.id != null);
+      // Wanted because nothing of its content is embedded (force never claims here).
+      const claims = rows.map((r) => ({ id: r.id, force: false }));
+      // One session: nothing committed while the chunk ran, so what it read
+      // is current. On a server another worker may have embedded a message
+      // after the chunk's snapshot and before its claim (its queue row was
+      // gone by then): read again, after the claim, as a claim does. Seen
+      // when the chunk's read was trusted: 3 workers sharing 6,000 messages
+      // sent some of them twice.
+      options.claims.put(
+        scope.oneSession
+          ? claimedFromRead(scope, rows, claims)
+          : await readClaims(db, scope, claims),
+      );
+    }
     const chunk = result.rows[0];
     if (chunk) {
+      if (chunk.scanned > 0) wantedShare = chunk.enqueued / chunk.scanned;
       total.scanned += chunk.scanned;
       total.enqueued += chunk.enqueued;
       total.blank += chunk.blank;

@@ -1,4 +1,6 @@
 import { asError } from '../errors.js';
+import type { ClaimedMessage } from '../sql/queue.js';
+import type { ScanHandoff } from './scan-handoff.js';
 
 /** What the pipeline asks of a scan that still fills the queue beside it. */
 export interface QueueFiller {
@@ -6,8 +8,16 @@ export interface QueueFiller {
   readonly running: boolean;
   /** Why the scan failed, once it has: the run ends with it. */
   readonly error: Error | undefined;
-  /** Resolves when the scan has committed its next chunk, or has ended. */
+  /**
+   * Resolves when the scan has committed its next chunk, or has ended; at
+   * once while it holds claims for the run (they may have come while the
+   * reader claimed from the queue).
+   */
   nextChunk(): Promise<void>;
+  /** Up to `limit` messages the scan has claimed for the run (ScanHandoff), in id order. */
+  take(limit: number): ClaimedMessage[];
+  /** Messages the scan has claimed for the run and not yet handed over. */
+  readonly held: number;
 }
 
 /**
@@ -26,7 +36,14 @@ export class BackgroundScan<T> implements QueueFiller {
   #next: Promise<void>;
   readonly finished: Promise<T | undefined>;
 
-  constructor(scan: (chunkDone: () => void) => Promise<T>) {
+  /**
+   * `handoff`: where the scan's chunks put what they claim for the run, if
+   * they claim (a one-shot run's scan); without one they only queue.
+   */
+  constructor(
+    scan: (chunkDone: () => void) => Promise<T>,
+    private readonly handoff?: ScanHandoff,
+  ) {
     this.#next = this.#arm();
     this.finished = scan(() => this.#chunkDone()).then(
       (result) => result,
@@ -50,7 +67,26 @@ export class BackgroundScan<T> implements QueueFiller {
   }
 
   nextChunk(): Promise<void> {
-    return this.#running ? this.#next : Promise.resolve();
+    // A scan holding claims waits for the reader to take them (ScanHandoff):
+    // a reader waiting for its next chunk would wait for ever.
+    if (!this.#running || this.held > 0) return Promise.resolve();
+    return this.#next;
+  }
+
+  get held(): number {
+    return this.handoff?.held ?? 0;
+  }
+
+  take(limit: number): ClaimedMessage[] {
+    return this.handoff?.take(limit) ?? [];
+  }
+
+  /**
+   * The pipeline has ended: the scan goes on to its end (or stops at its
+   * next chunk, if told to), queueing unclaimed. Safe to call twice.
+   */
+  close(): void {
+    this.handoff?.close();
   }
 
   #arm(): Promise<void> {

@@ -239,19 +239,35 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
         }
       }
       const pageSize = Math.min(config.batchSize, (ctx.limit ?? Number.POSITIVE_INFINITY) - taken);
-      // A watcher takes the oldest change first; a one-shot run walks the
-      // queue in id order by keyset (see ClaimKeyset).
+      // What the run's own scan has claimed for it comes first, as read
+      // (ScanHandoff). Then a watcher takes the oldest change first; a
+      // one-shot run walks the queue in id order by keyset (see ClaimKeyset).
+      const handed = ctx.filler?.take(pageSize) ?? [];
       const after = keyset?.after ?? null;
-      const page: ClaimedMessage[] = await ctx.dbRetry('claim a batch', () =>
-        keyset
-          ? claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false })
-          : claimOldest(db, scope, pageSize),
-      );
+      const page: ClaimedMessage[] =
+        handed.length > 0
+          ? handed
+          : await ctx.dbRetry('claim a batch', () =>
+              keyset
+                ? claimBatch(db, scope, { after, limit: pageSize, ignoreBackoff: false })
+                : claimOldest(db, scope, pageSize),
+            );
       // A keyset that ran off the end claims again from the first id at once,
       // for rows given back since (an edit during a send, a dead worker's).
       const pageIds = page.map((m) => m.id);
-      if (keyset?.advance(pageIds, pageSize)) continue;
+      if (handed.length === 0 && keyset?.advance(pageIds, pageSize)) continue;
       if (page.length === 0) {
+        if (ctx.filler && (ctx.filler.running || ctx.filler.held > 0)) {
+          // The scan has not queued everything yet: claim again after its
+          // next chunk (or once a batch in flight settles). Or it handed
+          // over claims while this claim looked: take them at once.
+          await Promise.race([ctx.filler.nextChunk(), ...inFlight]);
+          continue;
+        }
+        // Not while a scan runs or holds claims for the run: those are this
+        // run's, and no batch holds them either. Seen: a scan ending during
+        // the claim above, its 29 claims released here, then sent, and
+        // fenced out as no longer held.
         if (inFlight.size === 0) {
           // A claim whose answer was lost with the connection did commit:
           // its rows are this run's and no batch holds them. Without this, a
@@ -263,12 +279,6 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
             log.warn({ messages: strays }, 'claims whose answer was lost given back');
             continue;
           }
-        }
-        if (ctx.filler?.running) {
-          // The scan has not queued everything yet: claim again after its
-          // next chunk (or once a batch in flight settles).
-          await Promise.race([ctx.filler.nextChunk(), ...inFlight]);
-          continue;
         }
         if (ctx.idle) {
           // Watching: until a wake-up, the poll, or a batch in flight settles.

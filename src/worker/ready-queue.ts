@@ -11,8 +11,9 @@ import {
   enqueueSkipped,
   pendingCount,
 } from '../sql/queue.js';
-import { type ReconcileCounts, reconcile } from '../sql/reconcile.js';
+import { ChunkSizer, type ClaimSink, type ReconcileCounts, reconcile } from '../sql/reconcile.js';
 import { BackgroundScan } from './background-scan.js';
+import { ScanHandoff } from './scan-handoff.js';
 
 interface ReadyDeps {
   db: Kysely<DB>;
@@ -50,6 +51,7 @@ export async function scanSource(
   deps: ReadyDeps,
   why: string,
   onChunk?: (counts: ReconcileCounts) => Promise<void>,
+  claims?: ClaimSink,
 ): Promise<ReconcileCounts> {
   const { db, config, scope, log, dbRetry, going } = deps;
   log.info({ why }, 'reconciling: scanning the source for missing, stale and deleted messages');
@@ -57,6 +59,7 @@ export async function scanSource(
     reconcile(db, scope, {
       force: config.force,
       retrySkipped: config.retrySkipped,
+      ...(claims ? { claims } : {}),
       onChunk: async (sofar) => {
         await onChunk?.(sofar);
         return going();
@@ -74,7 +77,13 @@ export async function scanSource(
 
 /**
  * Starts the scan beside the pipeline (BackgroundScan): the run claims what
- * its chunks have queued while it queues the rest. `pendingBefore`: the rows
+ * its chunks have queued while it queues the rest. A one-shot run takes what
+ * they find as they find it (ScanHandoff), holding at most two rounds of its
+ * send slots (2 × `--concurrency` × `--batch-size`, 64 to 5,000 messages),
+ * about as many as its batches in flight: a second worker starting beside
+ * it finds the rest unclaimed, and the scan reads the source at the pace of
+ * the sends. A watcher's scan only queues, so that live changes, claimed oldest first,
+ * never wait behind a whole backfill. `pendingBefore`: the rows
  * the queue held before it. After each chunk the queue is analyzed if its
  * statistics have fallen far behind (a first scan of a million messages
  * passes 10,000, 20,000, 40,000 … rows queued: about 7 ANALYZEs), since the
@@ -87,16 +96,29 @@ export function scanBeside(
   pendingBefore: number,
   onChunk: (counts: ReconcileCounts) => Promise<void>,
 ): BackgroundScan<ReconcileCounts> {
-  const { db, log, dbRetry } = deps;
-  return new BackgroundScan((chunkDone) =>
-    scanSource(deps, why, async (counts) => {
-      const queued = pendingBefore + counts.enqueued;
-      if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, queued))) {
-        log.info({ queued }, 'analyzed the queue: its statistics were behind what it holds');
-      }
-      await onChunk(counts);
-      chunkDone();
-    }),
+  const { db, config, log, dbRetry } = deps;
+  const handoff = config.watch
+    ? undefined
+    : new ScanHandoff(
+        Math.min(ChunkSizer.MAX, Math.max(64, 2 * config.concurrency * config.batchSize)),
+      );
+  return new BackgroundScan(
+    (chunkDone) =>
+      scanSource(
+        deps,
+        why,
+        async (counts) => {
+          const queued = pendingBefore + counts.enqueued;
+          if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, queued))) {
+            log.info({ queued }, 'analyzed the queue: its statistics were behind what it holds');
+          }
+          await onChunk(counts);
+          chunkDone();
+          await handoff?.roomAgain();
+        },
+        handoff,
+      ),
+    handoff,
   );
 }
 

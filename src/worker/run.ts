@@ -31,6 +31,7 @@ import {
   skipsByReason,
   touchRun,
 } from '../sql/runs.js';
+import type { BackgroundScan } from './background-scan.js';
 import type { BatchCommitter } from './commit.js';
 import { LatencyHistogram } from './latency.js';
 import { type RunObserver, unobserved } from './observer.js';
@@ -224,6 +225,7 @@ export class EmbedRun {
     let claimedToSend = 0;
     let scanning: string | undefined;
     let scanEnded: Promise<void> | undefined;
+    let scan: BackgroundScan<ReconcileCounts> | undefined;
     try {
       const ready = { db, config, scope, log, dbRetry, going: () => !this.#stopSignal };
       const noteScan = (scan: ReconcileCounts) => {
@@ -312,7 +314,7 @@ export class EmbedRun {
       // The scan beside the run: the run claims what its chunks have queued
       // while it queues the rest. Once it ends, the plan is what this run
       // has claimed to send plus what no one holds.
-      const scan = scanning
+      scan = scanning
         ? scanBeside(ready, scanning, pending, async (sofar) => {
             if (watch) return;
             planned = plan(pending + sofar.enqueued);
@@ -326,7 +328,9 @@ export class EmbedRun {
         if (watch) return;
         try {
           const left = await dbRetry('count the queue', () => pendingCount(db, scope.targetId));
-          planned = plan(claimedToSend + left);
+          // What the scan claimed for the run and has not handed over yet is
+          // in neither figure.
+          planned = plan(claimedToSend + (scan?.held ?? 0) + left);
           showPlan();
           await dbRetry('record the plan', () => setPlanned(db, runId, planned, census.blank));
         } catch (caught) {
@@ -359,6 +363,8 @@ export class EmbedRun {
           await sleep(Math.min(1000, config.leaseMs / 4), this.#abort.signal);
         },
       });
+      // The reader takes nothing more: the scan's chunks from here queue unclaimed.
+      scan?.close();
       if (result.error) throw result.error;
       await scanEnded;
       if (scan?.error) throw scan.error;
@@ -368,6 +374,8 @@ export class EmbedRun {
       // A scan beside a run that failed goes on to its end, so the next run
       // trusts the queue and costs O(changes); after a stop it ends at its
       // next chunk. Either way nothing of it runs once the run has ended.
+      // Its claims not taken go back with the run's, below.
+      scan?.close();
       await scanEnded;
       clearInterval(progress);
       clearInterval(heartbeat);

@@ -53,6 +53,17 @@ export function makeRun(
   return { run, reports };
 }
 
+/**
+ * The default model's target, made as if its first run had scanned already:
+ * the capture triggers then queue what is seeded after, and a run claims it
+ * from the queue (a model's first run takes what its own scan claims for
+ * it instead: ScanHandoff).
+ */
+export async function backfilledTarget(db: Kysely<DB>): Promise<void> {
+  await sql`insert into embedding_targets (provider, model, backfilled_at)
+            values ('openai', 'text-embedding-3-small', now())`.execute(db);
+}
+
 /** Messages with ids 1..n, or [id, content] pairs. */
 export async function seedMessages(db: Kysely<DB>, contents: Array<string | [number, string]>) {
   await upsertMessages(

@@ -6,6 +6,7 @@ import type { RateGateClock, RateGateOptions } from '../../src/worker/rate-gate.
 import { backends } from '../support/db.js';
 import { deferred } from '../support/deferred.js';
 import {
+  backfilledTarget,
   makeRun,
   sampleTexts,
   seedMessages,
@@ -130,6 +131,8 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
   it.skipIf(backend === 'pglite')(
     'sends the next batch while earlier ones commit, holding at most 2 × concurrency + 1 batches',
     async () => {
+      // Claimed from the queue, a batch at a time, by the reader alone.
+      await backfilledTarget(fx.database.db);
       await seedMessages(fx.database.db, sampleTexts(20));
       // Every batch's commit is held as its statement answers (it has
       // committed at the server; the run has not heard) until released.
@@ -169,6 +172,8 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
   ])(
     'reads ahead one batch for every 4 send slots, at most 8: at %i slots, %i',
     async (slots, ahead) => {
+      // Claimed from the queue by the reader alone, so claims count its batches.
+      await backfilledTarget(fx.database.db);
       await seedMessages(fx.database.db, sampleTexts(slots + ahead + 10));
       // Every request is held at the server: all slots sent, and the reader fills its room.
       const held = fx.fake.hold(() => true);

@@ -9,6 +9,7 @@ import type { FlagValues } from '../../src/config.js';
 import { parseVector } from '../../src/db/vector.js';
 import { backends } from '../support/db.js';
 import {
+  backfilledTarget,
   makeRun as makeRunWith,
   sampleTexts,
   seedMessages,
@@ -103,6 +104,8 @@ describe.each(backends())('the embed run on %s', (backend) => {
   });
 
   it('gives back and embeds the rows of a claim whose answer was lost with the connection', async () => {
+    // Queued by the triggers, claimed from the queue (not by a first scan).
+    await backfilledTarget(fx.database.db);
     await seed(texts(12));
     const lose = loseFirstClaimAnswer();
     const outcome = await makeRunWith(
