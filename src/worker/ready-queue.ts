@@ -108,7 +108,10 @@ export function scanBeside(
         deps,
         why,
         async (counts) => {
-          const queued = pendingBefore + counts.enqueued;
+          // What the run took as the scan found it is settled since, or
+          // soon will be. Counted as queued, ANALYZE ran at every chunk
+          // once a first run had passed 10,000 messages.
+          const queued = pendingBefore + counts.enqueued - (handoff?.claimed ?? 0);
           if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, queued))) {
             log.info({ queued }, 'analyzed the queue: its statistics were behind what it holds');
           }

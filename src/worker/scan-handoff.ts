@@ -18,8 +18,14 @@ export class ScanHandoff implements ClaimSink {
   #next = 0;
   #open = true;
   #roomAgain: (() => void) | undefined;
+  #claimed = 0;
 
   constructor(readonly highWater: number) {}
+
+  /** Messages the scan has claimed for the run so far, taken or not. */
+  get claimed(): number {
+    return this.#claimed;
+  }
 
   /** Messages held, not yet taken. */
   get held(): number {
@@ -31,6 +37,7 @@ export class ScanHandoff implements ClaimSink {
   }
 
   put(claimed: ClaimedMessage[]): void {
+    this.#claimed += claimed.length;
     // Claimed after the reader stopped: the run gives its claims back as it ends.
     if (!this.#open || claimed.length === 0) return;
     this.#held = this.#held.slice(this.#next).concat(claimed);
