@@ -31,6 +31,8 @@ export interface QueueFiller {
  */
 export class BackgroundScan<T> implements QueueFiller {
   #running = true;
+  /** The page the reader last asked for. */
+  #asked = 1;
   #error: Error | undefined;
   #chunk!: () => void;
   #next: Promise<void>;
@@ -67,9 +69,11 @@ export class BackgroundScan<T> implements QueueFiller {
   }
 
   nextChunk(): Promise<void> {
-    // A scan holding claims waits for the reader to take them (ScanHandoff):
-    // a reader waiting for its next chunk would wait for ever.
-    if (!this.#running || this.held > 0) return Promise.resolve();
+    // A scan holding a page for the reader may be waiting for it to take
+    // some (ScanHandoff): a reader waiting for its next chunk would wait for
+    // ever. It holds less than a page only while it goes on: it waits for
+    // room only above half its room, which is two rounds of the send slots.
+    if (!this.#running || this.held >= this.#asked) return Promise.resolve();
     return this.#next;
   }
 
@@ -77,7 +81,14 @@ export class BackgroundScan<T> implements QueueFiller {
     return this.handoff?.held ?? 0;
   }
 
+  /**
+   * While the scan runs, a full page or none: the tail of a chunk that
+   * wanted fewer (a first chunk of 8 for batches of 7) went out as a batch
+   * of its own.
+   */
   take(limit: number): ClaimedMessage[] {
+    this.#asked = limit;
+    if (this.#running && this.held < limit) return [];
     return this.handoff?.take(limit) ?? [];
   }
 

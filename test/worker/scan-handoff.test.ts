@@ -17,26 +17,36 @@ const range = (from: number, to: number) =>
   Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
 describe('ScanHandoff', () => {
-  it('hands over in id order, limits the next chunk to its room, and wakes the scan once half is taken', async () => {
-    const handoff = new ScanHandoff(10);
-    expect(handoff.room()).toBe(10);
-    handoff.put(claimed(...range(1, 8)));
+  it('hands over in id order, ramps up and limits the next chunk to its room, and wakes the scan once half is taken', async () => {
+    const handoff = new ScanHandoff(16);
+    // The first chunk: an eighth of the room.
     expect(handoff.room()).toBe(2);
+    handoff.put(claimed(1, 2));
+    // Each next may claim twice what all before it did, within the room.
+    expect(handoff.room()).toBe(2);
+    handoff.put(claimed(3, 4));
+    expect(handoff.room()).toBe(4);
+    handoff.put(claimed(...range(5, 8)));
+    expect(handoff.room()).toBe(8);
+    handoff.put(claimed(...range(9, 16)));
+    expect(handoff.room()).toBe(0);
+    expect(handoff.claimed).toBe(16);
     let woken = false;
     const again = handoff.roomAgain().then(() => {
       woken = true;
     });
-    expect(handoff.take(2).map((m) => m.id)).toEqual(['1', '2']);
+    expect(handoff.take(7).map((m) => m.id)).toEqual(range(1, 7).map(String));
     await Promise.resolve();
-    // Six held: more than half of 10.
+    // Nine held: more than half of 16.
     expect(woken).toBe(false);
-    expect(handoff.take(1).map((m) => m.id)).toEqual(['3']);
+    expect(handoff.take(1).map((m) => m.id)).toEqual(['8']);
     await again;
     expect(woken).toBe(true);
-    expect(handoff.held).toBe(5);
+    expect(handoff.held).toBe(8);
+    expect(handoff.room()).toBe(8);
     // What comes next follows what is held.
-    handoff.put(claimed(9, 10));
-    expect(handoff.take(100).map((m) => m.id)).toEqual(['4', '5', '6', '7', '8', '9', '10']);
+    handoff.put(claimed(17, 18));
+    expect(handoff.take(100).map((m) => m.id)).toEqual(range(9, 18).map(String));
     expect(handoff.take(5)).toEqual([]);
     // Nothing to wait for with half of it free.
     await handoff.roomAgain();
