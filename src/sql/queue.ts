@@ -19,7 +19,8 @@ export interface ClaimScope {
    * The database is one session (PGlite, in this process or served over its
    * socket; Database.oneSession): no transaction commits while one of this
    * run's statements runs. A claim then takes no row locks and reads the
-   * messages in its own statement (RunDeps.oneSession).
+   * messages in its own statement (RunDeps.oneSession), and a one-shot
+   * run's scan claims for it as it queues (ClaimSink).
    */
   oneSession: boolean;
 }
@@ -224,7 +225,7 @@ async function claimAndRead(
  * queue rows' versions, as they are now: in a statement of its own, after
  * the claim's, so that the text and the version agree (see claimAndRead).
  */
-export async function readClaims(
+async function readClaims(
   db: Db,
   scope: ClaimScope,
   claims: ReadonlyArray<{ id: string; force: boolean }>,

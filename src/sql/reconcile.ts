@@ -1,13 +1,7 @@
 import { type Kysely, type QueryResult, type RawBuilder, sql } from 'kysely';
 import type { DB } from '../db/schema.js';
 import { sourceRelation } from '../db/source.js';
-import {
-  type ClaimedMessage,
-  type ClaimScope,
-  claimedFromRead,
-  type ReadClaim,
-  readClaims,
-} from './queue.js';
+import { type ClaimedMessage, type ClaimScope, claimedFromRead, type ReadClaim } from './queue.js';
 
 export interface ReconcileCounts {
   /** Messages read. */
@@ -47,6 +41,14 @@ export interface ReconcileOptions {
  * the scan's chunks (BENCHMARKS.md, "ninth pass"). A row already queued
  * (by a trigger, an earlier scan, or another worker's scan) is left as it
  * is, for the queue's claims.
+ *
+ * Only where the database is one session (ClaimScope.oneSession): nothing
+ * commits while the chunk runs, so what it read is current when it claims.
+ * On a server another worker may embed a message after the chunk's
+ * snapshot and before its claim; trusted, the chunk's read made 3 workers
+ * sharing 6,000 messages send some twice. Read again after the claim (as a
+ * claim reads), the handoff measured no gain there: 16 in flight as before,
+ * and short messages 0.35–0.54 of the write path against 0.47–0.48.
  */
 export interface ClaimSink {
   /** How many messages the run takes now: the next chunk reads at most that many ids; 0 queues it unclaimed. */
@@ -141,6 +143,9 @@ export async function reconcile(
   // model's first run, few on a rerun. A claiming chunk reads about as many
   // ids as fill the run's room, never more than the sizer's.
   let wantedShare = 1;
+  if (options.claims && !scope.oneSession) {
+    throw new Error('a scan claims for its run only where the database is one session');
+  }
   for (;;) {
     const room = options.claims?.room() ?? 0;
     const claiming = room > 0;
@@ -234,18 +239,14 @@ export async function reconcile(
         (select count(*)::int from judged where non_blank and not current and skipped) as "skippedBefore",
         (select count(*)::int from orphans) as "orphansDeleted")
       ${
-        !claiming
-          ? sql`select * from counts`
-          : // The counts on every row, and on one row of nulls when none was claimed.
-            scope.oneSession
-            ? sql`select n.*, e.message_id::text as id, e.version, true as exists, k.content,
-                    k.non_blank as "nonBlank", null as "embeddedSha256"
-                  from counts n left join (enqueued e join chunk k on k.id = e.message_id)
-                    on e.claimed_by = ${scope.runId}
-                  order by e.message_id`
-            : sql`select n.*, e.message_id::text as id
-                  from counts n left join enqueued e on e.claimed_by = ${scope.runId}
-                  order by e.message_id`
+        claiming
+          ? // The counts on every row, and on one row of nulls when none was claimed.
+            sql`select n.*, e.message_id::text as id, e.version, true as exists, k.content,
+                  k.non_blank as "nonBlank", null as "embeddedSha256"
+                from counts n left join (enqueued e join chunk k on k.id = e.message_id)
+                  on e.claimed_by = ${scope.runId}
+                order by e.message_id`
+          : sql`select * from counts`
       }`;
     // JIT off: on stale statistics the estimate passes jit_above_cost, and
     // compiling took ~9 of the 29 s EXPLAIN ANALYZE spent over 1 M messages,
@@ -258,20 +259,14 @@ export async function reconcile(
       });
     sizer?.took(performance.now() - startedAt, size);
     if (claiming && options.claims) {
-      // Whole reads on one session; ids alone on a server.
-      const rows = result.rows.filter((r): r is ReconcileCounts & ReadClaim => r.id != null);
+      const read = result.rows.filter((r): r is ReconcileCounts & ReadClaim => r.id != null);
       // Wanted because nothing of its content is embedded (force never claims here).
-      const claims = rows.map((r) => ({ id: r.id, force: false }));
-      // One session: nothing committed while the chunk ran, so what it read
-      // is current. On a server another worker may have embedded a message
-      // after the chunk's snapshot and before its claim (its queue row was
-      // gone by then): read again, after the claim, as a claim does. Seen
-      // when the chunk's read was trusted: 3 workers sharing 6,000 messages
-      // sent some of them twice.
       options.claims.put(
-        scope.oneSession
-          ? claimedFromRead(scope, rows, claims)
-          : await readClaims(db, scope, claims),
+        claimedFromRead(
+          scope,
+          read,
+          read.map((r) => ({ id: r.id, force: false })),
+        ),
       );
     }
     const chunk = result.rows[0];

@@ -77,14 +77,15 @@ export async function scanSource(
 
 /**
  * Starts the scan beside the pipeline (BackgroundScan): the run claims what
- * its chunks have queued while it queues the rest. A one-shot run takes what
- * they find as they find it (ScanHandoff), holding at most two rounds of its
- * send slots (2 × `--concurrency` × `--batch-size`, 64 to 5,000 messages),
- * about as many as its batches in flight: a second worker starting beside
- * it finds the rest unclaimed, and the scan reads the source at the pace of
- * the sends. A watcher's scan only queues, so that live changes, claimed oldest first,
- * never wait behind a whole backfill. `pendingBefore`: the rows
- * the queue held before it. After each chunk the queue is analyzed if its
+ * its chunks have queued while it queues the rest. A one-shot run on one
+ * session (PGlite; see ClaimSink) takes what they find as they find it
+ * (ScanHandoff), holding at most two rounds of its send slots
+ * (2 × `--concurrency` × `--batch-size`, 64 to 5,000 messages), about as
+ * many as its batches in flight: a second process starting beside it finds
+ * the rest unclaimed, and the scan reads the source at the pace of the
+ * sends. A watcher's scan only queues, so that live changes, claimed oldest
+ * first, never wait behind a whole backfill. `pendingBefore`: the rows the
+ * queue held before it. After each chunk the queue is analyzed if its
  * statistics have fallen far behind (a first scan of a million messages
  * passes 10,000, 20,000, 40,000 … rows queued: about 7 ANALYZEs), since the
  * claims that run meanwhile are planned on them; `onChunk` hears of each
@@ -96,12 +97,13 @@ export function scanBeside(
   pendingBefore: number,
   onChunk: (counts: ReconcileCounts) => Promise<void>,
 ): BackgroundScan<ReconcileCounts> {
-  const { db, config, log, dbRetry } = deps;
-  const handoff = config.watch
-    ? undefined
-    : new ScanHandoff(
-        Math.min(ChunkSizer.MAX, Math.max(64, 2 * config.concurrency * config.batchSize)),
-      );
+  const { db, config, scope, log, dbRetry } = deps;
+  const handoff =
+    config.watch || !scope.oneSession
+      ? undefined
+      : new ScanHandoff(
+          Math.min(ChunkSizer.MAX, Math.max(64, 2 * config.concurrency * config.batchSize)),
+        );
   return new BackgroundScan(
     (chunkDone) =>
       scanSource(

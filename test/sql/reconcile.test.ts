@@ -209,60 +209,78 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
     expect(await f.backfilled(scope.targetId)).toBe(true);
   });
 
-  it("claims what it queues for the run beside it, within the run's room, and hands it over as read", async () => {
-    const scope = await seed();
-    // Queued already (by a trigger, say): left for the queue's claims.
-    await sql`insert into embedding_queue (target_id, message_id)
+  it.runIf(backend === 'postgres')(
+    'refuses to claim for a run where the database is not one session',
+    async () => {
+      const scope = await seed();
+      await expect(
+        reconcile(f.db, scope, {
+          force: false,
+          retrySkipped: false,
+          claims: { room: () => 10, put: () => {} },
+        }),
+      ).rejects.toThrow('a scan claims for its run only where the database is one session');
+    },
+  );
+
+  // One session: PGlite (ClaimSink).
+  it.runIf(backend === 'pglite')(
+    "claims what it queues for the run beside it, within the run's room, and hands it over as read",
+    async () => {
+      const scope = await seed();
+      // Queued already (by a trigger, say): left for the queue's claims.
+      await sql`insert into embedding_queue (target_id, message_id)
               values (${scope.targetId}, 10)`.execute(f.db);
-    const handed: ClaimedMessage[] = [];
-    const sizes: number[] = [];
-    const counts = await reconcile(f.db, scope, {
-      force: false,
-      retrySkipped: false,
-      chunkSize: 3,
-      // Room for one message a chunk; from the fifth chunk none (the run
-      // has stopped taking): queued unclaimed.
-      claims: { room: () => (sizes.length < 4 ? 1 : 0), put: (c) => handed.push(...c) },
-      onChunk: (totals) => {
-        sizes.push(totals.scanned);
-        return true;
-      },
-    });
-    // A chunk reads about the ids that fill the room at the last chunk's
-    // share wanted: [10] (wanted), [20] (blank, none), then 3 ids at most.
-    expect(sizes).toEqual([1, 2, 5, 8, 10]);
-    expect(counts).toMatchObject({ scanned: 10, enqueued: 5, blank: 2, upToDate: 2 });
-    expect(handed.map((m) => m.id)).toEqual(['40', '60']);
-    expect(handed[0]).toEqual({
-      id: '40',
-      version: expect.any(String),
-      exists: true,
-      content: 'forty',
-      sha256Hex: sha256('forty').toString('hex'),
-      nonBlank: true,
-      current: false,
-      force: false,
-    });
-    const { rows } = await sql<{ id: string; claimed: boolean; version: string }>`
+      const handed: ClaimedMessage[] = [];
+      const sizes: number[] = [];
+      const counts = await reconcile(f.db, scope, {
+        force: false,
+        retrySkipped: false,
+        chunkSize: 3,
+        // Room for one message a chunk; from the fifth chunk none (the run
+        // has stopped taking): queued unclaimed.
+        claims: { room: () => (sizes.length < 4 ? 1 : 0), put: (c) => handed.push(...c) },
+        onChunk: (totals) => {
+          sizes.push(totals.scanned);
+          return true;
+        },
+      });
+      // A chunk reads about the ids that fill the room at the last chunk's
+      // share wanted: [10] (wanted), [20] (blank, none), then 3 ids at most.
+      expect(sizes).toEqual([1, 2, 5, 8, 10]);
+      expect(counts).toMatchObject({ scanned: 10, enqueued: 5, blank: 2, upToDate: 2 });
+      expect(handed.map((m) => m.id)).toEqual(['40', '60']);
+      expect(handed[0]).toEqual({
+        id: '40',
+        version: expect.any(String),
+        exists: true,
+        content: 'forty',
+        sha256Hex: sha256('forty').toString('hex'),
+        nonBlank: true,
+        current: false,
+        force: false,
+      });
+      const { rows } = await sql<{ id: string; claimed: boolean; version: string }>`
       select message_id::text as id, claimed_by = ${scope.runId} as claimed, xmin::text as version
       from embedding_queue where target_id = ${scope.targetId} order by message_id`.execute(f.db);
-    // 80 is past the room of its chunk (60 filled it); 100 came once there was none.
-    expect(rows.map((r) => [r.id, r.claimed])).toEqual([
-      ['10', null],
-      ['40', true],
-      ['60', true],
-      ['80', null],
-      ['100', null],
-    ]);
-    expect(handed.map((m) => m.version)).toEqual([rows[1]?.version, rows[2]?.version]);
-    // The fence takes the versions the scan read.
-    const settled = await settle(f.db, scope, {
-      unchanged: ['40', '60'],
-      versions: versionsOf(handed),
-    });
-    expect(settled.ids).toEqual(new Set(['40', '60']));
-    expect(await f.queue(scope.targetId)).toEqual(queued('10', '80', '100'));
-  });
+      // 80 is past the room of its chunk (60 filled it); 100 came once there was none.
+      expect(rows.map((r) => [r.id, r.claimed])).toEqual([
+        ['10', null],
+        ['40', true],
+        ['60', true],
+        ['80', null],
+        ['100', null],
+      ]);
+      expect(handed.map((m) => m.version)).toEqual([rows[1]?.version, rows[2]?.version]);
+      // The fence takes the versions the scan read.
+      const settled = await settle(f.db, scope, {
+        unchanged: ['40', '60'],
+        versions: versionsOf(handed),
+      });
+      expect(settled.ids).toEqual(new Set(['40', '60']));
+      expect(await f.queue(scope.targetId)).toEqual(queued('10', '80', '100'));
+    },
+  );
 
   it('stops when told to after a chunk, leaving the target to scan again', async () => {
     const scope = await seed();
