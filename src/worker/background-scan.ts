@@ -10,7 +10,7 @@ export interface QueueFiller {
   readonly error: Error | undefined;
   /**
    * Resolves when the scan has committed its next chunk, or has ended; at
-   * once while it holds claims for the run (they may have come while the
+   * once while it holds a page for the run (it may have come while the
    * reader claimed from the queue).
    */
   nextChunk(): Promise<void>;
