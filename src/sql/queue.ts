@@ -217,32 +217,19 @@ async function claimAndRead(
   const { rows: claimed } = await sql<Claimed>`${claim}
     select message_id::text as id, force from claimed
     order by message_id`.execute(db);
-  return readClaims(db, scope, claimed);
-}
-
-/**
- * Reads messages this run has claimed (`claims`, in id order), with their
- * queue rows' versions, as they are now: in a statement of its own, after
- * the claim's, so that the text and the version agree (see claimAndRead).
- */
-async function readClaims(
-  db: Db,
-  scope: ClaimScope,
-  claims: ReadonlyArray<{ id: string; force: boolean }>,
-): Promise<ClaimedMessage[]> {
-  if (claims.length === 0) return [];
+  if (claimed.length === 0) return [];
   // A row gone since (its message deleted) has no version: '0' matches none.
   const { rows: read } = await sql<ReadClaim>`
     select c.id::text as id, coalesce(q.xmin::text, '0') as version,
       ${readColumns(scope, sql`c.id`)}
     from unnest(${idArray(
       scope,
-      claims.map((c) => c.id),
+      claimed.map((c) => c.id),
     )}) as c(id)
     left join embedding_queue q on q.target_id = ${scope.targetId} and q.message_id = c.id
     left join ${sourceRelation(scope.source)} m on m.id = c.id
     order by c.id`.execute(db);
-  return claimedFromRead(scope, read, claims);
+  return claimedFromRead(scope, read, claimed);
 }
 
 /**

@@ -242,7 +242,10 @@ export async function reconcile(
         claiming
           ? // The counts on every row, and on one row of nulls when none was claimed.
             sql`select n.*, e.message_id::text as id, e.version, true as exists, k.content,
-                  k.non_blank as "nonBlank", null as "embeddedSha256"
+                  k.non_blank as "nonBlank", null as "embeddedSha256",
+                  -- Wanted because nothing of its content is embedded: a
+                  -- forced scan never claims (it runs before the claims).
+                  false as force
                 from counts n left join (enqueued e join chunk k on k.id = e.message_id)
                   on e.claimed_by = ${scope.runId}
                 order by e.message_id`
@@ -259,15 +262,10 @@ export async function reconcile(
       });
     sizer?.took(performance.now() - startedAt, size);
     if (claiming && options.claims) {
-      const read = result.rows.filter((r): r is ReconcileCounts & ReadClaim => r.id != null);
-      // Wanted because nothing of its content is embedded (force never claims here).
-      options.claims.put(
-        claimedFromRead(
-          scope,
-          read,
-          read.map((r) => ({ id: r.id, force: false })),
-        ),
+      const read = result.rows.filter(
+        (r): r is ReconcileCounts & ReadClaim & { force: boolean } => r.id != null,
       );
+      options.claims.put(claimedFromRead(scope, read, read));
     }
     const chunk = result.rows[0];
     if (chunk) {
