@@ -2,6 +2,7 @@
  * npm run bench [-- --only startup,overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
  * npm run bench -- --only latency [--latency-concurrency 1,4,16,64]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
+ * npm run bench -- --only short --profile-dir DIR  (the short run under node --cpu-prof)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
  * SpamAssassin corpus, prints a table and writes bench/results/<time>.json.
@@ -44,6 +45,8 @@ const { values } = parseArgs({
     'sync-rates': { type: 'string', default: '200,1000' },
     'sync-messages': { type: 'string', default: '1000000' },
     'sync-stale-reconcile': { type: 'string', default: 'true' },
+    // --only short: profile the run's worker (every thread) into DIR.
+    'profile-dir': { type: 'string' },
   },
 });
 const only = new Set(values.only.split(','));
@@ -195,7 +198,10 @@ async function shortMessagesScenario(backend: Backend) {
   const target = await template.copy();
   try {
     log(`${backend}: short messages, defaults`);
-    const run = await runWorker(target.url, fake.url, []);
+    const profileDir = values['profile-dir'];
+    const run = await runWorker(target.url, fake.url, [], {
+      nodeFlags: profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, backend)}`] : [],
+    });
     const commit = run.finished.commit as { p50_ms: number; p99_ms: number; max_ms: number };
     const write = await writeLimit(target.url, count, [64, 500]);
     const ratio = run.messagesPerSecond / write.rowsPerSecond;
