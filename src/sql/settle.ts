@@ -117,17 +117,26 @@ export async function settleBatch(
       : sql`false`;
   const target = sql`provider = ${scope.provider} and model = ${scope.model}`;
   const parts: Array<[string, RawBuilder<unknown>]> = [];
+  // The run's own rows, tested on each row and never looked up by index:
+  // `claimed_by = run` drew the planner to the `claimed_by` index, whose
+  // entries of rows settled since the last vacuum it walks whole. PGlite
+  // never vacuums, so a 64-message commit walked every row of the run so
+  // far, 20,020 entries 0.4 ms twice by the 20,000th message, growing
+  // without end. `message_id = any(ids)` probes the primary key for the
+  // batch's own rows alone.
+  const heldByRun = sql`q.target_id = ${scope.targetId}
+    and q.claimed_by is not distinct from ${scope.runId}`;
   parts.push([
     'settled',
-    // `message_id = any(ids)` probes the batch's own rows; joined on h
-    // alone, the planner hashed every row the run held.
+    // Each row's version is matched as one text in a hashed array: joined
+    // to an unnest of (id, version), PGlite planned a nested loop that
+    // unnested and cast the batch's arrays again for each of its rows, 4.9
+    // of a 64-message commit's 6.3 ms (BENCHMARKS.md, "tenth pass").
     sql`delete from embedding_queue q
-      using unnest(${ids(handled)}, ${handled.map((id) => work.versions[id] ?? '0')}::text[]::xid[])
-        as h(id, version)
-      where ${waitAtMost} not ${recorded}
-        and q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+      where ${waitAtMost} not ${recorded} and ${heldByRun}
         and q.message_id = any(${ids(handled)})
-        and q.message_id = h.id and q.xmin = h.version
+        and q.message_id::text || '@' || q.xmin::text
+          = any(${handled.map((id) => `${id}@${work.versions[id] ?? '0'}`)}::text[])
       returning q.message_id as id`,
   ]);
   const vectors = options.vectors(work.embedded);
@@ -179,8 +188,7 @@ export async function settleBatch(
     parts.push([
       'returned',
       sql`update embedding_queue q set claimed_by = null, claimed_at = null
-        where ${waitAtMost} not ${recorded}
-          and q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+        where ${waitAtMost} not ${recorded} and ${heldByRun}
           and q.message_id = any(${ids([...handled, ...work.released])})
           and (q.message_id = any(${ids(work.released)})
                or q.message_id not in (select id from settled))
@@ -196,8 +204,7 @@ export async function settleBatch(
           attempts = q.attempts + 1, last_error = ${work.deferredError ?? 'retries exhausted'},
           not_before = now() + least(power(2, least(q.attempts, 9)) * interval '1 second',
                                      interval '5 minutes')
-        where ${waitAtMost} not ${recorded}
-          and q.target_id = ${scope.targetId} and q.claimed_by = ${scope.runId}
+        where ${waitAtMost} not ${recorded} and ${heldByRun}
           and q.message_id = any(${ids(work.deferred)})
         returning 1`,
     ]);

@@ -1,4 +1,4 @@
-import { sql } from 'kysely';
+import { type KyselyPlugin, type RawNode, sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
@@ -253,6 +253,55 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
         expect(rows).toEqual([{ claimed_by: null }]);
       },
     );
+    it("finds the batch's rows by primary key, never by the run's claimed_by entries, which grow with each row it settles", async () => {
+      const scope = await f.scope(SMALL);
+      // A queue filled unclaimed and analyzed so (the planner believes no
+      // row is claimed), then claimed whole by the run, which has settled
+      // all but the last 64: PGlite never vacuums, so the claimed_by index
+      // still holds an entry for each of the 3,000 rows.
+      await sql`insert into embedding_queue (target_id, message_id)
+                select ${scope.targetId}, g from generate_series(1, 3000) g`.execute(db());
+      await sql`analyze embedding_queue`.execute(db());
+      await sql`update embedding_queue set claimed_by = ${scope.runId}, claimed_at = now()`.execute(
+        db(),
+      );
+      await sql`delete from embedding_queue where message_id <= 2936`.execute(db());
+      const versions = Object.fromEntries(
+        (
+          await sql<{ id: string; version: string }>`
+            select message_id::text as id, xmin::text as version from embedding_queue`.execute(db())
+        ).rows.map((r) => [r.id, r.version]),
+      );
+      const ids = Object.keys(versions);
+      const work = { versions, unchanged: ids.slice(0, 60), deferred: ids.slice(60, 62) };
+      // The statement explained, not run: "explain " put before its text.
+      const plans: string[] = [];
+      const explain: KyselyPlugin = {
+        transformQuery: ({ node }) => {
+          if (node.kind !== 'RawNode') return node;
+          const [first = '', ...rest] = (node as RawNode).sqlFragments;
+          return { ...node, sqlFragments: [`explain ${first}`, ...rest] } as RawNode;
+        },
+        transformResult: async ({ result }) => {
+          plans.push(result.rows.map((r) => String(Object.values(r)[0])).join('\n'));
+          return { rows: [] };
+        },
+      };
+      await settle(db().withPlugin(explain), scope, work, { batch: batchOf(scope.runId) });
+      expect(plans).toHaveLength(1);
+      expect(plans[0]).toContain('embedding_queue_pkey');
+      expect(plans[0]).not.toContain('embedding_queue_claimed_by');
+
+      // And it settles: 60 gone from the queue, 2 deferred, 2 still held.
+      const settled = await settle(db(), scope, work, { batch: batchOf(scope.runId) });
+      expect(settled.ids.size).toBe(60);
+      expect(Object.values(await f.holders(scope.targetId))).toEqual([
+        '',
+        '',
+        scope.runId,
+        scope.runId,
+      ]);
+    });
   });
 
   describe('on a server (a lock timeout and a batch already recorded)', () => {

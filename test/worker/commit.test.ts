@@ -17,7 +17,7 @@ describe.each(backends())('where batches commit, on %s', (backend) => {
     async () => {
       await seedMessages(fx.database.db, sampleTexts(12));
       let fences = 0;
-      const counted = queryHook(rawSqlIncludes('and q.xmin = '), async (r) => {
+      const counted = queryHook(rawSqlIncludes("|| '@' || q.xmin"), async (r) => {
         fences++;
         return r;
       });

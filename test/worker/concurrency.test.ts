@@ -139,7 +139,7 @@ describe.each(backends())('concurrent batches on %s', (backend) => {
       let committing = 0;
       const threeHeld = deferred();
       const released = deferred();
-      const hold = queryHook(rawSqlIncludes('and q.xmin = '), async (result) => {
+      const hold = queryHook(rawSqlIncludes("|| '@' || q.xmin"), async (result) => {
         if (++committing === 3) threeHeld.resolve();
         await released.promise;
         return result;
