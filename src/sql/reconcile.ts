@@ -90,6 +90,33 @@ export class ChunkSizer {
 }
 
 /**
+ * A chunk's claims as its statement read them (ids in order). What they
+ * share is not sent on each row: each exists (it was just read), none has
+ * an embedding of its content (it would not have been wanted), and none is
+ * forced (a forced scan runs before the claims, and never claims).
+ */
+function claimedFromScan(
+  scope: ClaimScope,
+  rows: ReadonlyArray<Partial<ReadClaim>>,
+): ClaimedMessage[] {
+  const read = rows.map(
+    (r): ReadClaim => ({
+      id: r.id as string,
+      version: r.version as string,
+      content: r.content ?? null,
+      nonBlank: r.nonBlank === true,
+      exists: true,
+      embeddedSha256: null,
+    }),
+  );
+  return claimedFromRead(
+    scope,
+    read,
+    read.map((r) => ({ id: r.id, force: false })),
+  );
+}
+
+/**
  * The reconciliation scan: walks the source by keyset, enqueueing for the
  * target every message with no embedding of its current content, and
  * deleting embeddings whose message is gone. For sources without triggers
@@ -169,6 +196,12 @@ export async function reconcile(
     const upper = ends[0] && ends[0].n >= size ? ends[0].upper : null;
     const upTo = (column: RawBuilder<unknown>) =>
       upper === null ? sql`true` : sql`${column} <= ${upper}::${idType}`;
+    // Whether `table` holds a row of the target in the chunk's id range (ids
+    // are bigint or uuid: no collation, so the range is the chunk's in every table).
+    const anyIn = (table: RawBuilder<unknown>) =>
+      sql`exists (select 1 from ${table} x
+        where x.provider = ${scope.provider} and x.model = ${scope.model}
+          and ${afterId(sql`x.message_id`)} and ${upTo(sql`x.message_id`)})`;
     // The first `room` wanted ids are claimed; any past them (the share
     // guessed low) are queued for the run's claims from the queue.
     const mine = sql`w.n <= ${room}`;
@@ -189,20 +222,29 @@ export async function reconcile(
         from ${source} m where ${afterId(sql`m.id`)} and ${upTo(sql`m.id`)}),
       -- offset 0 keeps each EXISTS a correlated primary-key probe: on stale
       -- statistics ("29 rows") Postgres hashed the whole model's embeddings
-      -- per chunk instead, 2.8 s a chunk, 515 s over 1 M messages.
+      -- per chunk instead, 2.8 s a chunk, 515 s over 1 M messages. Each kind
+      -- is first probed once over the chunk's id range: where the target has
+      -- none there (a model's first scan, which runs ahead of its commits),
+      -- no message needs its own three probes.
       judged as materialized (
         select c.id, c.non_blank,
-          exists (select 1 from message_embeddings e
-                  where e.provider = ${scope.provider} and e.model = ${scope.model}
-                    and e.message_id = c.id
-                    and e.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0) as current,
-          exists (select 1 from message_embeddings e
-                  where e.provider = ${scope.provider} and e.model = ${scope.model}
-                    and e.message_id = c.id offset 0) as embedded,
-          exists (select 1 from embedding_skips s
-                  where s.provider = ${scope.provider} and s.model = ${scope.model}
-                    and s.message_id = c.id
-                    and s.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0) as skipped
+          case when (select ${anyIn(sql`message_embeddings`)}) then
+            exists (select 1 from message_embeddings e
+                    where e.provider = ${scope.provider} and e.model = ${scope.model}
+                      and e.message_id = c.id
+                      and e.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0)
+          else false end as current,
+          case when (select ${anyIn(sql`message_embeddings`)}) then
+            exists (select 1 from message_embeddings e
+                    where e.provider = ${scope.provider} and e.model = ${scope.model}
+                      and e.message_id = c.id offset 0)
+          else false end as embedded,
+          case when (select ${anyIn(sql`embedding_skips`)}) then
+            exists (select 1 from embedding_skips s
+                    where s.provider = ${scope.provider} and s.model = ${scope.model}
+                      and s.message_id = c.id
+                      and s.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0)
+          else false end as skipped
         from chunk c),
       wanted as (
         select j.id from judged j
@@ -240,15 +282,23 @@ export async function reconcile(
         (select count(*)::int from orphans) as "orphansDeleted")
       ${
         claiming
-          ? // The counts on every row, and on one row of nulls when none was claimed.
-            sql`select n.*, e.message_id::text as id, e.version, true as exists, k.content,
-                  k.non_blank as "nonBlank", null as "embeddedSha256",
-                  -- Wanted because nothing of its content is embedded: a
-                  -- forced scan never claims (it runs before the claims).
-                  false as force
-                from counts n left join (enqueued e join chunk k on k.id = e.message_id)
-                  on e.claimed_by = ${scope.runId}
-                order by e.message_id`
+          ? // The counts on a first row of their own, then each message
+            // claimed as it was read: the counts and the constants on every
+            // row made 13 columns that PGlite's thread parsed and posted for
+            // each message (BENCHMARKS.md, "tenth pass"); what every claimed
+            // row shares is set in claimedFromScan.
+            sql`select u.scanned, u.enqueued, u.blank, u."upToDate", u."skippedBefore",
+                  u."orphansDeleted", u.id, u.version, u.content, u."nonBlank"
+                from (
+                  select n.*, null::${idType} as at, null::text as id, null::text as version,
+                    null::text as content, null::bool as "nonBlank"
+                  from counts n
+                  union all
+                  select null, null, null, null, null, null, e.message_id, e.message_id::text,
+                    e.version, k.content, k.non_blank
+                  from enqueued e join chunk k on k.id = e.message_id
+                  where e.claimed_by = ${scope.runId}) u
+                order by u.at nulls first`
           : sql`select * from counts`
       }`;
     // JIT off: on stale statistics the estimate passes jit_above_cost, and
@@ -261,12 +311,8 @@ export async function reconcile(
         return judge.execute(trx);
       });
     sizer?.took(performance.now() - startedAt, size);
-    if (claiming && options.claims) {
-      const read = result.rows.filter(
-        (r): r is ReconcileCounts & ReadClaim & { force: boolean } => r.id != null,
-      );
-      options.claims.put(claimedFromRead(scope, read, read));
-    }
+    if (claiming && options.claims)
+      options.claims.put(claimedFromScan(scope, result.rows.slice(1)));
     const chunk = result.rows[0];
     if (chunk) {
       if (chunk.scanned > 0) wantedShare = chunk.enqueued / chunk.scanned;
