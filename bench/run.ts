@@ -2,7 +2,7 @@
  * npm run bench [-- --only startup,overhead,short,latency,rate,fleet,memory,peer] [--backends pglite,postgres]
  * npm run bench -- --only latency [--latency-concurrency 1,4,16,64]
  * npm run bench -- --only sync [--sync-parts size,latency,triggers,rerun]  (see bench/sync.ts)
- * npm run bench -- --only short --profile-dir DIR  (the short run under node --cpu-prof)
+ * npm run bench -- --only short,latency --profile-dir DIR  (their workers under node --cpu-prof)
  *
  * Measures pgembed against the local OpenAI-compatible test server on the
  * SpamAssassin corpus, prints a table and writes bench/results/<time>.json.
@@ -45,7 +45,7 @@ const { values } = parseArgs({
     'sync-rates': { type: 'string', default: '200,1000' },
     'sync-messages': { type: 'string', default: '1000000' },
     'sync-stale-reconcile': { type: 'string', default: 'true' },
-    // --only short: profile the run's worker (every thread) into DIR.
+    // --only short, latency: profile each run's worker (every thread) into DIR/<scenario>.
     'profile-dir': { type: 'string' },
   },
 });
@@ -69,6 +69,11 @@ const results: Record<string, unknown> = {
 const table: string[][] = [['scenario', 'backend', 'figure', 'value', 'reference']];
 const row = (...cells: Array<string | number>) => table.push(cells.map(String));
 const fmt = (x: number, digits = 1) => x.toFixed(digits);
+// node --cpu-prof for a scenario's worker, when --profile-dir asks.
+const profiled = (scenario: string): string[] =>
+  values['profile-dir']
+    ? ['--cpu-prof', `--cpu-prof-dir=${join(values['profile-dir'], scenario)}`]
+    : [];
 
 mkdirSync('bench/results', { recursive: true });
 const file = `bench/results/bench-${(results.date as string).replace(/[:.]/g, '-')}.json`;
@@ -198,9 +203,8 @@ async function shortMessagesScenario(backend: Backend) {
   const target = await template.copy();
   try {
     log(`${backend}: short messages, defaults`);
-    const profileDir = values['profile-dir'];
     const run = await runWorker(target.url, fake.url, [], {
-      nodeFlags: profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, backend)}`] : [],
+      nodeFlags: profiled(`short-${backend}`),
     });
     const commit = run.finished.commit as { p50_ms: number; p99_ms: number; max_ms: number };
     const write = await writeLimit(target.url, count, [64, 500]);
@@ -361,14 +365,12 @@ async function latency(backend: Backend, template: Template) {
     try {
       log(`${backend}: latency 200 ms, --concurrency ${concurrency}, ${limit} messages`);
       const slots = slotProfile(fake, concurrency);
-      const run = await runWorker(target.url, fake.url, [
-        '--limit',
-        String(limit),
-        '--batch-size',
-        '8',
-        '--concurrency',
-        String(concurrency),
-      ]);
+      const run = await runWorker(
+        target.url,
+        fake.url,
+        ['--limit', String(limit), '--batch-size', '8', '--concurrency', String(concurrency)],
+        { nodeFlags: profiled(`latency-${concurrency}-${backend}`) },
+      );
       const busy = slots.stop();
       const ideal = (concurrency * 8) / 0.2;
       const share = run.messagesPerSecond / ideal;
