@@ -3,7 +3,13 @@ import type { EmbeddingWriter } from '../db/embedding-writer.js';
 import type { DB } from '../db/schema.js';
 import type { BatchRecord, EmbeddedRow } from '../sql/batches.js';
 import type { ClaimScope } from '../sql/queue.js';
-import { handledIds, type Settlement, settleBatch } from '../sql/settle.js';
+import {
+  handledIds,
+  type Settled,
+  type Settlement,
+  type SettleOptions,
+  settleBatch,
+} from '../sql/settle.js';
 
 /**
  * How a run commits its batches, chosen once per backend
@@ -78,26 +84,67 @@ export async function commitBatch(
   batch: BatchRecord | undefined,
   work: Settlement,
 ): Promise<Committed | undefined> {
-  const { scope, writer } = to;
-  // Over a connection the statement gives way to an application's locks
-  // after 200 ms (see settleBatch), and finds a batch already recorded. In
-  // PGlite's own thread no lock is ever waited for, and no answer lost.
-  const options = {
-    vectors: (rows: EmbeddedRow[]) => writer.inSettle(scope, rows),
-    ...(to.overConnection ? { lockTimeout: '200ms' } : {}),
-  };
-  const after = writer.afterSettle;
+  const { scope } = to;
+  const options = settleOptions(to);
+  const after = to.writer.afterSettle;
   const result = after
     ? await to.db.transaction().execute(async (trx) => {
         const done = await settleBatch(trx, scope, batch, work, options);
-        await after(
-          trx,
-          scope,
-          work.embedded.filter((e) => done.ids.has(e.messageId)),
-        );
+        await after(trx, scope, settledVectors(work, done));
         return done;
       })
     : await settleBatch(to.db, scope, batch, work, options);
+  return committedOf(work, result);
+}
+
+/**
+ * Batches of one run committed in one transaction: each batch's statement,
+ * then one COPY of every vector they settled. For a writer whose vectors
+ * follow the statement (PGlite's COPY): there a batch's transaction spent
+ * ~0.7 ms on its begin and commit and ~0.7 ms on its COPY's own start,
+ * whatever its size, while commits waited for the one session behind each
+ * other (BENCHMARKS.md, "tenth pass"). All or none: the caller commits
+ * each alone after a failure, so a batch never fails for another's sake.
+ */
+export async function commitTogether(
+  to: CommitTarget,
+  batches: ReadonlyArray<{ batch: BatchRecord | undefined; work: Settlement }>,
+): Promise<Array<Committed | undefined>> {
+  const after = to.writer.afterSettle;
+  if (!after) throw new Error('commitTogether needs a writer whose vectors follow the statement');
+  const { scope } = to;
+  const options = settleOptions(to);
+  const results = await to.db.transaction().execute(async (trx) => {
+    const done: Settled[] = [];
+    for (const { batch, work } of batches)
+      done.push(await settleBatch(trx, scope, batch, work, options));
+    await after(
+      trx,
+      scope,
+      batches.flatMap(({ work }, i) => settledVectors(work, done[i] as Settled)),
+    );
+    return done;
+  });
+  return results.map((result, i) => committedOf((batches[i] as { work: Settlement }).work, result));
+}
+
+function settleOptions(to: CommitTarget): SettleOptions {
+  // Over a connection the statement gives way to an application's locks
+  // after 200 ms (see settleBatch), and finds a batch already recorded. In
+  // PGlite's own thread no lock is ever waited for, and no answer lost.
+  return {
+    vectors: (rows: EmbeddedRow[]) => to.writer.inSettle(to.scope, rows),
+    ...(to.overConnection ? { lockTimeout: '200ms' } : {}),
+  };
+}
+
+/** The vectors of the messages the statement settled: the only ones written. */
+function settledVectors(work: Settlement, done: Settled): EmbeddedRow[] {
+  return work.embedded.filter((e) => done.ids.has(e.messageId));
+}
+
+/** What a batch's statement did, counted; undefined when it was recorded before. */
+function committedOf(work: Settlement, result: Settled): Committed | undefined {
   if (result.recorded) return undefined;
   const settled = result.ids;
   const embedded = work.embedded.filter((e) => settled.has(e.messageId));
