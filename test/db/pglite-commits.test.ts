@@ -13,8 +13,8 @@ import type { DB } from '../../src/db/schema.js';
 import { vectorSend } from '../../src/db/vector.js';
 import type { BatchRecord } from '../../src/sql/batches.js';
 import { type ClaimScope, ensureTarget } from '../../src/sql/queue.js';
-import type { Settlement } from '../../src/sql/settle.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
+import { settlement } from '../support/queue-fixture.js';
 
 /*
  * The engine's commits, in this thread: three commits asked for in one turn
@@ -73,7 +73,7 @@ describe("PGlite's thread: commits that wait go together", () => {
     const { rows } = await sql<{ id: string; version: string }>`
       select message_id::text as id, xmin::text as version from embedding_queue
       where message_id = any(${ids}::bigint[])`.execute(db);
-    const work: Settlement = {
+    const work = settlement({
       versions: Object.fromEntries(rows.map((r) => [r.id, r.version])),
       embedded: (twice ? [ids[0] ?? '', ...ids] : ids).map((id) => ({
         messageId: id,
@@ -82,13 +82,7 @@ describe("PGlite's thread: commits that wait go together", () => {
         inputTokens: 2,
         truncated: false,
       })),
-      skipped: [],
-      gone: [],
-      blank: [],
-      unchanged: [],
-      deferred: [],
-      released: [],
-    };
+    });
     const record: BatchRecord = {
       runId: scope.runId,
       provider: 'openai',

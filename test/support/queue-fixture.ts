@@ -86,6 +86,21 @@ export const versionsOf = (claimed: ClaimedMessage[]) =>
 export const range = (from: number, to: number) =>
   Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
+/** What a batch did: `work`, and nothing else. */
+export function settlement(work: Partial<Settlement>): Settlement {
+  return {
+    versions: {},
+    embedded: [],
+    skipped: [],
+    gone: [],
+    blank: [],
+    unchanged: [],
+    deferred: [],
+    released: [],
+    ...work,
+  };
+}
+
 /** A batch's commit statement with no vectors to write; `work` says the rest. */
 export async function settle(
   db: Kysely<DB>,
@@ -94,23 +109,10 @@ export async function settle(
   options: { lockTimeout?: string; batch?: Parameters<typeof settleBatch>[2] } = {},
 ): Promise<Settled> {
   const { lockTimeout, batch } = options;
-  return settleBatch(
-    db,
-    scope,
-    batch,
-    {
-      versions: {},
-      embedded: [],
-      skipped: [],
-      gone: [],
-      blank: [],
-      unchanged: [],
-      deferred: [],
-      released: [],
-      ...work,
-    },
-    { vectors: () => undefined, ...(lockTimeout ? { lockTimeout } : {}) },
-  );
+  return settleBatch(db, scope, batch, settlement(work), {
+    vectors: () => undefined,
+    ...(lockTimeout ? { lockTimeout } : {}),
+  });
 }
 
 /** A target row made directly, without ensureTarget's lock and scan bookkeeping. */
