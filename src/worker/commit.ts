@@ -84,17 +84,8 @@ export async function commitBatch(
   batch: BatchRecord | undefined,
   work: Settlement,
 ): Promise<Committed | undefined> {
-  const { scope } = to;
-  const options = settleOptions(to);
-  const after = to.writer.afterSettle;
-  const result = after
-    ? await to.db.transaction().execute(async (trx) => {
-        const done = await settleBatch(trx, scope, batch, work, options);
-        await after(trx, scope, settledVectors(work, done));
-        return done;
-      })
-    : await settleBatch(to.db, scope, batch, work, options);
-  return committedOf(work, result);
+  if (to.writer.afterSettle) return (await commitTogether(to, [{ batch, work }]))[0];
+  return committedOf(work, await settleBatch(to.db, to.scope, batch, work, settleOptions(to)));
 }
 
 /**
