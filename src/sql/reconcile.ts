@@ -301,13 +301,22 @@ export async function reconcile(
                 order by u.at nulls first`
           : sql`select * from counts`
       }`;
-    // JIT off: on stale statistics the estimate passes jit_above_cost, and
-    // compiling took ~9 of the 29 s EXPLAIN ANALYZE spent over 1 M messages,
-    // for a statement that runs in ~0.1 s. Set for this statement alone.
+    // Set for this statement alone. JIT off: on stale statistics the
+    // estimate passes jit_above_cost, and compiling took ~9 of the 29 s
+    // EXPLAIN ANALYZE spent over 1 M messages, for a statement that runs in
+    // ~0.1 s. Sequential scans off: right after a bulk load of the source,
+    // before its first ANALYZE, PostgreSQL 15 put 76,013 of 500,000 messages
+    // in a chunk's range of 5,000 and read each chunk by a scan of the whole
+    // table, 51-62 of a chunk's 132-136 ms (BENCHMARKS.md, "tenth pass").
+    // Every read here has an index to take; a source without one on its id
+    // still gets its scan, as the setting only prices it out where another
+    // path exists.
     const result: QueryResult<ReconcileCounts & Partial<ReadClaim>> = await db
       .transaction()
       .execute(async (trx) => {
-        await sql`set local jit = off`.execute(trx);
+        await sql`select set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true)`.execute(
+          trx,
+        );
         return judge.execute(trx);
       });
     sizer?.took(performance.now() - startedAt, size);

@@ -1,4 +1,4 @@
-import { type Kysely, sql } from 'kysely';
+import { type Kysely, type KyselyPlugin, type RawNode, sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
@@ -289,6 +289,37 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
     expect(await f.queue(scope.targetId)).toEqual(queued('10'));
     expect(await f.embeddings()).toContain('small:1000');
     expect(await f.backfilled(scope.targetId)).toBe(false);
+  });
+
+  it("reads a chunk's messages by the source's index on statistics never gathered, as right after a bulk load", async () => {
+    await sql`insert into messages (id, content)
+              select g, 'message ' || g from generate_series(1, 50000) g`.execute(f.db);
+    const scope = await f.scope(SMALL);
+    // The chunk's statement explained, not run; its counts made up, and the scan stopped.
+    const plans: string[] = [];
+    const explain: KyselyPlugin = {
+      transformQuery: ({ node }) => {
+        const [first = '', ...rest] = node.kind === 'RawNode' ? (node as RawNode).sqlFragments : [];
+        if (!first.includes('Neither test')) return node;
+        return { ...node, sqlFragments: [`explain ${first}`, ...rest] } as RawNode;
+      },
+      transformResult: async ({ result }) => {
+        const lines = result.rows.map((r) => String(Object.values(r)[0]));
+        if (!lines[0]?.includes('cost=')) return result;
+        plans.push(lines.join('\n'));
+        const counts = { scanned: 0, enqueued: 0, blank: 0, upToDate: 0, skippedBefore: 0 };
+        return { rows: [{ ...counts, orphansDeleted: 0 }] };
+      },
+    };
+    await reconcile(f.db.withPlugin(explain), scope, {
+      force: false,
+      retrySkipped: false,
+      chunkSize: 1000,
+      onChunk: () => false,
+    });
+    expect(plans).toHaveLength(1);
+    expect(plans[0]).toMatch(/Index Scan (using|on) messages_pkey/);
+    expect(plans[0]).not.toMatch(/Seq Scan on messages/);
   });
 
   it('scans a source with uuid ids', async () => {
