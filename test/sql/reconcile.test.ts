@@ -1,4 +1,4 @@
-import { type Kysely, type KyselyPlugin, type RawNode, sql } from 'kysely';
+import { type Kysely, sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
@@ -8,6 +8,7 @@ import type { DB } from '../../src/db/schema.js';
 import { type ClaimedMessage, type ClaimScope, claimBatch } from '../../src/sql/queue.js';
 import { ChunkSizer, type ReconcileCounts, reconcile } from '../../src/sql/reconcile.js';
 import { backends, createTestDatabase } from '../support/db.js';
+import { explainInstead, rawSqlIncludes } from '../support/query-hook.js';
 import {
   LARGE,
   OTHER,
@@ -296,21 +297,10 @@ describe.each(backends())('the reconciliation scan on %s', (backend) => {
               select g, 'message ' || g from generate_series(1, 50000) g`.execute(f.db);
     const scope = await f.scope(SMALL);
     // The chunk's statement explained, not run; its counts made up, and the scan stopped.
-    const plans: string[] = [];
-    const explain: KyselyPlugin = {
-      transformQuery: ({ node }) => {
-        const [first = '', ...rest] = node.kind === 'RawNode' ? (node as RawNode).sqlFragments : [];
-        if (!first.includes('Neither test')) return node;
-        return { ...node, sqlFragments: [`explain ${first}`, ...rest] } as RawNode;
-      },
-      transformResult: async ({ result }) => {
-        const lines = result.rows.map((r) => String(Object.values(r)[0]));
-        if (!lines[0]?.includes('cost=')) return result;
-        plans.push(lines.join('\n'));
-        const counts = { scanned: 0, enqueued: 0, blank: 0, upToDate: 0, skippedBefore: 0 };
-        return { rows: [{ ...counts, orphansDeleted: 0 }] };
-      },
-    };
+    const counts = { scanned: 0, enqueued: 0, blank: 0, upToDate: 0, skippedBefore: 0 };
+    const { plugin: explain, plans } = explainInstead(rawSqlIncludes('Neither test'), [
+      { ...counts, orphansDeleted: 0 },
+    ]);
     await reconcile(f.db.withPlugin(explain), scope, {
       force: false,
       retrySkipped: false,

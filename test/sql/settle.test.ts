@@ -1,4 +1,4 @@
-import { type KyselyPlugin, type RawNode, sql } from 'kysely';
+import { sql } from 'kysely';
 import { beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/db/connect.js';
 import { readEmbeddingColumnType } from '../../src/db/embedding-column.js';
@@ -7,7 +7,7 @@ import { claimBatch, queueState } from '../../src/sql/queue.js';
 import { commitBatch } from '../../src/worker/commit.js';
 import { backends, openMigrated } from '../support/db.js';
 import { fakeEmbedding } from '../support/fake-openai.js';
-import { queryHook, rawSqlIncludes } from '../support/query-hook.js';
+import { explainInstead, queryHook, rawSqlIncludes } from '../support/query-hook.js';
 import {
   OTHER,
   type QueueFixture,
@@ -274,19 +274,8 @@ describe.each(backends())("a batch's commit statement on %s", (backend) => {
       );
       const ids = Object.keys(versions);
       const work = { versions, unchanged: ids.slice(0, 60), deferred: ids.slice(60, 62) };
-      // The statement explained, not run: "explain " put before its text.
-      const plans: string[] = [];
-      const explain: KyselyPlugin = {
-        transformQuery: ({ node }) => {
-          if (node.kind !== 'RawNode') return node;
-          const [first = '', ...rest] = (node as RawNode).sqlFragments;
-          return { ...node, sqlFragments: [`explain ${first}`, ...rest] } as RawNode;
-        },
-        transformResult: async ({ result }) => {
-          plans.push(result.rows.map((r) => String(Object.values(r)[0])).join('\n'));
-          return { rows: [] };
-        },
-      };
+      // The statement explained, not run.
+      const { plugin: explain, plans } = explainInstead(rawSqlIncludes("|| '@' || q.xmin"), []);
       await settle(db().withPlugin(explain), scope, work, { batch: batchOf(scope.runId) });
       expect(plans).toHaveLength(1);
       expect(plans[0]).toContain('embedding_queue_pkey');

@@ -41,3 +41,30 @@ function rawText(node: OperationNode): string {
   const raw = node as RawNode;
   return raw.sqlFragments.join('') + raw.parameters.map(rawText).join('');
 }
+
+/**
+ * A Kysely plugin that explains, instead of running, each raw statement
+ * `matches` picks ("explain " put before its text), keeps the plan in
+ * `plans`, and answers the caller with `standIn` rows.
+ */
+export function explainInstead(
+  matches: (node: RootOperationNode) => boolean,
+  standIn: UnknownRow[],
+): { plugin: KyselyPlugin; plans: string[] } {
+  const plans: string[] = [];
+  const picked = new WeakSet<object>();
+  const plugin: KyselyPlugin = {
+    transformQuery(args) {
+      if (args.node.kind !== 'RawNode' || !matches(args.node)) return args.node;
+      picked.add(args.queryId);
+      const [first = '', ...rest] = (args.node as RawNode).sqlFragments;
+      return { ...args.node, sqlFragments: [`explain ${first}`, ...rest] } as RawNode;
+    },
+    async transformResult(args) {
+      if (!picked.has(args.queryId)) return args.result;
+      plans.push(args.result.rows.map((r) => String(Object.values(r)[0])).join('\n'));
+      return { rows: standIn };
+    },
+  };
+  return { plugin, plans };
+}
