@@ -223,23 +223,26 @@ export async function reconcile(
       -- offset 0 keeps each EXISTS a correlated primary-key probe: on stale
       -- statistics ("29 rows") Postgres hashed the whole model's embeddings
       -- per chunk instead, 2.8 s a chunk, 515 s over 1 M messages. Each kind
-      -- is first probed once over the chunk's id range: where the target has
-      -- none there (a model's first scan, which runs ahead of its commits),
+      -- is first probed once over the chunk's id range (present): where the
+      -- target has none there (a model's first scan, which runs ahead of its commits),
       -- no message needs its own three probes.
+      present as materialized (
+        select ${anyIn(sql`message_embeddings`)} as embeddings,
+          ${anyIn(sql`embedding_skips`)} as skips),
       judged as materialized (
         select c.id, c.non_blank,
-          case when (select ${anyIn(sql`message_embeddings`)}) then
+          case when (select embeddings from present) then
             exists (select 1 from message_embeddings e
                     where e.provider = ${scope.provider} and e.model = ${scope.model}
                       and e.message_id = c.id
                       and e.content_sha256 = sha256(convert_to(c.content, 'UTF8')) offset 0)
           else false end as current,
-          case when (select ${anyIn(sql`message_embeddings`)}) then
+          case when (select embeddings from present) then
             exists (select 1 from message_embeddings e
                     where e.provider = ${scope.provider} and e.model = ${scope.model}
                       and e.message_id = c.id offset 0)
           else false end as embedded,
-          case when (select ${anyIn(sql`embedding_skips`)}) then
+          case when (select skips from present) then
             exists (select 1 from embedding_skips s
                     where s.provider = ${scope.provider} and s.model = ${scope.model}
                       and s.message_id = c.id
