@@ -1,4 +1,5 @@
 import type { PGlite } from '@electric-sql/pglite';
+import { PreparedStatements } from './pglite-prepared.js';
 import type { PGliteSession } from './pglite-session.js';
 
 /** What a statement gave back: its rows, and how many rows it changed. */
@@ -50,11 +51,16 @@ interface EngineFiles {
 
 /** The engine in this thread: statements go straight to PGlite. */
 export function localEngine(pglite: PGlite, session: PGliteSession): PGliteEngine {
+  const prepared = new PreparedStatements(pglite);
+  session.onReset(() => prepared.forget());
   return {
     async acquire() {
       const release = await session.acquire();
       return {
         async query<R>(sql: string, parameters: readonly unknown[]) {
+          // A statement with parameters is one a caller repeats (see
+          // pglite-prepared.ts); the rest (begin, commit, DDL) run as text.
+          if (parameters.length > 0) return prepared.query<R>(sql, parameters);
           const result = await pglite.query<R>(sql, parameters as unknown[]);
           return { rows: result.rows, affectedRows: result.affectedRows };
         },

@@ -22,6 +22,7 @@ export class PGliteSession {
   #lastClient: number | undefined;
 
   readonly #onClientTurn = new Set<() => void>();
+  readonly #onReset = new Set<() => void>();
 
   constructor(private readonly reset: () => Promise<void>) {}
 
@@ -34,6 +35,14 @@ export class PGliteSession {
   onClientTurn(listener: () => void): () => void {
     this.#onClientTurn.add(listener);
     return () => this.#onClientTurn.delete(listener);
+  }
+
+  /**
+   * Calls `listener` after each reset: what the session held for anyone
+   * (prepared statements) is gone.
+   */
+  onReset(listener: () => void): void {
+    this.#onReset.add(listener);
   }
 
   /** Callers queued behind the holder: for tests that act once a caller is known to wait. */
@@ -54,6 +63,7 @@ export class PGliteSession {
     if (this.#lastClient !== undefined && this.#lastClient !== owner) {
       this.#lastClient = undefined;
       await this.reset().catch(() => {});
+      for (const listener of this.#onReset) listener();
     }
     if (owner !== 'holder') this.#lastClient = owner;
     let released = false;
