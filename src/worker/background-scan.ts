@@ -18,6 +18,11 @@ export interface QueueFiller {
   take(limit: number): ClaimedMessage[];
   /** Messages the scan has claimed for the run and not yet handed over. */
   readonly held: number;
+  /**
+   * The reader takes nothing more: the scan's chunks from here queue
+   * unclaimed, while the batches still in flight finish. Safe to call twice.
+   */
+  close(): void;
 }
 
 /**
@@ -93,7 +98,7 @@ export class BackgroundScan<T> implements QueueFiller {
   }
 
   /**
-   * The pipeline has ended: the scan goes on to its end (or stops at its
+   * The reader has stopped: the scan goes on to its end (or stops at its
    * next chunk, if told to), queueing unclaimed. Safe to call twice.
    */
   close(): void {

@@ -347,6 +347,12 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       // Half-open: the trial batch alone, and its verdict before the next.
       if (trial) await task;
     }
+    // Not once the batches in flight are done: a scan waiting for the reader
+    // to take what it holds would wait for them too. A first run with
+    // --limit 3,840 of 6,046 emails on PGlite ended ~80 ms after its last
+    // commit, the scan's last chunks queueing the rest only then
+    // (BENCHMARKS.md, "eleventh pass").
+    ctx.filler?.close();
     await Promise.all(inFlight);
   } finally {
     await Promise.allSettled(inFlight);

@@ -363,8 +363,6 @@ export class EmbedRun {
           await sleep(Math.min(1000, config.leaseMs / 4), this.#abort.signal);
         },
       });
-      // The reader takes nothing more: the scan's chunks from here queue unclaimed.
-      scan?.close();
       if (result.error) throw result.error;
       await scanEnded;
       if (scan?.error) throw scan.error;

@@ -99,6 +99,46 @@ describe.each(backends())('a model first run on %s', (backend) => {
     },
   );
 
+  it.runIf(backend === 'pglite')(
+    'with --limit, the scan queues the rest of the source while the last batches are still in flight',
+    async () => {
+      // On PGlite the scan claims for the run, up to its room (64 here), and
+      // waits while it holds more than half of that: a reader that stopped at
+      // --limit must let it go on, not only once its batches are answered.
+      const total = 300;
+      await seedMessages(fx.database.db, sampleTexts(total));
+      const db = fx.database.db;
+      const held = fx.fake.hold();
+      const finished = makeRun(fx.ctx(), { limit: '8', concurrency: '2' }).run.run();
+      try {
+        // Both batches of 4 are at the server, unanswered.
+        await fx.fake.until((stats) => stats.held === 2);
+        // Counted, not timed: the scan reaches the last message and the
+        // target is backfilled while they are held. Before, the scan waited
+        // for the reader until the run's batches were done: not met.
+        await waitFor(async () => {
+          const { rows } = await sql<{ done: boolean }>`
+            select backfilled_at is not null as done from embedding_targets`.execute(db);
+          return rows[0]?.done === true;
+        }, 30_000);
+        expect(await count('embedding_queue')).toBe(total);
+        expect(await count('message_embeddings')).toBe(0);
+      } finally {
+        held.release();
+      }
+      const outcome = await finished;
+      expect(outcome.exitCode).toBe(0);
+      expect(outcome.summary.embedded).toBe(8);
+      expect(await count('message_embeddings')).toBe(8);
+      // The rest waits for the next run, claimed by no one.
+      const { rows } = await sql<{ n: number; claimed: number }>`
+        select count(*)::int as n, count(claimed_by)::int as claimed from embedding_queue`.execute(
+        db,
+      );
+      expect(rows[0]).toEqual({ n: total - 8, claimed: 0 });
+    },
+  );
+
   it('fails the run with the scan error, keeps what was committed, and the next run completes it', async () => {
     await seedMessages(fx.database.db, sampleTexts(n));
     const db = fx.database.db;
