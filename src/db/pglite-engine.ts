@@ -58,11 +58,7 @@ export function localEngine(pglite: PGlite, session: PGliteSession): PGliteEngin
       const release = await session.acquire();
       return {
         async query<R>(sql: string, parameters: readonly unknown[]) {
-          // A statement with parameters is one a caller repeats (see
-          // pglite-prepared.ts); the rest (begin, commit, DDL) run as text.
-          if (parameters.length > 0) return prepared.query<R>(sql, parameters);
-          const result = await pglite.query<R>(sql, parameters as unknown[]);
-          return { rows: result.rows, affectedRows: result.affectedRows };
+          return prepared.query<R>(sql, parameters);
         },
         release,
       };
@@ -72,7 +68,7 @@ export function localEngine(pglite: PGlite, session: PGliteSession): PGliteEngin
       // canOwn: the file is `data` itself, not a copy; it is gone after the COPY.
       files.writeFile(COPY_FILE, data, { canOwn: true });
       try {
-        await pglite.query(`copy ${into} from '${COPY_FILE}' with (format binary)`);
+        await prepared.query(`copy ${into} from '${COPY_FILE}' with (format binary)`, []);
       } finally {
         files.unlink(COPY_FILE);
       }

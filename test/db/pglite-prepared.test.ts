@@ -91,10 +91,14 @@ describe("PGlite's engine: statements prepared once", () => {
       hit: false,
       n: '2',
     });
+    // Without parameters: unnamed, in one call, answered the same.
+    const bare = 'select id, b, tags, j from t order by id';
+    expect(await run(bare)).toEqual((await pglite.query(bare)).rows);
     const connection = await engine.acquire();
     try {
       const update = await connection.query('update t set v = $1 where id >= $2', ['w', 0]);
       expect(update.affectedRows).toBe(2);
+      expect((await connection.query('delete from t', [])).affectedRows).toBe(2);
     } finally {
       connection.release();
     }
@@ -116,6 +120,7 @@ describe("PGlite's engine: statements prepared once", () => {
       await connection.query('rollback', []);
       // Not a statement of the session's: a syntax error prepares nothing.
       await expect(connection.query('selec $1', [1])).rejects.toMatchObject({ code: '42601' });
+      await expect(connection.query('select 1 / 0', [])).rejects.toMatchObject({ code: '22012' });
     } finally {
       connection.release();
     }
