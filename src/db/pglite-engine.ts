@@ -49,7 +49,10 @@ interface EngineFiles {
   unlink(path: string): void;
 }
 
-/** The engine in this thread: statements go straight to PGlite, those with parameters prepared once. */
+/**
+ * The engine in this thread: statements go straight to PGlite, those with
+ * parameters prepared once (pglite-prepared.ts).
+ */
 export function localEngine(pglite: PGlite, session: PGliteSession): PGliteEngine {
   const prepared = new PreparedStatements(pglite);
   session.onReset(() => prepared.forget());

@@ -34,9 +34,9 @@ const KEPT = 64;
  * Statements without parameters (begin, commit, a COPY) run unnamed, as
  * `PGlite.query()` runs every statement. Either way the messages are
  * query()'s (`parse`, `describe`, `bind`, `describe`, `execute`, `sync`),
- * sent in one call each time rather than one call each, in the same
- * exclusive turn of the engine, with the same parameters' serializers and
- * the same results' parsers, so a statement's answer is the same. Not its `syncToFs()` after a
+ * sent in one call rather than a call each, in the same exclusive turn of
+ * the engine, with the same parameters' serializers and the same results'
+ * parsers, so a statement's answer is the same. Not its `syncToFs()` after a
  * statement: a no-op on the file systems Node has (NodeFS, MemoryFS); only a
  * browser's IndexedDB needs it.
  *

@@ -44,11 +44,11 @@ describe("PGlite's engine: statements prepared once", () => {
     await pglite?.close();
   });
   beforeEach(async () => {
-    await pglite.exec(`deallocate all;
-      drop table if exists t;
+    await pglite.exec(`drop table if exists t;
       create table t (id bigint primary key, v text, b bytea, tags text[], j jsonb)`);
-    // Each test starts with nothing prepared; the cache learns it by a reset.
-    await (await session.acquire(1))();
+    // Each test starts with nothing prepared: a served client's turn, then
+    // the holder's, resets the session, and the cache learns of it.
+    (await session.acquire(1))();
     (await session.acquire())();
   });
 
