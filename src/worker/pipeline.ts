@@ -349,9 +349,9 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
     }
     // Not once the batches in flight are done: a scan waiting for the reader
     // to take what it holds would wait for them too. A first run with
-    // --limit 3,840 of 6,046 emails on PGlite ended ~80 ms after its last
-    // commit, the scan's last chunks queueing the rest only then
-    // (BENCHMARKS.md, "eleventh pass").
+    // --limit 3,840 of 6,046 emails on PGlite ended 100-170 ms after its
+    // last commit, the scan's last chunks queueing the rest only then;
+    // 42-86 ms now (BENCHMARKS.md, "eleventh pass").
     ctx.filler?.close();
     await Promise.all(inFlight);
   } finally {
