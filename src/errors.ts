@@ -111,6 +111,11 @@ export class InvalidResponseError extends PgembedError {
   }
 }
 
+/** The thread that counts tokens failed or stopped (tokens.ts): nothing can be sent unmeasured. */
+export class TokenCountError extends PgembedError {
+  readonly code = 'TOKEN_COUNT';
+}
+
 /** Strict mode met an input it cannot embed; the message names it and the way out. */
 export class StrictModeError extends PgembedError {
   readonly code = 'STRICT_SKIP';

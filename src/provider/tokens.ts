@@ -1,64 +1,95 @@
-import { createRequire } from 'node:module';
-
-type Cl100k = typeof import('gpt-tokenizer/encoding/cl100k_base');
-let cl100kLoaded: Cl100k | undefined;
-
-/**
- * cl100k, loaded on the first count: its ranks cost ~0.1 s and ~40 MB to
- * load, and a run whose inputs are all within the limit in bytes (or that
- * has nothing to do) counts nothing (src/worker/batch.ts). Synchronous, so
- * counting stays a plain call: the package's CommonJS build, through require.
- */
-function cl100k(): Cl100k {
-  cl100kLoaded ??= createRequire(import.meta.url)('gpt-tokenizer/encoding/cl100k_base') as Cl100k;
-  return cl100kLoaded;
-}
-
-// Text like '<|endoftext|>' in an email is ordinary text to the embeddings API;
-// gpt-tokenizer throws on it by default.
-const PLAIN_TEXT = { disallowedSpecial: new Set<string>() };
+import type { Worker } from 'node:worker_threads';
+import { TokenCountError } from '../errors.js';
+import { startSiblingThread } from '../thread.js';
+import type { CountAnswer, CountRequest } from './token-thread.js';
 
 /**
- * Token counts with cl100k, the encoding of every OpenAI embedding model.
- * For other models it is an estimate: the provider's own 400 is still handled.
- */
-export function tokenCount(text: string): number {
-  return cl100k().countTokens(text, PLAIN_TEXT);
-}
-
-function fits(text: string, maxTokens: number): boolean {
-  return cl100k().isWithinTokenLimit(text, maxTokens, PLAIN_TEXT) !== false;
-}
-
-/**
- * The longest prefix of `text` (in whole code points) that is at most
- * `maxTokens` tokens, for --truncate.
+ * cl100k counts, made on a thread of their own (token-thread.ts). On the
+ * main thread, loading cl100k held everything for 80-124 ms: at 16 in flight
+ * on PGlite a run's first four pages waited for it, and so did the scan's
+ * next chunk, whose statements the main thread posts (BENCHMARKS.md,
+ * "twelfth pass"). Counting an email over 8,192 bytes took ~0.8 ms more
+ * of it each. Here the main thread sends, commits and scans meanwhile.
  *
- * Not decode(encode(text).slice(0, n)): a token boundary can fall inside a
- * multi-byte character, and gpt-tokenizer's decode shares one streaming
- * TextDecoder across calls, so the cut bytes turn into U+FFFD here and leak
- * into the next decode of an unrelated text. The result would neither be a
- * prefix nor stay within the limit. Searching on the string side avoids both.
+ * One thread per process, started on the first count: a run whose inputs
+ * are all within the limit in bytes counts nothing and never starts it.
+ * It keeps the process alive only while a count is waiting on it.
  */
-export function truncateToTokens(text: string, maxTokens: number): string {
-  if (maxTokens <= 0) return '';
-  if (fits(text, maxTokens)) return text;
-  // Grow from a typical chars-per-token guess so a huge text is not re-tokenised
-  // in full on every probe; `hi` never fits, `lo` always does.
-  let lo = 0;
-  let hi = Math.min(text.length, maxTokens * 4);
-  while (hi < text.length && fits(text.slice(0, hi), maxTokens)) {
-    lo = hi;
-    hi = Math.min(text.length, hi * 2);
+class CountingThread {
+  readonly #worker: Worker;
+  readonly #pending = new Map<
+    number,
+    { resolve: (answer: CountAnswer) => void; reject: (error: Error) => void }
+  >();
+  #nextId = 0;
+  #broken: Error | undefined;
+
+  constructor() {
+    // Beside this module: `.js` once compiled, `.ts` under tsx in tests.
+    this.#worker = startSiblingThread(import.meta.url, 'token-thread');
+    this.#worker.unref();
+    this.#worker.on('message', (answer: CountAnswer) => {
+      const call = this.#pending.get(answer.id);
+      if (!call) return;
+      this.#pending.delete(answer.id);
+      if (this.#pending.size === 0) this.#worker.unref();
+      if ('error' in answer)
+        call.reject(new TokenCountError(`cannot count tokens: ${answer.error}`));
+      else call.resolve(answer);
+    });
+    this.#worker.on('error', (error) => this.#fail(`cannot count tokens: ${error.message}`));
+    this.#worker.on('exit', (code) =>
+      this.#fail(`the token-counting thread stopped with exit code ${code}`),
+    );
   }
-  while (hi - lo > 1) {
-    const mid = (lo + hi) >>> 1;
-    if (fits(text.slice(0, mid), maxTokens)) lo = mid;
-    else hi = mid;
+
+  /** Stopped or failed: a new thread takes the next count. */
+  get broken(): boolean {
+    return this.#broken !== undefined;
   }
-  // A cut between the halves of a surrogate pair would leave a lone surrogate,
-  // which is sent as U+FFFD.
-  const last = text.charCodeAt(lo - 1);
-  if (lo > 0 && last >= 0xd800 && last <= 0xdbff) lo--;
-  return text.slice(0, lo);
+
+  ask(request: Omit<CountRequest, 'id'>): Promise<CountAnswer> {
+    if (this.#broken) return Promise.reject(this.#broken);
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject });
+      this.#worker.ref();
+      this.#worker.postMessage({ id, ...request } as CountRequest);
+    });
+  }
+
+  #fail(message: string): void {
+    this.#broken ??= new TokenCountError(message);
+    for (const call of this.#pending.values()) call.reject(this.#broken);
+    this.#pending.clear();
+  }
+}
+
+let thread: CountingThread | undefined;
+
+function counting(): CountingThread {
+  if (!thread || thread.broken) thread = new CountingThread();
+  return thread;
+}
+
+/** Each text's cl100k count, in order; none asked, no thread started. */
+export async function countTokens(texts: readonly string[]): Promise<number[]> {
+  if (texts.length === 0) return [];
+  const answer = await counting().ask({ texts: [...texts] });
+  return (answer as { counts: number[] }).counts;
+}
+
+/**
+ * `text` cut to its first `limit` tokens (in whole code points), and the
+ * cut's count: for --truncate (cl100k.ts, truncateWithin).
+ */
+export async function truncateWithin(
+  text: string,
+  limit: number,
+): Promise<{ text: string; tokens: number }> {
+  const answer = (await counting().ask({ truncate: text, limit })) as {
+    text: string;
+    tokens: number;
+  };
+  return { text: answer.text, tokens: answer.tokens };
 }

@@ -6,9 +6,10 @@ import {
   RetriesExhaustedError,
   type SkipReason,
 } from '../errors.js';
+import { tokenCount } from '../provider/cl100k.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { type RetryPolicy, withRetries } from '../provider/retry.js';
-import { tokenCount, truncateToTokens } from '../provider/tokens.js';
+import { countTokens, truncateWithin } from '../provider/tokens.js';
 import type { EligibleMessage } from '../sql/messages.js';
 
 export interface BatchSettings {
@@ -129,26 +130,40 @@ class NotSentError extends Error {
  * input (by the index the server names, else by halving), so its batch-mates
  * are embedded and only the culprit is reported.
  */
-export function prepareBatch(
+export async function prepareBatch(
   messages: EligibleMessage[],
   settings: Pick<BatchSettings, 'maxInputTokens' | 'truncate' | 'countAll'>,
-): PreparedBatch {
+): Promise<PreparedBatch> {
   const prepared: PreparedBatch = { messages, toSend: [], failed: [] };
-  messages.forEach((message, position) => {
+  const limit = settings.maxInputTokens;
+  const inputs: Input[] = messages.map((message, position) => {
     const text = message.content;
-    const bytes = Buffer.byteLength(text, 'utf8');
-    const limit = settings.maxInputTokens;
-    // A text within the limit in bytes is within it in tokens: counting it
-    // could not change the answer. Counting was half of a worker's busy time
-    // on the email corpus (10.7 of 21 s, BENCHMARKS.md), where most emails
-    // are under 8,192 bytes.
-    const mustCount = settings.countAll || (limit !== undefined && bytes > limit);
-    const tokens = mustCount ? tokenCount(text) : undefined;
-    const input = { position, message, text, tokens, bytes, truncated: false };
+    return {
+      position,
+      message,
+      text,
+      tokens: undefined,
+      bytes: Buffer.byteLength(text, 'utf8'),
+      truncated: false,
+    };
+  });
+  // A text within the limit in bytes is within it in tokens: counting it
+  // could not change the answer. Counting was half of a worker's busy time
+  // on the email corpus (10.7 of 21 s, BENCHMARKS.md), where most emails
+  // are under 8,192 bytes.
+  const toCount = inputs.filter(
+    (i) => settings.countAll || (limit !== undefined && i.bytes > limit),
+  );
+  const counts = await countTokens(toCount.map((i) => i.text));
+  toCount.forEach((input, k) => {
+    input.tokens = counts[k];
+  });
+  for (const input of inputs) {
+    const { tokens, position, message } = input;
     if (limit === undefined || tokens === undefined || tokens <= limit) {
       prepared.toSend.push(input);
     } else if (settings.truncate) {
-      prepared.toSend.push(truncated(input, limit));
+      prepared.toSend.push(await truncated(input, limit));
     } else {
       prepared.failed.push({
         position,
@@ -160,7 +175,7 @@ export function prepareBatch(
         status: undefined,
       });
     }
-  });
+  }
   return prepared;
 }
 
@@ -192,7 +207,7 @@ export async function sendBatch(
     sends: 0,
   };
   const preFailed = outcome.failed.length;
-  for (const part of requestParts(prepared.toSend, settings)) {
+  for (const part of await requestParts(prepared.toSend, settings)) {
     await sendIsolating(part, settings, outcome, false, control);
   }
 
@@ -211,10 +226,10 @@ export async function sendBatch(
 }
 
 /** Splits inputs into requests within the per-request input and token caps. */
-export function requestParts(
+export async function requestParts(
   inputs: Input[],
   caps: Pick<BatchSettings, 'maxRequestInputs' | 'maxRequestTokens'>,
-): Input[][] {
+): Promise<Input[][]> {
   const parts: Input[][] = [];
   let part: Input[] = [];
   let tokens = 0;
@@ -222,7 +237,7 @@ export function requestParts(
     // Bytes bound an uncounted input's tokens; where the bound would cut
     // the request short of the cap, its exact count decides instead.
     if (input.tokens === undefined && tokens + input.bytes > caps.maxRequestTokens) {
-      input.tokens = tokenCount(input.text);
+      [input.tokens] = await countTokens([input.text]);
     }
     if (
       part.length > 0 &&
@@ -244,7 +259,11 @@ function upTo(input: { tokens: number | undefined; bytes: number }): number {
   return input.tokens ?? input.bytes;
 }
 
-/** Counted now if it was not before: for what is billed without a reported figure, and failures. */
+/**
+ * Counted now if it was not before, for a failure's detail and what a broken
+ * answer billed: here on the main thread, so a culprit is recorded, and
+ * stops the sends after it, the moment its answer arrives.
+ */
 function counted(input: Input): number {
   return input.tokens ?? tokenCount(input.text);
 }
@@ -255,9 +274,17 @@ function counted(input: Input): number {
  * the request beyond the counted inputs (largest remainder, so the shares
  * add up to the report); else, with no report, counted now.
  */
-export function answeredTokens(inputs: Input[], promptTokens: number | undefined): number[] {
+export async function answeredTokens(
+  inputs: Input[],
+  promptTokens: number | undefined,
+): Promise<number[]> {
   const uncounted = inputs.filter((i) => i.tokens === undefined);
-  if (uncounted.length === 0 || promptTokens === undefined) return inputs.map(counted);
+  if (uncounted.length === 0) return inputs.map((i) => i.tokens as number);
+  if (promptTokens === undefined) {
+    const counts = await countTokens(uncounted.map((i) => i.text));
+    const byInput = new Map(uncounted.map((input, k) => [input, counts[k] as number]));
+    return inputs.map((i) => i.tokens ?? (byInput.get(i) as number));
+  }
   const known = inputs.reduce((sum, i) => sum + (i.tokens ?? 0), 0);
   const share = Math.max(0, promptTokens - known);
   const bytes = uncounted.reduce((sum, i) => sum + i.bytes, 0);
@@ -302,7 +329,7 @@ async function sendIsolating(
       outcome.attempts++;
       return settings.provider.embed(inputs.map((i) => i.text));
     }, settings.retry);
-    const tokens = answeredTokens(inputs, value.promptTokens);
+    const tokens = await answeredTokens(inputs, value.promptTokens);
     settings.onAnswered?.({
       tokens: value.promptTokens ?? tokens.reduce((sum, t) => sum + t, 0),
     });
@@ -344,7 +371,7 @@ async function sendIsolating(
       const limit = error instanceof InputRejectedError ? error.limitTokens : undefined;
       // The server knew a limit we did not: with --truncate, try once more within it.
       if (reason === 'context_length' && settings.truncate && limit && !retriedTruncated) {
-        return sendIsolating([truncated(only, limit)], settings, outcome, true, control);
+        return sendIsolating([await truncated(only, limit)], settings, outcome, true, control);
       }
       failed(failure(only, reason, error));
       return;
@@ -400,15 +427,8 @@ function failure(
   };
 }
 
-/** The input cut to its first `limit` tokens (re-counted: decode/encode can shift a boundary). */
-function truncated(input: Input, limit: number): Input {
-  let keep = limit;
-  let text = truncateToTokens(input.message.content, keep);
-  let tokens = tokenCount(text);
-  while (tokens > limit && keep > 1) {
-    keep -= tokens - limit;
-    text = truncateToTokens(input.message.content, keep);
-    tokens = tokenCount(text);
-  }
+/** The input cut to its first `limit` tokens (on the counting thread). */
+async function truncated(input: Input, limit: number): Promise<Input> {
+  const { text, tokens } = await truncateWithin(input.message.content, limit);
   return { ...input, text, tokens, bytes: Buffer.byteLength(text, 'utf8'), truncated: true };
 }

@@ -3,7 +3,7 @@ import type { EmbedConfig } from '../config.js';
 import type { DB } from '../db/schema.js';
 import { knownModel } from '../provider/models.js';
 import { countMessages, fetchEligiblePage } from '../sql/messages.js';
-import { prepareBatch, requestParts } from './batch.js';
+import { type PreparedBatch, prepareBatch, requestParts } from './batch.js';
 
 export interface DryRunReport {
   provider: string;
@@ -66,8 +66,12 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
     if (page.length === 0) break;
     cursor = page[page.length - 1]?.id ?? cursor;
     report.eligible += page.length;
+    // Counted on the counting thread, a page's batches asked all at once.
+    const batches: Array<Promise<PreparedBatch>> = [];
     for (let i = 0; i < page.length; i += config.batchSize) {
-      const prepared = prepareBatch(page.slice(i, i + config.batchSize), settings);
+      batches.push(prepareBatch(page.slice(i, i + config.batchSize), settings));
+    }
+    for (const prepared of await Promise.all(batches)) {
       for (const failed of prepared.failed) {
         report.overLimit.count++;
         if (report.overLimit.firstIds.length < FIRST_IDS) {
@@ -78,7 +82,7 @@ export async function dryRun(db: Kysely<DB>, config: EmbedConfig): Promise<DryRu
         report.tokens += input.tokens ?? 0;
         if (input.truncated) report.truncated++;
       }
-      report.requests += requestParts(prepared.toSend, config).length;
+      report.requests += (await requestParts(prepared.toSend, config)).length;
     }
   }
 

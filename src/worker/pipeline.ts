@@ -317,13 +317,29 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       const sorted = sortClaimed(page);
       taken += sorted.toEmbed.length;
       ctx.onClaimed(sorted.toEmbed.length);
-      let prepared = prepareBatch(sorted.toEmbed, settings);
-      if (!config.allowPartial && prepared.failed.length > 0) {
-        // Strict mode knows the run ends here: send nothing after the culprit.
-        prepared = cutAtFirstFailure(prepared);
-        lastPage = true;
-      }
       const seq = ++batchNo;
+      // The page's texts longer than the limit in bytes are counted on the
+      // counting thread (tokens.ts), while sends, commits and the scan go on.
+      // Strict mode waits for their counts before it reads the next page: a
+      // text over the limit ends the run there, and nothing after it is
+      // sent. With --allow-partial nothing waits on them, and the pages
+      // after it go out meanwhile.
+      let prepared: PreparedBatch | Promise<PreparedBatch> = prepareBatch(sorted.toEmbed, settings);
+      if (!config.allowPartial) {
+        let ready: PreparedBatch;
+        try {
+          ready = await prepared;
+        } catch (error) {
+          fail(seq, error);
+          break;
+        }
+        if (ready.failed.length > 0) {
+          // The run ends here: send nothing after the culprit.
+          ready = cutAtFirstFailure(ready);
+          lastPage = true;
+        }
+        prepared = ready;
+      }
       const trial = breaker.state === 'half-open';
       let markSent = () => {};
       const sent = new Promise<void>((resolve) => {
@@ -400,7 +416,8 @@ interface BatchJob {
   seq: number;
   /** The send is over (answered, failed, or not made): the reader may claim again. */
   onSent: () => void;
-  prepared: PreparedBatch;
+  /** Its counts may still be coming (--allow-partial). */
+  prepared: PreparedBatch | Promise<PreparedBatch>;
   /** The page's messages that settle without a request. */
   settled: SortedClaims;
   settings: BatchSettings;
@@ -449,7 +466,8 @@ function sendableAfter(failure: RunFailure | undefined, seq: number, inputs: Inp
  * this commit.
  */
 async function processBatch(ctx: PipelineContext, job: BatchJob): Promise<void> {
-  const { seq, prepared, settings, sendSlots, currentFailure, recordFailure, deferrable } = job;
+  const { seq, settings, sendSlots, currentFailure, recordFailure, deferrable } = job;
+  const prepared = await job.prepared;
   const { totals, log, scope } = ctx;
   const { db, config } = ctx.deps;
   const blog = log.child({ batch: seq });

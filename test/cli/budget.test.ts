@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openDatabase } from '../../src/db/connect.js';
-import { tokenCount } from '../../src/provider/tokens.js';
+import { tokenCount } from '../../src/provider/cl100k.js';
 import { runCli, stderrLines } from '../support/cli.js';
 import { backends, createTestDatabase, openMigrated } from '../support/db.js';
 import { sampleTexts, seedMessages } from '../support/embed-run.js';

@@ -5,9 +5,9 @@ import {
   ProviderFatalError,
   ProviderTransientError,
 } from '../../src/errors.js';
+import { tokenCount } from '../../src/provider/cl100k.js';
 import { retryAfterMs } from '../../src/provider/classify.js';
 import { createOpenAIProvider } from '../../src/provider/client.js';
-import { tokenCount } from '../../src/provider/tokens.js';
 import { type ErrorDialect, fakeEmbedding } from '../support/fake-openai.js';
 import { providerFor, rejectionOf, useFakeServer } from './helpers.js';
 

@@ -1,68 +1,68 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { tokenCount, truncateToTokens } from '../../src/provider/tokens.js';
+import { TokenCountError } from '../../src/errors.js';
+import * as mainThread from '../../src/provider/cl100k.js';
+import { countTokens, truncateWithin } from '../../src/provider/tokens.js';
+import { repoRoot } from '../support/cli.js';
 
-describe('tokenCount', () => {
-  // Reference counts from OpenAI's tiktoken for cl100k_base.
-  it.for([
-    { text: '', tokens: 0 },
-    { text: 'hello world', tokens: 2 },
-    { text: 'tiktoken is great!', tokens: 6 },
-    { text: 'antidisestablishmentarianism', tokens: 6 },
-    { text: '2 + 2 = 4', tokens: 7 },
-    { text: 'お誕生日おめでとう', tokens: 9 },
-  ])('counts $text as $tokens cl100k tokens', ({ text, tokens }) => {
-    expect(tokenCount(text)).toBe(tokens);
+const TEXTS = [
+  '',
+  'hello world',
+  'お誕生日おめでとう',
+  'an email quoting <|endoftext|> and <|im_start|>',
+  '😀😀😀😀 héllo 日本語のテキスト🎉🎉 '.repeat(500),
+];
+
+describe('countTokens, on the counting thread', () => {
+  it('counts as cl100k does, in order, whatever the text', async () => {
+    expect(await countTokens(TEXTS)).toEqual(TEXTS.map(mainThread.tokenCount));
+    expect(await countTokens([])).toEqual([]);
   });
 
-  it('counts <|endoftext|> as the plain text the embeddings API sees, without throwing', () => {
-    // As a special token it would be 1; as text it is "<", "|", "endo", "ft", "ext", "|", ">".
-    expect(tokenCount('<|endoftext|>')).toBe(7);
-    expect(tokenCount('an email quoting <|endoftext|> and <|im_start|>')).toBeGreaterThan(10);
+  it('answers calls made together each with its own counts', async () => {
+    const answers = await Promise.all(TEXTS.map((text) => countTokens([text, text])));
+    expect(answers).toEqual(
+      TEXTS.map((text) => [mainThread.tokenCount(text)].flatMap((n) => [n, n])),
+    );
   });
-});
 
-describe('truncateToTokens', () => {
-  const samples = [
-    'The quick brown fox jumps over the lazy dog, again and again, until it tires.',
-    '😀😀😀😀 héllo 日本語のテキスト🎉🎉',
-    '日本語のテキストです。お誕生日おめでとう',
-    'Ünïcödé 🧑‍🤝‍🧑 family <|endoftext|> tail',
-  ];
-
-  it.for(samples)('every cut of %j is a real prefix within the token limit', (text) => {
-    const total = tokenCount(text);
-    for (let n = 1; n < total; n++) {
-      const cut = truncateToTokens(text, n);
-      expect(tokenCount(cut), `n=${n}: ${JSON.stringify(cut)}`).toBeLessThanOrEqual(n);
-      expect(text.startsWith(cut), `n=${n}: ${JSON.stringify(cut)}`).toBe(true);
-      expect(cut).not.toContain('\uFFFD');
-      // Maximal: one more code point would not fit.
-      const next = String.fromCodePoint(text.codePointAt(cut.length)!);
-      expect(tokenCount(cut + next), `n=${n}`).toBeGreaterThan(n);
+  it('cuts a text within a limit as the main thread would', async () => {
+    const text = '日本語のテキストです。お誕生日おめでとう '.repeat(200);
+    for (const limit of [1, 7, 100, 8192]) {
+      expect(await truncateWithin(text, limit)).toEqual(mainThread.truncateWithin(text, limit));
     }
   });
 
-  it('a cut inside a multi-byte character does not garble the next, unrelated truncation', () => {
-    // 😀 is two tokens, so one token ends mid-character.
-    expect(truncateToTokens('😀😀', 1)).toBe('');
-    expect(truncateToTokens('日本語のテキスト', 3)).toBe('日本');
+  it('fails a count it cannot make with a TokenCountError, and counts again after', async () => {
+    const notText = null as unknown as string;
+    await expect(countTokens(['fine', notText])).rejects.toBeInstanceOf(TokenCountError);
+    expect(await countTokens(['hello world'])).toEqual([2]);
   });
 
-  it('returns text already within the limit unchanged', () => {
-    expect(truncateToTokens('hello world', 2)).toBe('hello world');
-    expect(truncateToTokens('hello world', 100)).toBe('hello world');
-    expect(truncateToTokens('', 5)).toBe('');
-  });
-
-  it('a limit of zero leaves nothing', () => {
-    expect(truncateToTokens('hello world', 0)).toBe('');
-  });
-
-  it('cuts a megabyte of text to 8192 tokens', () => {
-    const text = 'lorem ipsum dolor sit amet '.repeat(40_000);
-    const cut = truncateToTokens(text, 8192);
-    expect(tokenCount(cut)).toBeLessThanOrEqual(8192);
-    expect(tokenCount(cut)).toBeGreaterThan(8180);
-    expect(text.startsWith(cut)).toBe(true);
+  it('never loads cl100k on the main thread, and lets the process exit while idle', () => {
+    // A fresh process of the built module: what this one loaded cannot blur it.
+    const built = pathToFileURL(join(repoRoot, 'dist', 'src', 'provider', 'tokens.js')).href;
+    const script = `
+      import { createRequire } from 'node:module';
+      const { countTokens } = await import(${JSON.stringify(built)});
+      const counts = await countTokens(['hello world', 'tiktoken is great!']);
+      const loaded = Object.keys(createRequire(import.meta.url).cache)
+        .filter((file) => file.includes('gpt-tokenizer'));
+      console.log(JSON.stringify({ counts, loaded }));`;
+    const dir = mkdtempSync(join(tmpdir(), 'pgembed-tokens-'));
+    try {
+      const file = join(dir, 'count.mjs');
+      writeFileSync(file, script);
+      // execFileSync returns only once the process has exited: an idle
+      // counting thread that held it open would time the test out.
+      const out = execFileSync(process.execPath, [file], { encoding: 'utf8', timeout: 50_000 });
+      expect(JSON.parse(out)).toEqual({ counts: [2, 6], loaded: [] });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

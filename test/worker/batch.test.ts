@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { tokenCount } from '../../src/provider/tokens.js';
+import { tokenCount } from '../../src/provider/cl100k.js';
 import type { EligibleMessage } from '../../src/sql/messages.js';
 import { answeredTokens, prepareBatch, requestParts } from '../../src/worker/batch.js';
 
@@ -10,10 +10,10 @@ const WIDE = 'é'.repeat(1000);
 const LONG = 'word '.repeat(1200);
 
 describe('prepareBatch', () => {
-  it('counts only the inputs whose UTF-8 length is over the limit, unless asked to count all', () => {
+  it('counts only the inputs whose UTF-8 length is over the limit, unless asked to count all', async () => {
     const messages = [message(1, SHORT), message(2, WIDE), message(3, LONG)];
     const limit = 1500;
-    const prepared = prepareBatch(messages, {
+    const prepared = await prepareBatch(messages, {
       maxInputTokens: limit,
       truncate: false,
       countAll: false,
@@ -26,13 +26,17 @@ describe('prepareBatch', () => {
       [tokenCount(WIDE), 2000],
       [tokenCount(LONG), 6000],
     ]);
-    const all = prepareBatch(messages, { maxInputTokens: limit, truncate: false, countAll: true });
+    const all = await prepareBatch(messages, {
+      maxInputTokens: limit,
+      truncate: false,
+      countAll: true,
+    });
     expect(all.toSend.map((i) => i.tokens)).toEqual(messages.map((m) => tokenCount(m.content)));
   });
 
-  it('still fails an input over the limit, naming its exact count', () => {
+  it('still fails an input over the limit, naming its exact count', async () => {
     const limit = tokenCount(LONG) - 1;
-    const prepared = prepareBatch([message(1, SHORT), message(2, LONG)], {
+    const prepared = await prepareBatch([message(1, SHORT), message(2, LONG)], {
       maxInputTokens: limit,
       truncate: false,
       countAll: false,
@@ -43,19 +47,25 @@ describe('prepareBatch', () => {
     ]);
   });
 
-  it('cuts requests by the bytes of uncounted inputs, counting only where the bound would cut short', () => {
-    const prepared = prepareBatch([message(1, SHORT), message(2, SHORT), message(3, SHORT)], {
+  it('cuts requests by the bytes of uncounted inputs, counting only where the bound would cut short', async () => {
+    const prepared = await prepareBatch([message(1, SHORT), message(2, SHORT), message(3, SHORT)], {
       maxInputTokens: undefined,
       truncate: false,
       countAll: false,
     });
     // 25 bytes and 5 tokens each. Under a cap of 60, two fit by their bytes;
     // the third's bound would pass it, so it is counted, and fits too.
-    const parts = requestParts(prepared.toSend, { maxRequestInputs: 10, maxRequestTokens: 60 });
+    const parts = await requestParts(prepared.toSend, {
+      maxRequestInputs: 10,
+      maxRequestTokens: 60,
+    });
     expect(parts.map((p) => p.length)).toEqual([3]);
     expect(prepared.toSend.map((i) => i.tokens)).toEqual([undefined, undefined, tokenCount(SHORT)]);
     // Under a cap of 9 tokens, one a request, by exact counts.
-    const narrow = requestParts(prepared.toSend, { maxRequestInputs: 10, maxRequestTokens: 9 });
+    const narrow = await requestParts(prepared.toSend, {
+      maxRequestInputs: 10,
+      maxRequestTokens: 9,
+    });
     expect(narrow.map((p) => p.length)).toEqual([1, 1, 1]);
   });
 });
@@ -71,21 +81,21 @@ describe('answeredTokens', () => {
       truncated: false,
     }));
 
-  it("shares the provider's reported tokens by UTF-8 length, adding up to the report exactly", () => {
+  it("shares the provider's reported tokens by UTF-8 length, adding up to the report exactly", async () => {
     const given = inputs(['a'.repeat(10), 'b'.repeat(20), 'c'.repeat(30)], [false, false, false]);
-    const shares = answeredTokens(given, 100);
+    const shares = await answeredTokens(given, 100);
     expect(shares.reduce((a, b) => a + b, 0)).toBe(100);
     expect(shares).toEqual([17, 33, 50]);
   });
 
-  it('keeps the counted inputs exact and shares only the rest', () => {
+  it('keeps the counted inputs exact and shares only the rest', async () => {
     const given = inputs([LONG, 'a'.repeat(10), 'b'.repeat(30)], [true, false, false]);
     const report = tokenCount(LONG) + 40;
-    expect(answeredTokens(given, report)).toEqual([tokenCount(LONG), 10, 30]);
+    expect(await answeredTokens(given, report)).toEqual([tokenCount(LONG), 10, 30]);
   });
 
-  it('counts the inputs when the provider reports nothing', () => {
+  it('counts the inputs when the provider reports nothing', async () => {
     const given = inputs([SHORT, WIDE], [false, false]);
-    expect(answeredTokens(given, undefined)).toEqual([tokenCount(SHORT), tokenCount(WIDE)]);
+    expect(await answeredTokens(given, undefined)).toEqual([tokenCount(SHORT), tokenCount(WIDE)]);
   });
 });

@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { beforeEach, describe, expect, it, vi } from 'vitest';
 import type { FlagValues } from '../../src/config.js';
-import { tokenCount } from '../../src/provider/tokens.js';
+import { tokenCount } from '../../src/provider/cl100k.js';
 import type { RateGateClock, RateGateOptions } from '../../src/worker/rate-gate.js';
 import { backends } from '../support/db.js';
 import { deferred } from '../support/deferred.js';

@@ -1,0 +1,84 @@
+import { createRequire } from 'node:module';
+
+type Cl100k = typeof import('gpt-tokenizer/encoding/cl100k_base');
+let cl100kLoaded: Cl100k | undefined;
+
+/**
+ * cl100k, loaded on the first count: its ranks cost ~0.1 s and ~40 MB to
+ * load, and a run whose inputs are all within the limit in bytes (or that
+ * has nothing to do) counts nothing (src/worker/batch.ts). Synchronous, so
+ * counting stays a plain call: the package's CommonJS build, through require.
+ *
+ * A run counts on its own thread (tokens.ts, token-thread.ts); the main
+ * thread counts here only to describe an input the provider refused.
+ */
+function cl100k(): Cl100k {
+  cl100kLoaded ??= createRequire(import.meta.url)('gpt-tokenizer/encoding/cl100k_base') as Cl100k;
+  return cl100kLoaded;
+}
+
+// Text like '<|endoftext|>' in an email is ordinary text to the embeddings API;
+// gpt-tokenizer throws on it by default.
+const PLAIN_TEXT = { disallowedSpecial: new Set<string>() };
+
+/**
+ * Token counts with cl100k, the encoding of every OpenAI embedding model.
+ * For other models it is an estimate: the provider's own 400 is still handled.
+ */
+export function tokenCount(text: string): number {
+  return cl100k().countTokens(text, PLAIN_TEXT);
+}
+
+function fits(text: string, maxTokens: number): boolean {
+  return cl100k().isWithinTokenLimit(text, maxTokens, PLAIN_TEXT) !== false;
+}
+
+/**
+ * The longest prefix of `text` (in whole code points) that is at most
+ * `maxTokens` tokens, for --truncate.
+ *
+ * Not decode(encode(text).slice(0, n)): a token boundary can fall inside a
+ * multi-byte character, and gpt-tokenizer's decode shares one streaming
+ * TextDecoder across calls, so the cut bytes turn into U+FFFD here and leak
+ * into the next decode of an unrelated text. The result would neither be a
+ * prefix nor stay within the limit. Searching on the string side avoids both.
+ */
+export function truncateToTokens(text: string, maxTokens: number): string {
+  if (maxTokens <= 0) return '';
+  if (fits(text, maxTokens)) return text;
+  // Grow from a typical chars-per-token guess so a huge text is not re-tokenised
+  // in full on every probe; `hi` never fits, `lo` always does.
+  let lo = 0;
+  let hi = Math.min(text.length, maxTokens * 4);
+  while (hi < text.length && fits(text.slice(0, hi), maxTokens)) {
+    lo = hi;
+    hi = Math.min(text.length, hi * 2);
+  }
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >>> 1;
+    if (fits(text.slice(0, mid), maxTokens)) lo = mid;
+    else hi = mid;
+  }
+  // A cut between the halves of a surrogate pair would leave a lone surrogate,
+  // which is sent as U+FFFD.
+  const last = text.charCodeAt(lo - 1);
+  if (lo > 0 && last >= 0xd800 && last <= 0xdbff) lo--;
+  return text.slice(0, lo);
+}
+
+/**
+ * `text` cut to its first `limit` tokens, and the cut's count, for
+ * --truncate. Counted again after the cut: a boundary can shift when the
+ * prefix is encoded alone, so it shrinks until it fits.
+ */
+export function truncateWithin(text: string, limit: number): { text: string; tokens: number } {
+  let keep = limit;
+  let cut = truncateToTokens(text, keep);
+  let tokens = tokenCount(cut);
+  while (tokens > limit && keep > 1) {
+    keep -= tokens - limit;
+    cut = truncateToTokens(text, keep);
+    tokens = tokenCount(cut);
+  }
+  return { text: cut, tokens };
+}
