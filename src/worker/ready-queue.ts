@@ -117,8 +117,11 @@ export function scanBeside(
           if (await dbRetry('analyze the queue', () => analyzeQueueIfStale(db, queued))) {
             log.info({ queued }, 'analyzed the queue: its statistics were behind what it holds');
           }
-          await onChunk(counts);
+          // The reader first, the plan's record after: on PGlite the run's
+          // first pages waited 12 ms for it behind the engine's first
+          // statements (BENCHMARKS.md, "twelfth pass").
           chunkDone();
+          await onChunk(counts);
           await handoff?.roomAgain();
         },
         handoff,
