@@ -29,6 +29,17 @@ export function tokenCount(text: string): number {
   return cl100k().countTokens(text, PLAIN_TEXT);
 }
 
+/**
+ * `text`'s count when it is at most `limit` tokens; undefined once it is
+ * over, counting no further: the corpus's 694 emails longer than 8,192
+ * bytes took 2.5 s to check this way against 3.9 s to count in full, the
+ * 181 over the limit running to 100,000 tokens and more.
+ */
+export function tokenCountWithin(text: string, limit: number): number | undefined {
+  const within = cl100k().isWithinTokenLimit(text, limit, PLAIN_TEXT);
+  return within === false ? undefined : within;
+}
+
 function fits(text: string, maxTokens: number): boolean {
   return cl100k().isWithinTokenLimit(text, maxTokens, PLAIN_TEXT) !== false;
 }

@@ -9,7 +9,7 @@ import {
 import { tokenCount } from '../provider/cl100k.js';
 import type { EmbeddingProvider } from '../provider/client.js';
 import { type RetryPolicy, withRetries } from '../provider/retry.js';
-import { countTokens, truncateWithin } from '../provider/tokens.js';
+import { countTokens, countTokensWithin, truncateWithin } from '../provider/tokens.js';
 import type { EligibleMessage } from '../sql/messages.js';
 
 export interface BatchSettings {
@@ -95,7 +95,8 @@ export interface Failure {
   reason: SkipReason;
   /** One line for embedding_skips.detail and the strict-mode error. */
   detail: string;
-  tokens: number;
+  /** Its cl100k count; undefined for one found over the limit, counted no further. */
+  tokens: number | undefined;
   /** The limit in force, when one is known. */
   limitTokens: number | undefined;
   /** HTTP status when the provider refused it. */
@@ -150,43 +151,65 @@ export async function prepareBatch(
   // A text within the limit in bytes is within it in tokens: counting it
   // could not change the answer. Counting was half of a worker's busy time
   // on the email corpus (10.7 of 21 s, BENCHMARKS.md), where most emails
-  // are under 8,192 bytes.
+  // are under 8,192 bytes. The rest are counted only up to the limit.
   const toCount = inputs.filter(
     (i) => settings.countAll || (limit !== undefined && i.bytes > limit),
   );
-  const counts = await countTokens(toCount.map((i) => i.text));
+  const texts = toCount.map((i) => i.text);
+  const counts =
+    limit === undefined ? await countTokens(texts) : await countTokensWithin(texts, limit);
+  const over = new Set<Input>();
   toCount.forEach((input, k) => {
     input.tokens = counts[k];
+    if (input.tokens === undefined) over.add(input);
   });
   for (const input of inputs) {
-    const { tokens, position, message } = input;
-    if (limit === undefined || tokens === undefined || tokens <= limit) {
+    if (limit === undefined || !over.has(input)) {
       prepared.toSend.push(input);
     } else if (settings.truncate) {
       prepared.toSend.push(await truncated(input, limit));
     } else {
-      prepared.failed.push({
-        position,
-        message,
-        reason: 'context_length',
-        detail: `${tokens} tokens, over the ${limit}-token limit (counted before sending; no API call made)`,
-        tokens,
-        limitTokens: limit,
-        status: undefined,
-      });
+      prepared.failed.push(overLimit(input, limit, undefined));
     }
   }
   return prepared;
 }
 
+/** An input found over the limit before sending; `tokens`: its full count, if made. */
+function overLimit(input: Input, limit: number, tokens: number | undefined): Failure {
+  const size =
+    tokens === undefined
+      ? `over the ${limit}-token limit (counted up to it before sending; no API call made)`
+      : `${tokens} tokens, over the ${limit}-token limit (counted before sending; no API call made)`;
+  return {
+    position: input.position,
+    message: input.message,
+    reason: 'context_length',
+    detail: size,
+    tokens,
+    limitTokens: limit,
+    status: undefined,
+  };
+}
+
 /**
  * Strict mode: nothing after the first input known to fail is sent, since the
- * run will stop there and keep only what precedes it.
+ * run will stop there and keep only what precedes it. The culprit, counted
+ * only up to the limit, is counted in full: the run's error names its size.
  */
-export function cutAtFirstFailure(prepared: PreparedBatch): PreparedBatch {
-  const first = prepared.failed[0];
+export async function cutAtFirstFailure(prepared: PreparedBatch): Promise<PreparedBatch> {
+  let first = prepared.failed[0];
   if (!first) return prepared;
-  return { ...prepared, toSend: prepared.toSend.filter((i) => i.position < first.position) };
+  if (first.tokens === undefined && first.reason === 'context_length' && first.limitTokens) {
+    const [tokens] = await countTokens([first.message.content]);
+    const culprit = { position: first.position, message: first.message } as Input;
+    first = overLimit(culprit, first.limitTokens, tokens);
+  }
+  return {
+    ...prepared,
+    toSend: prepared.toSend.filter((i) => i.position < first.position),
+    failed: [first, ...prepared.failed.slice(1)],
+  };
 }
 
 /**

@@ -326,19 +326,15 @@ export async function runPipeline(ctx: PipelineContext): Promise<PipelineResult>
       // after it go out meanwhile.
       let prepared: PreparedBatch | Promise<PreparedBatch> = prepareBatch(sorted.toEmbed, settings);
       if (!config.allowPartial) {
-        let ready: PreparedBatch;
         try {
-          ready = await prepared;
+          const ready = await prepared;
+          // A culprit: the run ends here, and nothing after it is sent.
+          lastPage = ready.failed.length > 0;
+          prepared = lastPage ? await cutAtFirstFailure(ready) : ready;
         } catch (error) {
           fail(seq, error);
           break;
         }
-        if (ready.failed.length > 0) {
-          // The run ends here: send nothing after the culprit.
-          ready = cutAtFirstFailure(ready);
-          lastPage = true;
-        }
-        prepared = ready;
       }
       const trial = breaker.state === 'half-open';
       let markSent = () => {};
@@ -658,6 +654,6 @@ function toSkip(f: Failure): SkippedRow {
     sha256Hex: f.message.sha256Hex,
     reason: f.reason,
     detail: f.detail,
-    inputTokens: f.tokens,
+    inputTokens: f.tokens ?? null,
   };
 }

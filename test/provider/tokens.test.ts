@@ -6,7 +6,7 @@ import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { TokenCountError } from '../../src/errors.js';
 import * as mainThread from '../../src/provider/cl100k.js';
-import { countTokens, truncateWithin } from '../../src/provider/tokens.js';
+import { countTokens, countTokensWithin, truncateWithin } from '../../src/provider/tokens.js';
 import { repoRoot } from '../support/cli.js';
 
 const TEXTS = [
@@ -21,6 +21,16 @@ describe('countTokens, on the counting thread', () => {
   it('counts as cl100k does, in order, whatever the text', async () => {
     expect(await countTokens(TEXTS)).toEqual(TEXTS.map(mainThread.tokenCount));
     expect(await countTokens([])).toEqual([]);
+  });
+
+  it('counts up to a limit: the count within it, undefined past it', async () => {
+    const counts = TEXTS.map(mainThread.tokenCount);
+    const limit = 20;
+    expect(await countTokensWithin(TEXTS, limit)).toEqual(
+      counts.map((n) => (n <= limit ? n : undefined)),
+    );
+    expect(await countTokensWithin(['hello world'], 2)).toEqual([2]);
+    expect(await countTokensWithin(['hello world'], 1)).toEqual([undefined]);
   });
 
   it('answers calls made together each with its own counts', async () => {

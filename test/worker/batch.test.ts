@@ -1,7 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import { tokenCount } from '../../src/provider/cl100k.js';
 import type { EligibleMessage } from '../../src/sql/messages.js';
-import { answeredTokens, prepareBatch, requestParts } from '../../src/worker/batch.js';
+import {
+  answeredTokens,
+  cutAtFirstFailure,
+  prepareBatch,
+  requestParts,
+} from '../../src/worker/batch.js';
 
 const message = (id: number, content: string) => ({ id: String(id), content }) as EligibleMessage;
 // 1,000 'é' are 2,000 UTF-8 bytes and 1,000 tokens; 1,200 words are 6,000 bytes and 1,201 tokens.
@@ -34,17 +39,26 @@ describe('prepareBatch', () => {
     expect(all.toSend.map((i) => i.tokens)).toEqual(messages.map((m) => tokenCount(m.content)));
   });
 
-  it('still fails an input over the limit, naming its exact count', async () => {
+  it('fails an input over the limit, counted only up to it; strict mode counts the culprit in full', async () => {
     const limit = tokenCount(LONG) - 1;
-    const prepared = await prepareBatch([message(1, SHORT), message(2, LONG)], {
+    const prepared = await prepareBatch([message(1, SHORT), message(2, LONG), message(3, SHORT)], {
       maxInputTokens: limit,
       truncate: false,
       countAll: false,
     });
-    expect(prepared.toSend.map((i) => i.message.id)).toEqual(['1']);
+    expect(prepared.toSend.map((i) => i.message.id)).toEqual(['1', '3']);
     expect(prepared.failed).toMatchObject([
-      { position: 1, reason: 'context_length', tokens: tokenCount(LONG), limitTokens: limit },
+      { position: 1, reason: 'context_length', tokens: undefined, limitTokens: limit },
     ]);
+    expect(prepared.failed[0]?.detail).toBe(
+      `over the ${limit}-token limit (counted up to it before sending; no API call made)`,
+    );
+    const cut = await cutAtFirstFailure(prepared);
+    expect(cut.toSend.map((i) => i.message.id)).toEqual(['1']);
+    expect(cut.failed).toMatchObject([{ position: 1, tokens: tokenCount(LONG) }]);
+    expect(cut.failed[0]?.detail).toBe(
+      `${tokenCount(LONG)} tokens, over the ${limit}-token limit (counted before sending; no API call made)`,
+    );
   });
 
   it('cuts requests by the bytes of uncounted inputs, counting only where the bound would cut short', async () => {
