@@ -32,8 +32,9 @@ export function tokenCount(text: string): number {
 /**
  * `text`'s count when it is at most `limit` tokens; undefined once it is
  * over, counting no further: the corpus's 694 emails longer than 8,192
- * bytes took 2.5 s to check this way against 3.9 s to count in full, the
- * 181 over the limit running to 100,000 tokens and more.
+ * bytes took 2.5 s to check this way against 3.9 s to count in full: the
+ * 181 over the limit hold 2.8 M of their 4.9 M tokens (a median of 10,773,
+ * at most 161,284).
  */
 export function tokenCountWithin(text: string, limit: number): number | undefined {
   const within = cl100k().isWithinTokenLimit(text, limit, PLAIN_TEXT);

@@ -7,9 +7,9 @@ import type { CountAnswer, CountQuery, CountRequest } from './token-thread.js';
  * cl100k counts, made on a thread of their own (token-thread.ts). On the
  * main thread, loading cl100k held everything for 80-124 ms: at 16 in flight
  * on PGlite a run's first four pages waited for it, and so did the scan's
- * next chunk, whose statements the main thread posts (BENCHMARKS.md,
- * "twelfth pass"). Counting an email over 8,192 bytes took ~0.8 ms more
- * of it each. Here the main thread sends, commits and scans meanwhile.
+ * next chunk, whose statements the main thread posts. And the corpus's 694
+ * emails over 8,192 bytes took 2.5 s of it to count (BENCHMARKS.md,
+ * "twelfth pass"). Here the main thread sends, commits and scans meanwhile.
  *
  * One thread per process, started on the first count: a run whose inputs
  * are all within the limit in bytes counts nothing and never starts it.
