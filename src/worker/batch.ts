@@ -176,7 +176,11 @@ export async function prepareBatch(
 }
 
 /** An input found over the limit before sending; `tokens`: its full count, if made. */
-function overLimit(input: Input, limit: number, tokens: number | undefined): Failure {
+function overLimit(
+  input: Pick<Input, 'position' | 'message'>,
+  limit: number,
+  tokens: number | undefined,
+): Failure {
   const size =
     tokens === undefined
       ? `over the ${limit}-token limit (counted up to it before sending; no API call made)`
@@ -202,8 +206,7 @@ export async function cutAtFirstFailure(prepared: PreparedBatch): Promise<Prepar
   if (!first) return prepared;
   if (first.tokens === undefined && first.reason === 'context_length' && first.limitTokens) {
     const [tokens] = await countTokens([first.message.content]);
-    const culprit = { position: first.position, message: first.message } as Input;
-    first = overLimit(culprit, first.limitTokens, tokens);
+    first = overLimit(first, first.limitTokens, tokens);
   }
   return {
     ...prepared,
