@@ -1,5 +1,5 @@
 import type { Worker } from 'node:worker_threads';
-import { startSiblingThread } from '../thread.js';
+import { startSiblingThread, ThreadCalls } from '../thread.js';
 import type { BatchCommitter, Committed } from '../worker/commit.js';
 import type { EmbeddingColumnType } from './names.js';
 import type { EngineConnection, EngineResult, PGliteEngine } from './pglite-engine.js';
@@ -19,31 +19,24 @@ type Request = ThreadRequest extends infer R
  * they would an error from pg.
  */
 export class PGliteThread implements PGliteEngine {
-  readonly #pending = new Map<
-    number,
-    { resolve: (v: unknown) => void; reject: (e: Error) => void }
-  >();
   readonly #onClientTurn = new Set<() => void>();
-  #nextId = 0;
-  /** Once the thread has failed or ended, every call fails with this. */
-  #broken: Error | undefined;
+  /** Once the thread has failed or ended, every call fails with its error. */
+  readonly #calls: ThreadCalls<Request, unknown>;
 
   private constructor(
     private readonly worker: Worker,
     notice: (message: string) => void,
   ) {
+    this.#calls = new ThreadCalls(worker, {
+      failure: (ended) =>
+        'error' in ended ? ended.error : new Error('the embedded database thread has ended'),
+    });
     worker.on('message', (message: ThreadMessage) => {
       if (message.type === 'clientTurn') for (const listener of this.#onClientTurn) listener();
       else if (message.type === 'notice') notice(message.message);
-      else if (message.type === 'reply' || message.type === 'error') {
-        const call = this.#pending.get(message.id);
-        this.#pending.delete(message.id);
-        if (message.type === 'reply') call?.resolve(message.value);
-        else call?.reject(errorFrom(message.error));
-      }
+      else if (message.type === 'reply') this.#calls.resolve(message.id, message.value);
+      else if (message.type === 'error') this.#calls.reject(message.id, errorFrom(message.error));
     });
-    worker.on('error', (error) => this.#fail(error));
-    worker.on('exit', () => this.#fail(new Error('the embedded database thread has ended')));
   }
 
   /** Opens the database in a thread of its own; rejects with the engine's own error. */
@@ -66,13 +59,13 @@ export class PGliteThread implements PGliteEngine {
   }
 
   async acquire(): Promise<EngineConnection> {
-    const connection = (await this.#call({ op: 'acquire' })) as number;
+    const connection = (await this.#calls.call({ op: 'acquire' })) as number;
     let released = false;
     return {
       query: <R>(sql: string, parameters: readonly unknown[]) =>
-        this.#call({ op: 'query', connection, sql, parameters }) as Promise<EngineResult<R>>,
+        this.#calls.call({ op: 'query', connection, sql, parameters }) as Promise<EngineResult<R>>,
       release: () => {
-        if (released || this.#broken) return;
+        if (released || this.#calls.broken) return;
         released = true;
         this.worker.postMessage({ op: 'release', connection } satisfies ThreadRequest);
       },
@@ -80,17 +73,17 @@ export class PGliteThread implements PGliteEngine {
   }
 
   async copyFrom(into: string, data: Uint8Array): Promise<void> {
-    await this.#call({ op: 'copy', into, data });
+    await this.#calls.call({ op: 'copy', into, data });
   }
 
   /** Commits a run's batches in the engine's thread (see BatchCommitter). */
   committer(columnType: EmbeddingColumnType): BatchCommitter {
     // Loaded there now, while the run scans and claims; a failure to load
     // is the first commit's error.
-    this.#call({ op: 'loadCommits' }).catch(() => {});
+    this.#calls.call({ op: 'loadCommits' }).catch(() => {});
     return {
       commit: (_db, scope, batch, work) =>
-        this.#call({ op: 'commit', columnType, scope, batch, work }) as Promise<
+        this.#calls.call({ op: 'commit', columnType, scope, batch, work }) as Promise<
           Committed | undefined
         >,
     };
@@ -98,22 +91,22 @@ export class PGliteThread implements PGliteEngine {
 
   /** Serves the database on a socket in `dir` (or a private directory); resolves with where. */
   serve(dir: string): Promise<ServeAddress> {
-    return this.#call({ op: 'serve', dir }) as Promise<ServeAddress>;
+    return this.#calls.call({ op: 'serve', dir }) as Promise<ServeAddress>;
   }
 
   /** Closes the socket and every client's connection. */
   async stopServing(): Promise<void> {
-    await this.#call({ op: 'stopServing' });
+    await this.#calls.call({ op: 'stopServing' });
   }
 
   /** How many clients are connected now. */
   clients(): Promise<number> {
-    return this.#call({ op: 'clients' }) as Promise<number>;
+    return this.#calls.call({ op: 'clients' }) as Promise<number>;
   }
 
   /** Resolves once no client is connected. */
   async whenIdle(): Promise<void> {
-    await this.#call({ op: 'whenIdle' });
+    await this.#calls.call({ op: 'whenIdle' });
   }
 
   /** Calls `listener` each time a served client gives the session back. */
@@ -124,30 +117,15 @@ export class PGliteThread implements PGliteEngine {
 
   /** Closes the engine (its files flushed), then waits for the thread to end. */
   async close(): Promise<void> {
-    if (this.#broken) return;
+    if (this.#calls.broken) return;
     const ended = new Promise<void>((resolve) => this.worker.once('exit', () => resolve()));
     try {
-      await this.#call({ op: 'close' });
+      await this.#calls.call({ op: 'close' });
     } catch (error) {
       await this.worker.terminate();
       throw error;
     }
     await ended;
-  }
-
-  #call(request: Request): Promise<unknown> {
-    if (this.#broken) return Promise.reject(this.#broken);
-    const id = ++this.#nextId;
-    return new Promise((resolve, reject) => {
-      this.#pending.set(id, { resolve, reject });
-      this.worker.postMessage({ ...request, id } as ThreadRequest);
-    });
-  }
-
-  #fail(error: Error): void {
-    this.#broken ??= error;
-    for (const call of this.#pending.values()) call.reject(this.#broken);
-    this.#pending.clear();
   }
 }
 

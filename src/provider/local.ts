@@ -1,5 +1,5 @@
 import { InvalidResponseError, ProviderFatalError } from '../errors.js';
-import { startSiblingThread } from '../thread.js';
+import { startSiblingThread, ThreadCalls } from '../thread.js';
 import type { EmbeddingProvider } from './client.js';
 import type { EmbedRequest, WorkerAnswer } from './local-worker.js';
 import { LOCAL_MODEL } from './models.js';
@@ -54,112 +54,71 @@ function closedError(): ProviderFatalError {
 /** Starts the worker and waits for the model to load; a failed load rejects every call. */
 async function loadModel(): Promise<LocalProvider> {
   // Beside this module: `.js` once compiled, `.ts` under tsx in tests.
+  // Referenced while it loads, then only while a call waits on it: an idle
+  // model must not keep a finished process (or a test file) from exiting.
   const worker = startSiblingThread(import.meta.url, 'local-worker');
-  const pending = new Map<
-    number,
-    { count: number; resolve: (v: Float32Array[]) => void; reject: (e: Error) => void }
-  >();
-  let loading: { resolve: () => void; reject: (e: Error) => void } | undefined;
-  let broken: Error | undefined;
+  let loaded = false;
   let closed = false;
-  let nextId = 0;
-
-  // Referenced only while someone waits on it: an idle model must not keep
-  // a finished process (or a test file) from exiting.
-  const waiting = () => loading !== undefined || pending.size > 0;
-  const settled = () => {
-    if (!waiting()) worker.unref();
-  };
-  const failAll = (error: Error) => {
-    broken ??= error;
-    loading?.reject(error);
-    loading = undefined;
-    for (const call of pending.values()) call.reject(error);
-    pending.clear();
-    settled();
-  };
-
-  worker.on('message', (answer: WorkerAnswer) => {
-    if (answer.type === 'ready') {
-      loading?.resolve();
-      loading = undefined;
-    } else if (answer.type === 'failed') {
-      failAll(
-        new ProviderFatalError(
-          `cannot load the local model ${LOCAL_MODEL}: ${answer.message}`,
-          undefined,
-        ),
-      );
-    } else {
-      const call = pending.get(answer.id);
-      if (!call) return;
-      pending.delete(answer.id);
-      if (answer.type === 'error') {
-        call.reject(
+  const calls = new ThreadCalls<Omit<EmbedRequest, 'id'>, Float32Array[]>(worker, {
+    refWhileWaiting: true,
+    failure: (ended) =>
+      'error' in ended
+        ? new ProviderFatalError(
+            `${loaded ? `the local model ${LOCAL_MODEL} failed` : `cannot load the local model ${LOCAL_MODEL}`}: ${ended.error.message}`,
+            undefined,
+            { cause: ended.error },
+          )
+        : new ProviderFatalError(
+            `the local model ${LOCAL_MODEL} stopped: its worker thread exited with code ${ended.exitCode}`,
+            undefined,
+          ),
+  });
+  const ready = new Promise<void>((resolve) => {
+    worker.on('message', (answer: WorkerAnswer) => {
+      if (answer.type === 'ready') resolve();
+      else if (answer.type === 'failed') {
+        calls.fail(
+          new ProviderFatalError(
+            `cannot load the local model ${LOCAL_MODEL}: ${answer.message}`,
+            undefined,
+          ),
+        );
+      } else if (answer.type === 'error') {
+        calls.reject(
+          answer.id,
           new ProviderFatalError(
             `the local model ${LOCAL_MODEL} failed: ${answer.message}`,
             undefined,
           ),
         );
-      } else {
-        try {
-          call.resolve(checked(answer.vectors, call.count));
-        } catch (error) {
-          call.reject(error as Error);
-        }
-      }
-    }
-    settled();
-  });
-  worker.on('error', (error) => {
-    const what = loading
-      ? `cannot load the local model ${LOCAL_MODEL}`
-      : `the local model ${LOCAL_MODEL} failed`;
-    failAll(new ProviderFatalError(`${what}: ${error.message}`, undefined, { cause: error }));
-  });
-  worker.on('exit', (code) => {
-    if (!closed) {
-      failAll(
-        new ProviderFatalError(
-          `the local model ${LOCAL_MODEL} stopped: its worker thread exited with code ${code}`,
-          undefined,
-        ),
-      );
-    }
+      } else calls.resolve(answer.id, answer.vectors);
+    });
   });
 
+  // Broken first, so the thread's exit that follows changes nothing.
   const close = async () => {
     if (closed) return;
     closed = true;
-    failAll(closedError());
+    calls.fail(closedError());
     await worker.terminate();
   };
 
+  const failed = calls.whenBroken.then((error) => Promise.reject(error));
   try {
-    await new Promise<void>((resolve, reject) => {
-      loading = { resolve, reject };
-    });
+    await Promise.race([ready, failed]);
   } catch (error) {
     await close();
     throw error;
   }
-  settled();
+  loaded = true;
+  worker.unref();
 
   return {
     expectedDimensions: DIMENSIONS,
-    embed(inputs) {
-      if (broken) return Promise.reject(broken);
-      if (inputs.length === 0) return Promise.resolve({ vectors: [], promptTokens: undefined });
-      const id = nextId++;
-      return new Promise((resolve, reject) => {
-        pending.set(id, {
-          count: inputs.length,
-          resolve: (vectors) => resolve({ vectors, promptTokens: undefined }),
-          reject,
-        });
-        worker.ref();
-        worker.postMessage({ id, inputs } satisfies EmbedRequest);
-      });
+    async embed(inputs) {
+      if (inputs.length === 0) return { vectors: [], promptTokens: undefined };
+      const vectors = await calls.call({ inputs });
+      return { vectors: checked(vectors, inputs.length), promptTokens: undefined };
     },
     close,
   };
