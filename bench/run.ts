@@ -210,8 +210,10 @@ async function shortMessagesScenario(backend: Backend) {
     const write = await writeLimit(target.url, count, [64, 500]);
     const ratio = run.messagesPerSecond / write.rowsPerSecond;
     const alone = await providerAlone(shortMessages(count));
+    const together = await providerAlone(shortMessages(count), target.url);
     results[`short_${backend}`] = {
       provider_alone: alone,
+      provider_and_write_path: together,
       messages: count,
       run_messages_per_s: run.messagesPerSecond,
       worker_cpu_ms_per_message: run.cpuMsPerMessage,
@@ -242,6 +244,13 @@ async function shortMessagesScenario(backend: Backend) {
       'provider path alone messages/s (the SDK, no database)',
       fmt(alone.messages_per_s),
       `ratio ${fmt(alone.messages_per_s / write.rowsPerSecond, 2)} of the write path; client CPU ${fmt(alone.cpu_ms / count, 3)} ms a message`,
+    );
+    row(
+      '1b short',
+      backend,
+      'provider and write path together messages/s (no claims, scan or fence)',
+      fmt(together.messages_per_s),
+      `ratio ${fmt(together.messages_per_s / write.rowsPerSecond, 2)} of the write path; the run reached ${fmt(run.messagesPerSecond / together.messages_per_s, 2)} of it; CPU ${fmt(together.cpu_ms / count, 3)} ms a message`,
     );
     row(
       '1b short',
@@ -295,10 +304,13 @@ async function singleThreadedGc(template: Template, count: number) {
 /**
  * The same texts sent through pgembed's own client (the real SDK, vectors
  * decoded), as the run sends them (64 a request, 4 at a time), with no
- * database: a ceiling for the run, beside the write path alone. In a child
- * process, as the worker is, against the same test server in this one.
+ * database: a ceiling for the run, beside the write path alone. With
+ * `databaseUrl`, each batch's vectors are also written there by the write
+ * path, a transaction a batch: both paths on the same cores, nothing of a
+ * run's coordination. In a child process, as the worker is, against the same
+ * test server in this one.
  */
-async function providerAlone(messages: Iterable<SeedMessage>) {
+async function providerAlone(messages: Iterable<SeedMessage>, databaseUrl?: string) {
   const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-texts-'));
   try {
     const file = join(dir, 'texts.json');
@@ -313,6 +325,7 @@ async function providerAlone(messages: Iterable<SeedMessage>) {
           PGEMBED_BASE_URL: fake.url,
           PGEMBED_BATCH: '64',
           PGEMBED_CONCURRENCY: '4',
+          ...(databaseUrl ? { PGEMBED_DATABASE_URL: databaseUrl } : {}),
         },
       },
     );
