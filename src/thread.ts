@@ -74,7 +74,13 @@ export class ThreadCalls<Request extends object, Answer> {
     return new Promise((resolve, reject) => {
       this.#waiting.set(id, { resolve, reject });
       if (this.options.refWhileWaiting) this.worker.ref();
-      this.worker.postMessage({ ...request, id });
+      try {
+        this.worker.postMessage({ ...request, id });
+      } catch (error) {
+        // Not sent (a value that cannot be cloned): nothing waits on it.
+        this.#take(id);
+        throw error;
+      }
     });
   }
 

@@ -5,12 +5,14 @@ let cl100kLoaded: Cl100k | undefined;
 
 /**
  * cl100k, loaded on the first count: its ranks cost ~0.1 s and ~40 MB to
- * load, and a run whose inputs are all within the limit in bytes (or that
- * has nothing to do) counts nothing (src/worker/batch.ts). Synchronous, so
- * counting stays a plain call: the package's CommonJS build, through require.
+ * load, and a run that needs no count (tokens.ts) never loads it.
+ * Synchronous, so counting stays a plain call: the package's CommonJS
+ * build, through require.
  *
- * A run counts on its own thread (tokens.ts, token-thread.ts); the main
- * thread counts here only to describe an input the provider refused.
+ * A run counts on its own thread (tokens.ts, token-thread.ts). The main
+ * thread counts here only where an answer is already in hand: an input the
+ * provider refused, a request whose answer broke the contract (for what it
+ * billed), and when the counting thread has failed (src/worker/batch.ts).
  */
 function cl100k(): Cl100k {
   if (!cl100kLoaded) {

@@ -10,8 +10,9 @@ import type { CountAnswer, CountQuery } from './token-thread.js';
  * emails over 8,192 bytes took 2.5 s of it to count (BENCHMARKS.md,
  * "twelfth pass"). Here the main thread sends, commits and scans meanwhile.
  *
- * One thread per process, started on the first count: a run whose inputs
- * are all within the limit in bytes counts nothing and never starts it.
+ * One thread per process, started on the first count: a run that needs no
+ * count never starts it (its inputs all within the limit in bytes, a
+ * provider that reports what it billed, no --max-tpm: src/worker/batch.ts).
  * It keeps the process alive only while a count is waiting on it.
  */
 class CountingThread {
@@ -50,6 +51,11 @@ class CountingThread {
   ask(query: CountQuery): Promise<CountAnswer> {
     return this.#calls.call(query);
   }
+
+  async stop(): Promise<void> {
+    this.#calls.fail(new TokenCountError('the token-counting thread was stopped'));
+    await this.#calls.worker.terminate();
+  }
 }
 
 let thread: CountingThread | undefined;
@@ -57,6 +63,18 @@ let thread: CountingThread | undefined;
 function counting(): CountingThread {
   if (!thread || thread.broken) thread = new CountingThread();
   return thread;
+}
+
+/**
+ * Ends the counting thread now. Counts waiting on it fail at once with a
+ * TokenCountError, as they would if it crashed, and the next count starts a
+ * new thread. The tests fail a count at a known point this way; a run never
+ * needs it, as the thread holds no process open while idle.
+ */
+export async function stopCountingThread(): Promise<void> {
+  const stopping = thread;
+  thread = undefined;
+  await stopping?.stop();
 }
 
 /** Each text's cl100k count, in order; none asked, no thread started. */

@@ -5,6 +5,7 @@ import {
   ProviderFatalError,
   RetriesExhaustedError,
   type SkipReason,
+  TokenCountError,
 } from '../errors.js';
 import { tokenCount } from '../provider/cl100k.js';
 import type { EmbeddingProvider } from '../provider/client.js';
@@ -205,7 +206,8 @@ export async function cutAtFirstFailure(prepared: PreparedBatch): Promise<Prepar
   let first = prepared.failed[0];
   if (!first) return prepared;
   if (first.tokens === undefined && first.reason === 'context_length' && first.limitTokens) {
-    const [tokens] = await countTokens([first.message.content]);
+    // Should the count fail, the error still names the culprit and the limit.
+    const [tokens] = await countTokens([first.message.content]).catch(noCounts);
     first = overLimit(first, first.limitTokens, tokens);
   }
   return {
@@ -262,8 +264,9 @@ export async function requestParts(
   for (const input of inputs) {
     // Bytes bound an uncounted input's tokens; where the bound would cut
     // the request short of the cap, its exact count decides instead.
+    // A failed count leaves the bound, which only cuts the request sooner.
     if (input.tokens === undefined && tokens + input.bytes > caps.maxRequestTokens) {
-      [input.tokens] = await countTokens([input.text]);
+      [input.tokens] = await countTokens([input.text]).catch(noCounts);
     }
     if (
       part.length > 0 &&
@@ -278,6 +281,12 @@ export async function requestParts(
   }
   if (part.length > 0) parts.push(part);
   return parts;
+}
+
+/** No counts, where a count the counting thread could not make is not needed. */
+function noCounts(error: unknown): never[] {
+  if (error instanceof TokenCountError) return [];
+  throw error;
 }
 
 /** An input's tokens, or at most that many: its bytes, when it was not counted. */
@@ -307,7 +316,13 @@ export async function answeredTokens(
   const uncounted = inputs.filter((i) => i.tokens === undefined);
   if (uncounted.length === 0) return inputs.map((i) => i.tokens as number);
   if (promptTokens === undefined) {
-    const counts = await countTokens(uncounted.map((i) => i.text));
+    // The answer is in hand and billed: should the counting thread fail, the
+    // main thread counts, and the vectors are kept.
+    const texts = uncounted.map((i) => i.text);
+    const counts = await countTokens(texts).catch((error: unknown) => {
+      if (error instanceof TokenCountError) return texts.map(tokenCount);
+      throw error;
+    });
     const byInput = new Map(uncounted.map((input, k) => [input, counts[k] as number]));
     return inputs.map((i) => i.tokens ?? (byInput.get(i) as number));
   }

@@ -102,6 +102,14 @@ describe('the local provider', () => {
     expect(ports()).toBe(before + 1);
     await call;
     expect(ports()).toBe(before);
+    // Loaded now: the first call was held alive by the load as well. This
+    // one reaches the model's thread a few microtasks on, after the loaded
+    // model it awaits; no answer can arrive between microtasks.
+    const again = provider.embed(['and so does one made after the load']);
+    for (let turn = 0; turn < 10 && ports() === before; turn++) await Promise.resolve();
+    expect(ports()).toBe(before + 1);
+    await again;
+    expect(ports()).toBe(before);
     await provider.close();
     await provider.close();
     await expect(provider.embed(['too late'])).rejects.toThrow(

@@ -6,7 +6,12 @@ import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { TokenCountError } from '../../src/errors.js';
 import * as mainThread from '../../src/provider/cl100k.js';
-import { countTokens, countTokensWithin, truncateWithin } from '../../src/provider/tokens.js';
+import {
+  countTokens,
+  countTokensWithin,
+  stopCountingThread,
+  truncateWithin,
+} from '../../src/provider/tokens.js';
 import { repoRoot } from '../support/cli.js';
 
 const TEXTS = [
@@ -50,6 +55,16 @@ describe('countTokens, on the counting thread', () => {
   it('fails a count it cannot make with a TokenCountError, and counts again after', async () => {
     const notText = null as unknown as string;
     await expect(countTokens(['fine', notText])).rejects.toBeInstanceOf(TokenCountError);
+    expect(await countTokens(['hello world'])).toEqual([2]);
+  });
+
+  it('fails the counts waiting on a stopped thread, and starts another for the next', async () => {
+    expect(await countTokens(['warm'])).toEqual([1]);
+    const waiting = countTokens(['hello world']);
+    await stopCountingThread();
+    await expect(waiting).rejects.toBeInstanceOf(TokenCountError);
+    await expect(waiting).rejects.toThrow('the token-counting thread was stopped');
+    await stopCountingThread();
     expect(await countTokens(['hello world'])).toEqual([2]);
   });
 

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { tokenCount } from '../../src/provider/cl100k.js';
+import { stopCountingThread } from '../../src/provider/tokens.js';
 import type { EligibleMessage } from '../../src/sql/messages.js';
 import {
   answeredTokens,
@@ -82,6 +83,43 @@ describe('prepareBatch', () => {
     });
     expect(narrow.map((p) => p.length)).toEqual([1, 1, 1]);
   });
+
+  // The counting thread stopped while a count waits on it: each place keeps
+  // what it needs without the count. stopCountingThread fails the waiting
+  // count at once, so the order is fixed, not raced.
+  describe('when the counting thread fails', () => {
+    it('strict mode still names the culprit and the limit', async () => {
+      const limit = tokenCount(LONG) - 1;
+      const prepared = await prepareBatch([message(1, SHORT), message(2, LONG)], {
+        maxInputTokens: limit,
+        truncate: false,
+        countAll: false,
+      });
+      const cutting = cutAtFirstFailure(prepared);
+      await stopCountingThread();
+      const cut = await cutting;
+      expect(cut.toSend.map((i) => i.message.id)).toEqual(['1']);
+      expect(cut.failed).toMatchObject([{ position: 1, tokens: undefined, limitTokens: limit }]);
+      expect(cut.failed[0]?.detail).toBe(
+        `over the ${limit}-token limit (counted up to it before sending; no API call made)`,
+      );
+    });
+
+    it('requests are cut by the bytes, the bound', async () => {
+      const prepared = await prepareBatch(
+        [message(1, SHORT), message(2, SHORT), message(3, SHORT)],
+        {
+          maxInputTokens: undefined,
+          truncate: false,
+          countAll: false,
+        },
+      );
+      const cutting = requestParts(prepared.toSend, { maxRequestInputs: 10, maxRequestTokens: 60 });
+      await stopCountingThread();
+      expect((await cutting).map((p) => p.length)).toEqual([2, 1]);
+      expect(prepared.toSend.map((i) => i.tokens)).toEqual([undefined, undefined, undefined]);
+    });
+  });
 });
 
 describe('answeredTokens', () => {
@@ -111,5 +149,13 @@ describe('answeredTokens', () => {
   it('counts the inputs when the provider reports nothing', async () => {
     const given = inputs([SHORT, WIDE], [false, false]);
     expect(await answeredTokens(given, undefined)).toEqual([tokenCount(SHORT), tokenCount(WIDE)]);
+  });
+
+  // The answer is in hand and billed: a failed count must not cost its vectors.
+  it('counts on this thread when the counting thread fails meanwhile', async () => {
+    const given = inputs([SHORT, WIDE], [false, false]);
+    const counting = answeredTokens(given, undefined);
+    await stopCountingThread();
+    expect(await counting).toEqual([tokenCount(SHORT), tokenCount(WIDE)]);
   });
 });

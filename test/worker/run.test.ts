@@ -235,8 +235,10 @@ describe.each(backends())('the embed run on %s', (backend) => {
       /^message 6 cannot be embedded \(context_length\): \d{4} tokens, over the 8192-token limit.*--allow-partial/,
     );
     expect((await storedRows()).map((r) => r.message_id)).toEqual(['1', '2', '3', '4', '5']);
-    // Counted before sending: the long input never cost an API call.
+    // Counted before sending: the long input never cost an API call, and
+    // nothing after it, which the run would not keep, was sent either.
     expect(fx.fake.stats.seen.has(TOO_LONG)).toBe(false);
+    for (const text of contents.slice(6)) expect(fx.fake.stats.seen.has(text)).toBe(false);
     const run = await runRow(outcome.summary.runId);
     expect(run).toMatchObject({ status: 'failed', embedded: 5 });
     expect(run.error).toContain('message 6');
