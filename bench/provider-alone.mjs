@@ -4,18 +4,19 @@
 // at a time, with no database at all. What an end-to-end run could reach if
 // writing cost nothing. Prints one JSON line: messages a second and CPU.
 //
-// With PGEMBED_DATABASE_URL, each answer's vectors are also written there by
-// the backend's write path (as the write path alone writes them), in a
+// With PGEMBED_DATABASE_URL, the texts are instead read from that database's
+// `messages` by keyset, 512 at a time, and each answer's vectors written back
+// by the backend's write path (as the write path alone writes them), in a
 // provider of their own, PGEMBED_WRITE_ROWS or more a transaction, one
-// transaction at a time: the provider path and the write path together on
-// the same cores, with none of a run's claims, scan, fence or records. What
-// any design could reach on this machine.
+// transaction at a time: reading, sending and writing on the same cores, with
+// none of a run's claims, scan, fence or records. What any design could
+// reach on this machine.
 import { readFileSync } from 'node:fs';
+import { sql } from 'kysely';
 import { openDatabase } from '../dist/src/db/connect.js';
 import { readEmbeddingColumnType } from '../dist/src/db/embedding-column.js';
 import { createOpenAIProvider } from '../dist/src/provider/client.js';
 
-const texts = JSON.parse(readFileSync(process.env.PGEMBED_TEXTS_FILE, 'utf8'));
 const batchSize = Number(process.env.PGEMBED_BATCH);
 const concurrency = Number(process.env.PGEMBED_CONCURRENCY);
 const provider = createOpenAIProvider({
@@ -50,20 +51,46 @@ function write(all) {
   return draining;
 }
 
+// The texts: from the file, or read from the database as a run reads them.
+const fromFile = database
+  ? undefined
+  : JSON.parse(readFileSync(process.env.PGEMBED_TEXTS_FILE, 'utf8')).map((content, i) => ({
+      id: String(i + 1),
+      content,
+    }));
+let unread = fromFile ?? [];
+let after = '0';
+let exhausted = database === undefined;
+let reading;
+async function readPage() {
+  const { rows } = await sql`select id::text as id, content from messages
+    where id > ${after}::bigint order by id limit 512`.execute(database.db);
+  if (rows.length === 0) exhausted = true;
+  else {
+    after = rows.at(-1).id;
+    unread = unread.concat(rows);
+  }
+}
+async function take(count) {
+  while (unread.length < count && !exhausted) {
+    reading ??= readPage().finally(() => {
+      reading = undefined;
+    });
+    await reading;
+  }
+  return unread.splice(0, count);
+}
+
 const cpuBefore = process.cpuUsage();
 const startedAt = performance.now();
-let next = 0;
 let vectors = 0;
 async function lane() {
-  while (next < texts.length) {
-    const first = next;
-    const batch = texts.slice(first, first + batchSize);
-    next += batchSize;
-    const { vectors: answer } = await provider.embed(batch);
+  for (let batch = await take(batchSize); batch.length > 0; batch = await take(batchSize)) {
+    const { vectors: answer } = await provider.embed(batch.map((m) => m.content));
     if (database) {
       for (const [k, vector] of answer.entries()) {
         unwritten.push({
-          messageId: String(first + k + 1),
+          messageId: batch[k].id,
           vector,
           sha256Hex: zeroHash,
           inputTokens: 1,

@@ -248,7 +248,7 @@ async function shortMessagesScenario(backend: Backend) {
     row(
       '1b short',
       backend,
-      'provider and write path together messages/s (no claims, scan or fence)',
+      'read, provider and write paths together messages/s (no claims, scan or fence)',
       fmt(together.messages_per_s),
       `ratio ${fmt(together.messages_per_s / write.rowsPerSecond, 2)} of the write path; the run reached ${fmt(run.messagesPerSecond / together.messages_per_s, 2)} of it; CPU ${fmt(together.cpu_ms / count, 3)} ms a message`,
     );
@@ -305,10 +305,10 @@ async function singleThreadedGc(template: Template, count: number) {
  * The same texts sent through pgembed's own client (the real SDK, vectors
  * decoded), as the run sends them (64 a request, 4 at a time), with no
  * database: a ceiling for the run, beside the write path alone. With
- * `databaseUrl`, each batch's vectors are also written there by the write
- * path, a transaction a batch: both paths on the same cores, nothing of a
- * run's coordination. In a child process, as the worker is, against the same
- * test server in this one.
+ * `databaseUrl`, the texts are read from its messages by keyset and the
+ * vectors written back by the write path, 500 rows a transaction: reading,
+ * sending and writing on the same cores, nothing of a run's coordination. In
+ * a child process, as the worker is, against the same test server in this one.
  */
 async function providerAlone(messages: Iterable<SeedMessage>, databaseUrl?: string) {
   const dir = mkdtempSync(join(tmpdir(), 'pgembed-bench-texts-'));
