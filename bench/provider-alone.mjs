@@ -5,12 +5,14 @@
 // writing cost nothing. Prints one JSON line: messages a second and CPU.
 //
 // With PGEMBED_DATABASE_URL, the texts are instead read from that database's
-// `messages` by keyset, 512 at a time, and each answer's vectors written back
+// `messages` by keyset, 2,000 at a time, and each answer's vectors written back
 // by the backend's write path (as the write path alone writes them), in a
 // provider of their own, PGEMBED_WRITE_ROWS or more a transaction, one
 // transaction at a time: reading, sending and writing on the same cores, with
-// none of a run's claims, scan, fence or records. What any design could
-// reach on this machine.
+// none of a run's claims, scan, fence or records. On PGlite, whose one
+// session takes every read and write in turn, a run does all of this and
+// its coordination besides. On a server a run's commits go on several
+// connections at once, so a run can pass it there.
 import { readFileSync } from 'node:fs';
 import { sql } from 'kysely';
 import { openDatabase } from '../dist/src/db/connect.js';
@@ -64,20 +66,25 @@ let exhausted = database === undefined;
 let reading;
 async function readPage() {
   const { rows } = await sql`select id::text as id, content from messages
-    where id > ${after}::bigint order by id limit 512`.execute(database.db);
+    where id > ${after}::bigint order by id limit 2000`.execute(database.db);
   if (rows.length === 0) exhausted = true;
   else {
     after = rows.at(-1).id;
     unread = unread.concat(rows);
   }
 }
+function readAhead() {
+  reading ??= readPage().finally(() => {
+    reading = undefined;
+  });
+  return reading;
+}
+// A page is read ahead while fewer than a page's worth are left, so a lane
+// seldom waits for a read: on PGlite's one session a read waits for the
+// write transaction before it.
 async function take(count) {
-  while (unread.length < count && !exhausted) {
-    reading ??= readPage().finally(() => {
-      reading = undefined;
-    });
-    await reading;
-  }
+  if (unread.length < 2000 && !exhausted) readAhead();
+  while (unread.length < count && !exhausted) await readAhead();
   return unread.splice(0, count);
 }
 
