@@ -20,6 +20,10 @@ const SCRIPT = `
 type Request = { n?: number; exit?: number; throw?: string };
 type Message = { id: number; value: number } | { pong: true };
 
+// A referenced worker shows as a MessagePort among the process's live handles.
+const ports = () =>
+  process.getActiveResourcesInfo().filter((kind) => kind === 'MessagePort').length;
+
 const workers: Worker[] = [];
 afterEach(async () => {
   await Promise.all(workers.splice(0).map((w) => w.terminate()));
@@ -109,8 +113,6 @@ describe('ThreadCalls', () => {
 
   it('fails a request that cannot be sent, and nothing waits on it', async () => {
     const { worker, calls, flush } = start(true);
-    const ports = () =>
-      process.getActiveResourcesInfo().filter((kind) => kind === 'MessagePort').length;
     worker.unref();
     const idle = ports();
     await expect(calls.call({ n: (() => {}) as unknown as number })).rejects.toThrow(/clone/);
@@ -122,8 +124,6 @@ describe('ThreadCalls', () => {
 
   it('with refWhileWaiting, keeps the process alive only while a call waits', async () => {
     const { worker, calls, flush } = start(true);
-    const ports = () =>
-      process.getActiveResourcesInfo().filter((kind) => kind === 'MessagePort').length;
     worker.unref();
     const idle = ports();
     const first = calls.call({ n: 1 });
