@@ -207,7 +207,7 @@ export async function cutAtFirstFailure(prepared: PreparedBatch): Promise<Prepar
   if (!first) return prepared;
   if (first.tokens === undefined && first.reason === 'context_length' && first.limitTokens) {
     // Should the count fail, the error still names the culprit and the limit.
-    const [tokens] = await countTokens([first.message.content]).catch(noCounts);
+    const [tokens] = await countTokens([first.message.content]).catch(ifCountFails(() => []));
     first = overLimit(first, first.limitTokens, tokens);
   }
   return {
@@ -266,7 +266,7 @@ export async function requestParts(
     // the request short of the cap, its exact count decides instead.
     // A failed count leaves the bound, which only cuts the request sooner.
     if (input.tokens === undefined && tokens + input.bytes > caps.maxRequestTokens) {
-      [input.tokens] = await countTokens([input.text]).catch(noCounts);
+      [input.tokens] = await countTokens([input.text]).catch(ifCountFails(() => []));
     }
     if (
       part.length > 0 &&
@@ -283,10 +283,15 @@ export async function requestParts(
   return parts;
 }
 
-/** No counts, where a count the counting thread could not make is not needed. */
-function noCounts(error: unknown): never[] {
-  if (error instanceof TokenCountError) return [];
-  throw error;
+/**
+ * What stands in for counts the counting thread could not make (its
+ * TokenCountError); any other error is not a count's, and goes on.
+ */
+function ifCountFails<T>(fallback: () => T): (error: unknown) => T {
+  return (error) => {
+    if (error instanceof TokenCountError) return fallback();
+    throw error;
+  };
 }
 
 /** An input's tokens, or at most that many: its bytes, when it was not counted. */
@@ -319,10 +324,7 @@ export async function answeredTokens(
     // The answer is in hand and billed: should the counting thread fail, the
     // main thread counts, and the vectors are kept.
     const texts = uncounted.map((i) => i.text);
-    const counts = await countTokens(texts).catch((error: unknown) => {
-      if (error instanceof TokenCountError) return texts.map(tokenCount);
-      throw error;
-    });
+    const counts = await countTokens(texts).catch(ifCountFails(() => texts.map(tokenCount)));
     const byInput = new Map(uncounted.map((input, k) => [input, counts[k] as number]));
     return inputs.map((i) => i.tokens ?? (byInput.get(i) as number));
   }
