@@ -8,7 +8,9 @@ import { tokenCount, tokenCountWithin, truncateWithin } from './cl100k.js';
  * limit }` with the text cut to `limit` tokens and its count.
  * cl100k loads on the first request, here and never on the main thread.
  */
-export type CountQuery = { texts: string[]; limit?: number } | { truncate: string; limit: number };
+export type CountQuery =
+  | { texts: readonly string[]; limit?: number }
+  | { truncate: string; limit: number };
 export type CountRequest = CountQuery & { id: number };
 
 export type CountAnswer =

@@ -80,7 +80,7 @@ export async function stopCountingThread(): Promise<void> {
 /** Each text's cl100k count, in order; none asked, no thread started. */
 export async function countTokens(texts: readonly string[]): Promise<number[]> {
   if (texts.length === 0) return [];
-  const answer = await counting().ask({ texts: [...texts] });
+  const answer = await counting().ask({ texts });
   return (answer as { counts: number[] }).counts;
 }
 
@@ -93,7 +93,7 @@ export async function countTokensWithin(
   limit: number,
 ): Promise<Array<number | undefined>> {
   if (texts.length === 0) return [];
-  const answer = await counting().ask({ texts: [...texts], limit });
+  const answer = await counting().ask({ texts, limit });
   return (answer as { counts: Array<number | null> }).counts.map((n) => n ?? undefined);
 }
 
